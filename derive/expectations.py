@@ -1,0 +1,473 @@
+"""The Gaussian expectation engine: <f(z)>_K and <f(z1, z2)>_K in closed form where the rules allow.
+
+An integrand is first put in a canonical form (``Abs``, ``sign``, ``Max``, ``Min`` and reflected
+steps become ``Heaviside`` of a positive multiple of the variable; ``sin``, ``cos``, ``sinh``,
+``cosh`` become exponentials; ``erfc`` becomes ``1 - erf``) and expanded, so that linearity applies.
+Each additive term ``c * z1^p1 z2^p2 * exp(q(z)) * specials`` (specials: ``Heaviside(z_i + s)``,
+``erf(c z_i + d)``, ``DiracDelta(z_i + s)``) is then reduced by exact rewrites, each a classical
+identity:
+
+* closed-form identities loaded from ``rules/identities`` (arc-cosine kernels of order 0 and 1,
+  Cho & Saul 2009; erf-arcsin, Williams 1997; half-space and erf means, ...), tried first;
+* exponential tilting / characteristic function: exp(l.z - z^T A z / 2) N(m, K) is proportional to
+  N(m', K') with K' = (K^-1 + A)^-1, m' = K' (K^-1 m + l); with complex l this is the
+  characteristic function, which closes sin and cos;
+* Stein's lemma (Gaussian integration by parts): <z_i F(z)> = sum_j K_ij <d_j F(z)>, which with
+  derivatives of steps (Dirac deltas) and of erf (Gaussians) reduces every polynomial factor;
+* conditioning on a Dirac delta: <delta(z_i + s) G(z)> = p_i(-s) <G | z_i = -s>;
+* Wick/Isserlis for pure polynomials.
+
+A term no rule closes becomes a numeric-quadrature node (:mod:`derive.quadrature`) instead of an
+error. References: PDLT (Roberts, Yaida & Hanin 2022) ch. 1 and 4; Stein (1981); Price (1958).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from math import comb, factorial
+
+import sympy as sp
+
+from . import symbols as S
+from .quadrature import DEFAULT_TOL, GaussianExpectation, numeric_expectation
+
+
+class NotClosed(Exception):
+    """Raised internally when no rule closes a term; the term goes to quadrature."""
+
+
+# --------------------------------------------------------------------------------------------
+# Canonical form
+
+
+def _linear(arg: sp.Expr, variables) -> tuple[sp.Symbol, sp.Expr, sp.Expr] | None:
+    """(v, c, d) with arg == c*v + d for exactly one variable v, else None."""
+    used = [v for v in variables if arg.has(v)]
+    if len(used) != 1:
+        return None
+    v = used[0]
+    poly = sp.Poly(arg, v) if arg.is_polynomial(v) else None
+    if poly is None or poly.degree() != 1:
+        return None
+    c, d = poly.all_coeffs()
+    if c.has(*variables) or d.has(*variables):
+        return None
+    return v, c, d
+
+
+def _canonical_step(arg: sp.Expr, variables) -> sp.Expr:
+    lin = _linear(arg, variables)
+    if lin is None:
+        return sp.Heaviside(arg)
+    v, c, d = lin
+    if c.is_positive:
+        return sp.Heaviside(v + d / c)
+    if c.is_negative:
+        return 1 - sp.Heaviside(v + d / c)
+    return sp.Heaviside(arg)
+
+
+def canonical(expr: sp.Expr, variables) -> sp.Expr:
+    """Rewrite ``expr`` into the canonical, expanded form the engine reduces (see module doc)."""
+    variables = tuple(variables)
+    out = sp.expand(rewrite_specials(expr, variables), power_exp=True, mul=True, multinomial=True,
+                    power_base=False, log=False)
+    # Steps are idempotent: Heaviside(x)**k == Heaviside(x) for k >= 1.
+    return out.replace(lambda e: e.is_Pow and isinstance(e.base, sp.Heaviside) and e.exp.is_Integer
+                       and e.exp > 0, lambda e: e.base)
+
+
+def chunks(expr: sp.Expr) -> list[sp.Expr]:
+    """Top-level summands of ``expr``, distributing a product over its direct sums only.
+
+    Unlike ``sp.expand`` this leaves denominators and powers alone, so pieces stay as written.
+    """
+    if expr.is_Add:
+        return [c for a in expr.args for c in chunks(a)]
+    if expr.is_Mul:
+        parts = [[]]
+        for f in expr.args:
+            opts = chunks(f) if f.is_Add else [f]
+            parts = [p + [o] for p in parts for o in opts]
+        return [sp.Mul(*p) for p in parts]
+    return [expr]
+
+
+def rewrite_specials(expr: sp.Expr, variables, exponentials: bool = True) -> sp.Expr:
+    """Abs, sign, Max, Min, reflected steps -> Heaviside of a positive multiple; erfc -> 1 - erf;
+    with ``exponentials``, sin, cos, sinh, cosh -> exp. Nothing is expanded."""
+    variables = tuple(variables)
+
+    def has_var(e):
+        return any(e.has(v) for v in variables)
+
+    def step(a):
+        return _canonical_step(a, variables)
+
+    def rewrite(e: sp.Expr) -> sp.Expr:
+        if not isinstance(e, sp.Basic) or e.is_Atom or not has_var(e):
+            return e
+        args = [rewrite(a) for a in e.args]
+        f = e.func
+        if f is sp.Abs:
+            (a,) = args
+            return a * (2 * step(a) - 1)
+        if f is sp.sign:
+            (a,) = args
+            return 2 * step(a) - 1
+        if f is sp.Heaviside:
+            return step(args[0])
+        if f in (sp.Max, sp.Min):
+            acc = args[0]
+            for b in args[1:]:
+                acc = acc + (b - acc) * (step(b - acc) if f is sp.Max else step(acc - b))
+            return acc
+        if f is sp.erfc:
+            return 1 - sp.erf(args[0])
+        if exponentials and f in (sp.sin, sp.cos, sp.sinh, sp.cosh) and args[0].is_polynomial(*variables):
+            return f(args[0]).rewrite(sp.exp)
+        return f(*args)
+
+    return rewrite(expr)
+
+
+# --------------------------------------------------------------------------------------------
+# Terms
+
+
+@dataclass(frozen=True)
+class Special:
+    """A non-polynomial factor on one variable: 'step' Heaviside(v + s), 'erf' erf(c (v + s)),
+    'delta' DiracDelta(v + s)."""
+
+    kind: str
+    var: sp.Symbol
+    c: sp.Expr
+    s: sp.Expr
+
+
+@dataclass
+class Term:
+    coeff: sp.Expr
+    powers: dict
+    exponent: sp.Expr
+    specials: list
+    factors: list  # the special factors as SymPy objects, in the order of ``specials``
+
+
+def classify(term: sp.Expr, variables) -> Term:
+    """Split one product term into coefficient, monomial, exponential and special factors."""
+    coeff = sp.Integer(1)
+    powers = {v: 0 for v in variables}
+    exponent = sp.Integer(0)
+    specials: list[Special] = []
+    factors: list[sp.Expr] = []
+    for f in sp.Mul.make_args(term):
+        if not any(f.has(v) for v in variables):
+            coeff *= f
+            continue
+        base, e = (f.base, f.exp) if f.is_Pow else (f, sp.Integer(1))
+        if base in powers and e.is_Integer and e > 0:
+            powers[base] += int(e)
+            continue
+        if isinstance(base, sp.exp) or base is sp.E:
+            arg = base.args[0] if isinstance(base, sp.exp) else sp.Integer(1)
+            exponent += (e * arg) if base is not sp.E else e
+            continue
+        if not (e.is_Integer and e > 0) or (e > 1 and not isinstance(base, (sp.Heaviside, sp.erf))):
+            raise NotClosed(f)
+        lin = _linear(base.args[0], variables)
+        if lin is None:
+            raise NotClosed(f)
+        v, c, d = lin
+        if isinstance(base, sp.Heaviside):  # idempotent: Heaviside**k == Heaviside
+            if c != 1:
+                raise NotClosed(f)
+            specials.append(Special("step", v, sp.Integer(1), d))
+        elif isinstance(base, sp.erf):
+            specials.extend([Special("erf", v, c, d / c)] * int(e))
+            factors.extend([base] * (int(e) - 1))
+        elif isinstance(base, sp.DiracDelta) and len(base.args) == 1:
+            coeff /= sp.Abs(c)
+            specials.append(Special("delta", v, sp.Integer(1), d / c))
+            base = sp.DiracDelta(v + d / c)
+        else:
+            raise NotClosed(f)
+        factors.append(base)
+    return Term(coeff, powers, exponent, specials, factors)
+
+
+# --------------------------------------------------------------------------------------------
+# Identities (closed-form base cases, loaded from rules/identities)
+
+
+@dataclass(frozen=True)
+class Identity:
+    name: str
+    variables: tuple
+    wild: tuple
+    powers: tuple
+    specials: tuple
+    result: sp.Expr
+    source: str
+
+
+def _cov_symbols(dim: int):
+    return (S.K,) if dim == 1 else (S.K11, S.K12, S.K22)
+
+
+@lru_cache(maxsize=None)
+def identities() -> tuple[Identity, ...]:
+    """The closed-form identities shipped in ``rules/identities`` (parsed safely, cached)."""
+    from .rules import load_identities
+
+    return tuple(load_identities())
+
+
+def make_identity(name, variables, wild, integrand, result, source="") -> Identity:
+    t = classify(canonical(integrand, variables), variables)
+    if t.coeff != 1 or t.exponent != 0:
+        raise ValueError(f"identity '{name}': integrand must be a bare product of powers and specials")
+    return Identity(name, tuple(variables), tuple(wild), tuple(t.powers[v] for v in variables),
+                    tuple(t.specials), result, source)
+
+
+def _unify(pattern: sp.Expr, actual: sp.Expr, wild: tuple, binding: dict) -> bool:
+    pattern = pattern.xreplace(binding)
+    if pattern in wild:
+        binding[pattern] = actual
+        return True
+    return sp.simplify(pattern - actual) == 0 if pattern != actual else True
+
+
+def _match(identity: Identity, powers: tuple, specials: list, order: tuple) -> dict | None:
+    """Bind the identity's wild symbols so that it equals the term (variables in ``order``)."""
+    if len(identity.specials) != len(specials) or powers != identity.powers:
+        return None
+    ivars = identity.variables
+    remaining = list(specials)
+    binding: dict = {}
+    for sp_ in identity.specials:
+        target_var = order[ivars.index(sp_.var)]
+        for k, cand in enumerate(remaining):
+            if cand.kind == sp_.kind and cand.var == target_var:
+                trial = dict(binding)
+                if _unify(sp_.c, cand.c, identity.wild, trial) and _unify(sp_.s, cand.s, identity.wild, trial):
+                    binding = trial
+                    remaining.pop(k)
+                    break
+        else:
+            return None
+    return binding
+
+
+def _lookup(term: Term, variables, cov: sp.Matrix) -> sp.Expr | None:
+    """Closed form of a zero-mean term from the identity table, or None."""
+    dim = len(variables)
+    pw = tuple(term.powers[v] for v in variables)
+    for ident in identities():
+        idim = len(ident.variables)
+        if idim == dim:
+            orders = [tuple(variables)] if dim == 1 else [tuple(variables), tuple(reversed(variables))]
+            for order in orders:
+                perm = tuple(term.powers[v] for v in order)
+                b = _match(ident, perm, term.specials, order)
+                if b is None:
+                    continue
+                if dim == 1:
+                    covmap = {S.K: cov[0, 0]}
+                elif order == tuple(variables):
+                    covmap = {S.K11: cov[0, 0], S.K12: cov[0, 1], S.K22: cov[1, 1]}
+                else:
+                    covmap = {S.K11: cov[1, 1], S.K12: cov[0, 1], S.K22: cov[0, 0]}
+                return ident.result.xreplace(b).xreplace(covmap)
+        elif idim == 2 and dim == 1 and len(term.specials) == 2 and pw == (0,):
+            # A single-input product of two specials is the two-input identity at full correlation.
+            v = variables[0]
+            relabeled = [Special(s.kind, ident.variables[k], s.c, s.s) for k, s in enumerate(term.specials)]
+            for order in (ident.variables, tuple(reversed(ident.variables))):
+                b = _match(ident, ident.powers, relabeled, order)
+                if b is None or ident.powers != (0, 0):
+                    continue
+                k = cov[0, 0]
+                return ident.result.xreplace(b).xreplace({S.K11: k, S.K12: k, S.K22: k})
+            del v
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Reduction
+
+
+def _double_factorial(n: int) -> int:
+    return 1 if n <= 0 else n * _double_factorial(n - 2)
+
+
+def wick(powers: tuple, cov: sp.Matrix) -> sp.Expr:
+    """<z1^p1 (z2^p2)> under N(0, cov) by Isserlis' theorem (sum over pairings)."""
+    if len(powers) == 1:
+        (p,) = powers
+        return sp.Integer(0) if p % 2 else _double_factorial(p - 1) * cov[0, 0] ** (p // 2)
+    p, q = powers
+    total = sp.Integer(0)
+    for k in range(min(p, q) + 1):
+        if (p - k) % 2 or (q - k) % 2:
+            continue
+        total += (comb(p, k) * comb(q, k) * factorial(k) * cov[0, 1] ** k
+                  * _double_factorial(p - k - 1) * cov[0, 0] ** ((p - k) // 2)
+                  * _double_factorial(q - k - 1) * cov[1, 1] ** ((q - k) // 2))
+    return total
+
+
+def _quadratic_form(exponent: sp.Expr, variables):
+    """exponent == c0 + l.z - z^T A z / 2; returns (c0, l, A) or raises NotClosed."""
+    if not exponent.is_polynomial(*variables):
+        raise NotClosed(exponent)
+    poly = sp.Poly(exponent, *variables)
+    if poly.total_degree() > 2:
+        raise NotClosed(exponent)
+    n = len(variables)
+    zero = (0,) * n
+    c0 = poly.coeff_monomial(zero) if True else 0
+    lin = []
+    A = sp.zeros(n, n)
+    for i in range(n):
+        e = [0] * n
+        e[i] = 1
+        lin.append(poly.coeff_monomial(tuple(e)))
+        e[i] = 2
+        A[i, i] = -2 * poly.coeff_monomial(tuple(e))
+    if n == 2:
+        A[0, 1] = A[1, 0] = -poly.coeff_monomial((1, 1))
+    return c0, sp.Matrix(lin), A
+
+
+def _expect(expr: sp.Expr, variables: tuple, cov: sp.Matrix, mean: sp.Matrix) -> sp.Expr:
+    total = sp.Integer(0)
+    for term in sp.Add.make_args(canonical(expr, variables)):
+        total += _expect_term(term, variables, cov, mean)
+    return total
+
+
+def _expect_term(term: sp.Expr, variables: tuple, cov: sp.Matrix, mean: sp.Matrix) -> sp.Expr:
+    used = [i for i, v in enumerate(variables) if term.has(v)]
+    if not used:
+        return term
+    if len(used) < len(variables):  # marginalise the unused variable
+        return _expect_term(term, tuple(variables[i] for i in used), cov.extract(used, used), mean.extract(used, [0]))
+    t = classify(term, variables)
+    n = len(variables)
+
+    # Condition on a Dirac delta: <delta(v + s) G> = p_v(-s) <G | v = -s>.
+    for k, sp_ in enumerate(t.specials):
+        if sp_.kind != "delta":
+            continue
+        i = variables.index(sp_.var)
+        at = -sp_.s
+        var, m = cov[i, i], mean[i]
+        density = sp.exp(-(at - m) ** 2 / (2 * var)) / sp.sqrt(2 * sp.pi * var)
+        rest = (term / t.factors[k]).xreplace({sp_.var: at})
+        if rest.has(sp.DiracDelta(0)) or rest.has(sp.Heaviside(0)):
+            raise NotClosed(term)
+        if n == 1:
+            return density * rest
+        j = 1 - i
+        cvar = sp.simplify(cov[j, j] - cov[i, j] ** 2 / cov[i, i])
+        cmean = mean[j] + cov[i, j] / cov[i, i] * (at - m)
+        if cvar == 0:
+            return density * rest.xreplace({variables[j]: cmean})
+        return density * _expect(rest, (variables[j],), sp.Matrix([[cvar]]), sp.Matrix([cmean]))
+
+    # Exponential tilting (characteristic function for imaginary exponents).
+    if t.exponent != 0:
+        c0, lin, A = _quadratic_form(t.exponent, variables)
+        if any(A[i, i].is_negative or A[i, i].is_real is False for i in range(n)):
+            raise NotClosed(term)
+        P = cov.inv()
+        P2 = P + A
+        cov2 = P2.inv().applyfunc(sp.factor)
+        mean2 = (cov2 * (P * mean + lin)).applyfunc(sp.factor)
+        norm = sp.sqrt(sp.factor(cov2.det() / cov.det())) * sp.exp(
+            c0 + ((mean2.T * P2 * mean2)[0, 0] - (mean.T * P * mean)[0, 0]) / 2)
+        rest = term * sp.exp(-t.exponent)
+        return sp.expand(norm) * _expect(sp.expand(rest), variables, cov2, mean2)
+
+    # Shift to zero mean.
+    if any(m != 0 for m in mean):
+        if t.specials and any(m.is_real is not True for m in mean):
+            raise NotClosed(term)
+        shifted = term.xreplace({v: v + mean[i] for i, v in enumerate(variables)})
+        return _expect(shifted, variables, cov, sp.zeros(n, 1))
+
+    # Identity table first, then Stein's lemma on a polynomial factor, then Wick.
+    found = _lookup(t, variables, cov)
+    if found is not None:
+        return t.coeff * found
+    if not t.specials:
+        return t.coeff * wick(tuple(t.powers[v] for v in variables), cov)
+    for i, v in enumerate(variables):
+        if t.powers[v] > 0:
+            F = term / v
+            return sum(cov[i, j] * _expect(sp.diff(F, w), variables, cov, mean) for j, w in enumerate(variables))
+    raise NotClosed(term)
+
+
+def gaussian_expectation(integrand: sp.Expr, variables, cov=None, *, tol: float = DEFAULT_TOL,
+                         numeric_subs: dict | None = None) -> sp.Expr:
+    """<integrand>_K under a zero-mean Gaussian of one or two variables.
+
+    Args:
+        integrand: SymPy expression in ``variables`` (and parameters).
+        variables: ``(z,)`` or ``(z1, z2)``.
+        cov: the covariance entries, ``(K,)`` or ``(K11, K12, K22)``; the documented symbols by
+            default.
+        tol: accuracy requested of any quadrature node.
+        numeric_subs: parameter values used only to choose the quadrature order.
+
+    Returns:
+        A closed form where the rules close every term; terms they do not close are summed into
+        one :class:`~derive.quadrature.GaussianExpectation` node.
+    """
+    variables = tuple(variables)
+    n = len(variables)
+    cov = tuple(cov) if cov is not None else _cov_symbols(n)
+    covm = sp.Matrix([[cov[0]]]) if n == 1 else sp.Matrix([[cov[0], cov[1]], [cov[1], cov[2]]])
+    closed, rest = sp.Integer(0), sp.Integer(0)
+    # Linearity over the integrand's top-level sum; a chunk the rules do not close entirely goes,
+    # as written, into a single quadrature node (readable, and no cancellation between pieces).
+    for chunk in chunks(integrand):
+        try:
+            closed += sum((_expect_term(t, variables, covm, sp.zeros(n, 1))
+                           for t in sp.Add.make_args(canonical(chunk, variables))), sp.Integer(0))
+        except NotClosed:
+            rest += chunk
+    if rest != 0:
+        closed += numeric_expectation(rest, variables, cov, tol, numeric_subs=numeric_subs)
+    return closed
+
+
+def tidy(expr: sp.Expr) -> sp.Expr:
+    """Cheap, safe simplification of a derived expectation for display and code generation.
+
+    Combines exponentials and cancels their arguments (tilting leaves them as sums of rational
+    functions), takes the real part when every symbol is real (characteristic-function results),
+    and collects terms over the transcendental pieces (arccos, arcsin, square roots, exponentials).
+    """
+    nodes = {node: sp.Dummy(f"node{k}") for k, node in enumerate(expr.atoms(GaussianExpectation))}
+    if nodes:  # keep quadrature integrands exactly as built
+        return _tidy(expr.xreplace(nodes)).xreplace({d: node for node, d in nodes.items()})
+    return _tidy(expr)
+
+
+def _tidy(expr: sp.Expr) -> sp.Expr:
+    expr = sp.powsimp(sp.expand(expr), combine="exp")
+    expr = expr.replace(lambda e: isinstance(e, sp.exp), lambda e: sp.exp(sp.factor(sp.cancel(e.args[0]))))
+    if expr.has(sp.I):
+        if all(s.is_real for s in expr.free_symbols):
+            expr = sp.expand_complex(expr)
+            expr = sp.re(expr) if not expr.has(sp.I) else expr
+        expr = sp.expand(expr)
+    atoms = [a for a in expr.atoms(sp.acos, sp.asin, sp.exp, sp.erf, sp.Pow)
+             if not a.is_Pow or (a.exp.is_Rational and not a.exp.is_Integer)]
+    return sp.collect(sp.expand(expr), atoms, func=sp.factor)

@@ -1,0 +1,1 @@
+"""Rule files (data) shipped with derive; see the README beside this file."""
