@@ -1,3 +1,46 @@
-"""derive: a symbolic-numeric derivation engine for the statistics of deep networks at initialisation."""
+"""derive: a symbolic-numeric derivation engine for the statistics of deep networks at initialisation.
+
+The public API (re-exported lazily, so that ``import derive`` stays light and symbolic work never
+imports JAX):
+
+- :func:`kernel` -- derive <sigma sigma>_K, <sigma' sigma'>_K and the NNGP/NTK recursions;
+- :func:`activation` -- resolve a rule name or an expression in z;
+- :func:`gram` -- NNGP and NTK Gram matrices of a batch through depth (jit-compiled JAX);
+- :func:`emit_code` -- the generated JAX as readable, standalone source;
+- :func:`monte_carlo_check` -- theory against sampled finite-width networks, with z-scores;
+- :func:`parse_expression` -- the safe parser.
+"""
+
+from __future__ import annotations
 
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "kernel": "api",
+    "activation": "api",
+    "gram": "api",
+    "emit_code": "api",
+    "monte_carlo_check": "api",
+    "GramResult": "api",
+    "KernelDerivation": "recursions",
+    "parse_expression": "parse",
+    "DeriveError": "errors",
+    "ParseError": "errors",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        import importlib
+
+        module = importlib.import_module(f"{__name__}.{_EXPORTS[name]}")
+        value = getattr(module, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'derive' has no attribute '{name}'")
+
+
+def __dir__():
+    return sorted([*globals(), *_EXPORTS])

@@ -199,7 +199,9 @@ class _Builder:
             raise self.fail(f"only calls of named functions are allowed ('{self.token(node.func)}')", node.func)
         name = node.func.id
         if name not in self.functions:
-            allowed = ", ".join(sorted(self.functions))
+            allowed = ", ".join(sorted(set(FUNCTIONS) & set(self.functions)))
+            if set(self.functions) - set(FUNCTIONS):
+                allowed += "; and activation names"
             raise self.fail(f"unknown function '{name}' (allowed: {allowed})", node.func)
         if node.keywords:
             kw = node.keywords[0]

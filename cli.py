@@ -1,0 +1,282 @@
+"""The ``derive`` command: a thin layer over :mod:`derive.api`.
+
+Each command parses its options, calls one API function and prints the result as text (for
+people), LaTeX (for papers) or JSON (one object on stdout, for tools). Bad input exits with
+status 2 and a one-line message on stderr. Symbolic commands never import JAX.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from enum import Enum
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+app = typer.Typer(
+    name="derive",
+    help=(
+        "Derive the statistics of deep networks at initialisation: kernels (NNGP), NTKs and their "
+        "recursions, for any activation, with generated JAX code and Monte Carlo checks.\n\n"
+        "Example: derive kernel --activation relu"
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+class Format(str, Enum):
+    text = "text"
+    latex = "latex"
+    json = "json"
+
+
+class NumFormat(str, Enum):
+    text = "text"
+    json = "json"
+
+
+class DType(str, Enum):
+    float64 = "float64"
+    float32 = "float32"
+
+
+ACTIVATION_HELP = (
+    "Activation: a rule name (relu, leaky_relu, tanh, gelu, ...; see 'derive activations') or an "
+    "expression in z such as 'z*erf(z)' or 'relu(z) + 0.1*z'."
+)
+PARAM_HELP = "Activation parameter NAME=VALUE, repeatable, e.g. --param a=0.2 for leaky_relu."
+RULES_HELP = "Extra folder of rule files (activations/*.toml, identities/*.toml), searched first."
+
+
+def fail(message: str, code: int = 2) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _jsonable(expr) -> str:
+    return str(expr)
+
+
+def _write_atomic(path: Path, write) -> None:
+    """Write through a temporary file in the same folder, renamed into place when complete."""
+    path = path.expanduser()
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        fail(f"cannot write '{path}': folder '{folder}' does not exist")
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".derive-", suffix=path.suffix)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+@app.command()
+def kernel(
+    activation: str = typer.Option(..., "--activation", "-a", help=ACTIVATION_HELP),
+    param: Optional[List[str]] = typer.Option(None, "--param", "-p", help=PARAM_HELP),
+    fmt: Format = typer.Option(Format.text, "--format", "-f", help="Output format."),
+    rules: Optional[List[Path]] = typer.Option(None, "--rules", help=RULES_HELP),
+) -> None:
+    """Derive <sigma sigma>_K, <sigma' sigma'>_K and the NNGP/NTK layer recursions.
+
+    Examples:
+
+      derive kernel --activation relu
+
+      derive kernel --activation leaky_relu --param a=0.2 --format json
+
+      derive kernel --activation "z*erf(z)" --format latex
+    """
+    from derive import api
+    from derive import symbols as S
+
+    d = api.kernel(activation, param, rule_dirs=tuple(map(str, rules or ())))
+    act = d.activation
+    items = {
+        "expectation": d.expectation,
+        "derivative_expectation": d.derivative_expectation,
+        "recursion": d.recursion,
+        "ntk_recursion": d.ntk_recursion,
+        "single_input": d.single_input,
+        "single_input_ntk": d.single_input_ntk,
+    }
+    if fmt is Format.json:
+        out = {
+            "activation": act.name,
+            "expression": str(act.expression),
+            "params": act.describe_params(),
+            "closed_form": d.closed_form,
+            **{k: _jsonable(v) for k, v in items.items()},
+        }
+        if not d.closed_form:
+            out["quadrature_order"] = d.quadrature_order
+            out["quadrature_tolerance"] = d.tol
+        typer.echo(json.dumps(out))
+        return
+    if fmt is Format.latex:
+        import sympy as sp
+
+        labels = {
+            "expectation": r"\langle \sigma(z_1)\sigma(z_2)\rangle_K",
+            "derivative_expectation": r"\langle \sigma'(z_1)\sigma'(z_2)\rangle_K",
+            "recursion": r"K^{(\ell+1)}_{12}",
+            "ntk_recursion": r"\Theta^{(\ell+1)}_{12}",
+            "single_input": r"K^{(\ell+1)}",
+            "single_input_ntk": r"\Theta^{(\ell+1)}",
+        }
+        typer.echo(rf"% {act.name}: \sigma(z) = {sp.latex(act.expression)}")
+        for k, v in items.items():
+            typer.echo(rf"{labels[k]} = {sp.latex(v)} \\")
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    console.print(f"[bold]{act.name}[/bold]: sigma(z) = {act.expression}"
+                  + (f"   parameters: {act.describe_params()}" if act.params else ""))
+    if d.closed_form:
+        console.print("closed form: yes")
+    else:
+        console.print(f"closed form: no (quadrature nodes, order {d.quadrature_order}, tolerance {d.tol:g})")
+    table = Table(show_header=True, header_style="bold")
+    table.add_column("quantity")
+    table.add_column("derived expression (symbols K11, K12, K22, K, C_W, C_b, lambda_W, lambda_b, Theta12)")
+    for k, v in items.items():
+        table.add_row(k, str(v))
+    console.print(table)
+    del S
+
+
+@app.command()
+def gram(
+    activation: str = typer.Option(..., "--activation", "-a", help=ACTIVATION_HELP),
+    depth: int = typer.Option(..., "--depth", "-L", help="Number of dense layers L (returns K^(L), Theta^(L))."),
+    cw: float = typer.Option(..., "--cw", help="Weight variance C_W (W_ij ~ N(0, C_W / fan_in))."),
+    cb: float = typer.Option(0.0, "--cb", help="Bias variance C_b."),
+    lambda_w: Optional[float] = typer.Option(None, "--lambda-w", help="NTK weight learning-rate factor (default C_W)."),
+    lambda_b: Optional[float] = typer.Option(None, "--lambda-b", help="NTK bias learning-rate factor (default C_b)."),
+    inputs: Optional[Path] = typer.Option(None, "--inputs", help="Inputs as a .npy array of shape (N, d). Default: 4 inputs in d = 8 drawn with seed 0."),
+    input_kernel: Optional[Path] = typer.Option(None, "--input-kernel", help="Instead of --inputs: the input covariance x.x'/d as an (N, N) .npy matrix (checked PSD)."),
+    param: Optional[List[str]] = typer.Option(None, "--param", "-p", help=PARAM_HELP),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write arrays 'nngp' and 'ntk' to this .npz file."),
+    fmt: NumFormat = typer.Option(NumFormat.text, "--format", "-f", help="Output format."),
+    dtype: DType = typer.Option(DType.float64, "--dtype", help="Floating-point type of the computation."),
+) -> None:
+    """NNGP and NTK Gram matrices of a batch of inputs at depth L (jit-compiled JAX).
+
+    Examples:
+
+      derive gram --activation relu --depth 3 --cw 2 --cb 0
+
+      derive gram --activation tanh --depth 10 --cw 1.5 --cb 0.1 --inputs x.npy --out kernels.npz
+    """
+    import numpy as np
+
+    from derive import api
+
+    if inputs is not None and input_kernel is not None:
+        fail("give --inputs or --input-kernel, not both")
+    if inputs is not None:
+        x = _load_npy(inputs, "--inputs")
+    elif input_kernel is not None:
+        x = api.inputs_from_kernel(_load_npy(input_kernel, "--input-kernel"))
+    else:
+        x = np.random.default_rng(0).standard_normal((4, 8))
+    res = api.gram(activation, x, depth, cw, cb, lambda_w, lambda_b, params=param, dtype=dtype.value)
+    if out is not None:
+        _write_atomic(out, lambda tmp: np.savez(open(tmp, "wb"), nngp=res.nngp, ntk=res.ntk))
+    if fmt is NumFormat.json:
+        typer.echo(json.dumps({"activation": activation, "depth": depth, "C_W": cw, "C_b": cb,
+                               "lambda_W": cw if lambda_w is None else lambda_w,
+                               "lambda_b": cb if lambda_b is None else lambda_b,
+                               "dtype": dtype.value, "nngp": res.nngp.tolist(), "ntk": res.ntk.tolist()}))
+        return
+    with np.printoptions(precision=6, suppress=False, linewidth=120):
+        typer.echo(f"NNGP K^({depth}):\n{res.nngp}\nNTK Theta^({depth}):\n{res.ntk}")
+    if out is not None:
+        typer.echo(f"wrote {out}")
+
+
+def _load_npy(path: Path, option: str):
+    import numpy as np
+
+    if not path.is_file():
+        fail(f"{option}: no such file '{path}'")
+    try:
+        return np.load(path, allow_pickle=False)
+    except Exception as exc:  # numpy raises several types for bad files
+        fail(f"{option}: cannot read '{path}' as a .npy array ({type(exc).__name__})")
+
+
+@app.command()
+def activations(
+    fmt: NumFormat = typer.Option(NumFormat.text, "--format", "-f", help="Output format."),
+    rules: Optional[List[Path]] = typer.Option(None, "--rules", help=RULES_HELP),
+) -> None:
+    """List the activations the rules know, with their parameters.
+
+    Example: derive activations
+    """
+    from derive.rules import activation_names, find_activation_rule
+
+    dirs = tuple(map(str, rules or ()))
+    rows = []
+    for name in activation_names(dirs):
+        r = find_activation_rule(name, dirs)
+        rows.append({"name": r.name, "expression": str(r.expression), "family": r.family,
+                     "params": {p.symbol.name: str(p.default) for p in r.params},
+                     "aliases": list(r.aliases), "description": r.description})
+    if fmt is NumFormat.json:
+        typer.echo(json.dumps(rows))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("name", "sigma(z)", "parameters (default)", "family")
+    for r in rows:
+        table.add_row(r["name"], r["expression"], ", ".join(f"{k}={v}" for k, v in r["params"].items()), r["family"])
+    Console().print(table)
+
+
+@app.command()
+def codegen(
+    activation: str = typer.Option(..., "--activation", "-a", help=ACTIVATION_HELP),
+    param: Optional[List[str]] = typer.Option(None, "--param", "-p", help=PARAM_HELP),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the module to this .py file instead of stdout."),
+) -> None:
+    """Emit the generated JAX layer maps as a readable, standalone Python module.
+
+    Example: derive codegen --activation gelu --out gelu_kernel.py
+    """
+    from derive import api
+
+    src = api.emit_code(activation, param)
+    if out is None:
+        typer.echo(src)
+    else:
+        _write_atomic(out, lambda tmp: Path(tmp).write_text(src))
+        typer.echo(f"wrote {out}")
+
+
+def main() -> None:
+    """Entry point of the ``derive`` command: one-line errors, exit status 2 for bad input."""
+    from derive.errors import DeriveError
+
+    try:
+        app()
+    except DeriveError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
