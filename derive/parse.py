@@ -76,9 +76,7 @@ FUNCTIONS: dict[str, tuple[Callable[..., sp.Expr], int, int | None]] = {
 #: Named constants every expression may use.
 CONSTANTS: dict[str, sp.Expr] = {"pi": sp.pi, "E": sp.E}
 
-_BINOPS = {
-    ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/", ast.Pow: "**", ast.BitXor: "^",
-}
+_BINOPS = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/", ast.Pow: "**"}
 
 
 def _describe(node: ast.AST) -> str:
@@ -175,7 +173,7 @@ class _Builder:
             if right == 0:
                 raise self.fail("division by zero", node)
             return self.checked(left / right, node)
-        # ** and ^ both mean power.
+        # Power (the caret was already turned into **).
         if right.is_Number:
             if abs(right) > MAX_EXPONENT:
                 raise self.fail(f"exponent {right} too large (at most {MAX_EXPONENT} in absolute value)", node.right)
@@ -195,6 +193,8 @@ class _Builder:
         return expr
 
     def call(self, node: ast.Call, depth: int) -> sp.Expr:
+        if isinstance(node.func, ast.Attribute):
+            raise self.fail(f"attribute access is not allowed ('{self.token(node.func)}')", node.func)
         if not isinstance(node.func, ast.Name):
             raise self.fail(f"only calls of named functions are allowed ('{self.token(node.func)}')", node.func)
         name = node.func.id
@@ -257,14 +257,34 @@ def parse_expression(
     table = dict(FUNCTIONS)
     if functions:
         table.update(functions)
+    source, columns = _caret_to_power(text.strip())
     try:
-        tree = ast.parse(text.strip(), mode="eval")
+        tree = ast.parse(source, mode="eval")
     except SyntaxError as exc:
-        col = exc.offset if exc.offset else None
+        col = columns[min(exc.offset, len(columns)) - 1] + 1 if exc.offset else None
         raise ParseError(f"invalid syntax ({exc.msg})", text, col, where) from None
     except (RecursionError, MemoryError, ValueError) as exc:
         raise ParseError(f"cannot parse ({type(exc).__name__})", text, None, where) from None
     try:
-        return _Builder(text.strip(), names, table, where).build(tree)
+        return _Builder(source, names, table, where).build(tree)
+    except ParseError as exc:
+        if exc.column is not None:  # report the column in the text as typed
+            exc = ParseError(str(exc).rsplit(" at column", 1)[0].removeprefix(f"{where}: " if where else ""),
+                             text, columns[min(exc.column, len(columns)) - 1] + 1, where)
+        raise exc from None
     except RecursionError:
         raise ParseError("expression nested too deeply", text, None, where) from None
+
+
+def _caret_to_power(text: str) -> tuple[str, list[int]]:
+    """Replace ``^`` by ``**`` (power, with Python's precedence) and map new columns to old ones."""
+    out, cols = [], []
+    for i, ch in enumerate(text):
+        if ch == "^":
+            out.append("**")
+            cols.extend([i, i])
+        else:
+            out.append(ch)
+            cols.append(i)
+    cols.append(len(text))
+    return "".join(out), cols
