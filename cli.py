@@ -157,6 +157,73 @@ def kernel(
 
 
 @app.command()
+def criticality(
+    activation: str = typer.Option(..., "--activation", "-a", help=ACTIVATION_HELP),
+    param: Optional[List[str]] = typer.Option(None, "--param", "-p", help=PARAM_HELP),
+    fmt: Format = typer.Option(Format.text, "--format", "-f", help="Output format."),
+    rules: Optional[List[Path]] = typer.Option(None, "--rules", help=RULES_HELP),
+) -> None:
+    """Critical initialisations (C_W, C_b, K*), universality class and large-depth behaviour.
+
+    Solves chi_par(K*) = chi_perp(K*) = 1 at a fixed point K* of K -> C_b + C_W <sigma^2>_K
+    (exactly where the rules allow, else to >= 10 digits), and reports the class: scale-invariant,
+    K*=0, half-stable or none (with the reason).
+
+    Examples:
+
+      derive criticality --activation tanh
+
+      derive criticality --activation gelu --format json
+
+      derive criticality --activation leaky_relu --param a=0.1 --format latex
+    """
+    from derive import api
+
+    rep = api.criticality(activation, param, rule_dirs=tuple(map(str, rules or ())))
+    d = rep.as_dict()
+    if fmt is Format.json:
+        typer.echo(json.dumps(d, default=_json_number))
+        return
+    if fmt is Format.latex:
+        import sympy as sp
+
+        typer.echo(rf"% {d['activation']}: universality class {d['class']}")
+        typer.echo(rf"\chi_\parallel(K) = {sp.latex(rep.maps.chi_par)} \\")
+        typer.echo(rf"\chi_\perp(K) = {sp.latex(rep.maps.chi_perp)} \\")
+        for p in rep.critical_points:
+            cw = sp.latex(p.exact.get("C_W", p.C_W))
+            cb = sp.latex(p.exact.get("C_b", p.C_b))
+            typer.echo(rf"C_W = {cw},\quad C_b = {cb},\quad K^* = {sp.latex(p.exact.get('K_star', p.K_star))} \\")
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    console.print(f"[bold]{d['activation']}[/bold]: universality class [bold]{d['class']}[/bold]")
+    if d.get("reason"):
+        console.print(f"  {d['reason']}")
+    table = Table("C_W", "C_b", "K*", "stability")
+    for p in d["critical_points"]:
+        table.add_row(p.get("C_W_exact", f"{p['C_W']:.12g}"), p.get("C_b_exact", f"{p['C_b']:.12g}"),
+                      p.get("K_star_exact", f"{p['K_star']:.12g}"), p.get("stability", ""))
+    if d["critical_points"]:
+        console.print(table)
+    console.print(f"chi_par(K)  = {d['chi_par']}")
+    console.print(f"chi_perp(K) = {d['chi_perp']}")
+    console.print("Taylor data: " + ", ".join(f"{k} = {v}" for k, v in d["taylor"].items()))
+    if "a1" in d:
+        console.print(f"a1 = {d['a1_exact']}, b1 = {d['b1_exact']}, p_perp = {d['p_perp_exact']}")
+    for k, v in d["asymptotics"].items():
+        console.print(f"large depth: {k}^(l) ~ {v}")
+    for k, v in d["learning_rates"].items():
+        console.print(f"depth-scaled learning rate: {k}^(l) = {v}")
+
+
+def _json_number(x):
+    return None if x != x else float(x)
+
+
+@app.command()
 def gram(
     activation: str = typer.Option(..., "--activation", "-a", help=ACTIVATION_HELP),
     depth: int = typer.Option(..., "--depth", "-L", help="Number of dense layers L (returns K^(L), Theta^(L))."),

@@ -5,6 +5,7 @@ imports JAX):
 
 - :func:`kernel` -- derive <sigma sigma>_K, <sigma' sigma'>_K and the NNGP/NTK recursions;
 - :func:`activation` -- resolve a rule name or an expression in z;
+- :func:`criticality` -- universality class and critical initialisations;
 - :func:`gram` -- NNGP and NTK Gram matrices of a batch through depth (jit-compiled JAX);
 - :func:`emit_code` -- the generated JAX as readable, standalone source;
 - :func:`monte_carlo_check` -- theory against sampled finite-width networks, with z-scores;
@@ -19,6 +20,7 @@ _EXPORTS = {
     "kernel": "api",
     "activation": "api",
     "gram": "api",
+    "criticality": "api",
     "emit_code": "api",
     "monte_carlo_check": "api",
     "GramResult": "api",

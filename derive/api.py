@@ -47,6 +47,20 @@ def kernel(spec: ActivationLike, params: Mapping[str, str] | Sequence[str] | Non
     return derive_kernel(activation(spec, params, rule_dirs), tol=tol)
 
 
+def criticality(spec: ActivationLike, params: Mapping[str, str] | Sequence[str] | None = None, *,
+                tol: float = DEFAULT_TOL, rule_dirs: Sequence[str] = ()):
+    """Universality class and critical initialisations of ``spec`` (see :mod:`derive.criticality`).
+
+    Example:
+        >>> import derive
+        >>> derive.criticality("tanh").cls
+        'K*=0'
+    """
+    from .criticality import analyse
+
+    return analyse(activation(spec, params, rule_dirs), tol=tol)
+
+
 def check_hyperparameters(C_W: float, C_b: float, lambda_W: float | None, lambda_b: float | None,
                           depth: int) -> tuple[float, float, float, float]:
     """Validate (C_W, C_b, lambda_W, lambda_b, depth); NTK defaults lambda_W = C_W, lambda_b = C_b."""

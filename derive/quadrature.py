@@ -116,17 +116,17 @@ def expect_numpy(node: GaussianExpectation, cov_values) -> np.ndarray:
     return gaussian_quadrature(_integrand_numpy(node.integrand), tuple(cov_values), node.order, node.dimension)
 
 
-def _probe_covariances(dimension: int):
+def _probe_covariances(dimension: int, variances=PROBE_VARIANCES):
     if dimension == 1:
-        return [(k,) for k in PROBE_VARIANCES]
+        return [(k,) for k in variances]
     out = []
-    for k in PROBE_VARIANCES:
+    for k in variances:
         for r in PROBE_RHOS:
             out.append((k, r * k * 0.8, 0.64 * k))
     return out
 
 
-def choose_order(lam: sp.Lambda, tol: float = DEFAULT_TOL) -> int:
+def choose_order(lam: sp.Lambda, tol: float = DEFAULT_TOL, variances=PROBE_VARIANCES) -> int:
     """Smallest order in :data:`ORDERS` whose result agrees with the next order's to ``tol``.
 
     Agreement is measured relative to <|f|> (so that expectations near zero are judged on the
@@ -135,7 +135,7 @@ def choose_order(lam: sp.Lambda, tol: float = DEFAULT_TOL) -> int:
     """
     dim = len(lam.variables)
     f = _integrand_numpy(lam)
-    probes = _probe_covariances(dim)
+    probes = _probe_covariances(dim, variances)
     cols = tuple(np.array([p[i] for p in probes]) for i in range(len(probes[0])))
     prev = gaussian_quadrature(f, cols, ORDERS[0], dim)
     for lo, hi in zip(ORDERS, ORDERS[1:]):
@@ -148,15 +148,15 @@ def choose_order(lam: sp.Lambda, tol: float = DEFAULT_TOL) -> int:
 
 
 def numeric_expectation(integrand: sp.Expr, variables: tuple, cov: tuple, tol: float = DEFAULT_TOL,
-                        numeric_subs: dict | None = None) -> GaussianExpectation:
+                        numeric_subs: dict | None = None, variances=PROBE_VARIANCES) -> GaussianExpectation:
     """Build the quadrature node for <integrand>_cov with an order chosen for ``tol``.
 
     ``numeric_subs`` gives values to parameters left symbolic in the integrand, used only while
-    choosing the order.
+    choosing the order; ``variances`` are the variances the choice is probed at.
     """
     if len(variables) == 1:
         lam = sp.Lambda(S.z, integrand.xreplace({variables[0]: S.z}))
     else:
         lam = sp.Lambda((S.z1, S.z2), integrand.xreplace({variables[0]: S.z1, variables[1]: S.z2}))
     probe = lam if not numeric_subs else sp.Lambda(lam.variables, lam.expr.xreplace(numeric_subs))
-    return GaussianExpectation(lam, *cov, sp.Integer(choose_order(probe, tol)))
+    return GaussianExpectation(lam, *cov, sp.Integer(choose_order(probe, tol, variances)))
