@@ -223,6 +223,106 @@ def _json_number(x):
     return None if x != x else float(x)
 
 
+def _check_png(out: Path) -> None:
+    if out.suffix.lower() not in (".png", ".pdf", ".svg"):
+        fail(f"--out '{out}': give a .png, .pdf or .svg file name")
+    folder = out.expanduser().parent
+    if not folder.is_dir():
+        fail(f"cannot write '{out}': folder '{folder}' does not exist")
+
+
+@app.command()
+def phase(
+    activation: str = typer.Option(..., "--activation", "-a", help=ACTIVATION_HELP),
+    out: Path = typer.Option(..., "--out", "-o", help="Figure file (.png, .pdf or .svg)."),
+    param: Optional[List[str]] = typer.Option(None, "--param", "-p", help=PARAM_HELP),
+    cw_max: float = typer.Option(4.0, "--cw-max", help="Largest C_W shown."),
+    cb_max: float = typer.Option(1.0, "--cb-max", help="Largest C_b shown."),
+    grid: int = typer.Option(60, "--grid", help="Grid points per axis."),
+    fmt: NumFormat = typer.Option(NumFormat.text, "--format", "-f", help="Also print the grid as JSON with --format json."),
+) -> None:
+    """Order/chaos phase diagram: chi_perp(K*) over (C_b, C_W), the chi_perp = 1 line, critical points.
+
+    K* is the single-input fixed point reached from K = 1.
+
+    Example: derive phase --activation tanh --out tanh-phase.png
+    """
+    from derive import api
+    from derive.plots import phase_diagram
+
+    _check_png(out)
+    if cw_max <= 0.25 or cb_max < 0 or grid < 4:
+        fail("need --cw-max > 0.25, --cb-max >= 0 and --grid >= 4")
+    rep = api.criticality(activation, param)
+    points = [p.as_dict() for p in rep.critical_points]
+    tmp_holder = {}
+
+    def write(tmp):
+        tmp_holder["data"] = phase_diagram(rep.activation, tmp, (0.25, cw_max), (0.0, cb_max), grid,
+                                           critical_points=points)
+
+    _write_atomic(out, write)
+    if fmt is NumFormat.json:
+        typer.echo(json.dumps({"activation": rep.activation.name, "out": str(out), "critical_points": points,
+                               **tmp_holder["data"]}, default=_json_number))
+    else:
+        typer.echo(f"wrote {out}")
+
+
+@app.command()
+def profile(
+    activation: str = typer.Option(..., "--activation", "-a", help=ACTIVATION_HELP),
+    cw: float = typer.Option(..., "--cw", help="Weight variance C_W."),
+    cb: float = typer.Option(0.0, "--cb", help="Bias variance C_b."),
+    depth: int = typer.Option(..., "--depth", "-L", help="Number of layers."),
+    k0: float = typer.Option(1.0, "--k0", help="Input second moment x.x/d of both inputs."),
+    rho0: float = typer.Option(0.5, "--rho0", help="Correlation of the two inputs."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Figure file (.png, .pdf or .svg)."),
+    param: Optional[List[str]] = typer.Option(None, "--param", "-p", help=PARAM_HELP),
+    fmt: NumFormat = typer.Option(NumFormat.text, "--format", "-f", help="Output format."),
+) -> None:
+    """K^(l), rho^(l), chi_par and chi_perp against depth, with correlation fixed points and depth scales.
+
+    Examples:
+
+      derive profile --activation tanh --cw 1 --cb 0 --depth 1000 --out tanh-profile.png
+
+      derive profile --activation relu --cw 2 --cb 0 --depth 50 --format json
+    """
+    import numpy as np
+
+    from derive import api
+    from derive.signal import correlation_fixed_points, depth_profile
+
+    api.check_hyperparameters(cw, cb, None, None, depth)
+    if k0 <= 0 or not -1 <= rho0 <= 1:
+        fail("need --k0 > 0 and -1 <= --rho0 <= 1")
+    if out is not None:
+        _check_png(out)
+    act = api.activation(activation, param)
+    prof = depth_profile(act, cw, cb, depth, k0, rho0)
+    k_last = prof.K[-1]
+    fps = correlation_fixed_points(act, cw, cb, float(k_last)) if np.isfinite(k_last) and k_last > 0 else []
+    if out is not None:
+        from derive.plots import depth_profile_plot
+
+        _write_atomic(out, lambda tmp: depth_profile_plot(act, prof, tmp, cw, cb))
+    if fmt is NumFormat.json:
+        typer.echo(json.dumps({"activation": act.name, "C_W": cw, "C_b": cb, "depth": depth, "K0": k0,
+                               "rho0": rho0, **prof.as_dict(), "correlation_fixed_points": fps},
+                              default=_json_number))
+        return
+    shown = sorted({0, depth - 1, *[min(depth - 1, 10**k - 1) for k in range(1, 6)]})
+    for i in shown:
+        typer.echo(f"layer {i + 1:>6}: K = {prof.K[i]:.6g}  rho = {prof.rho[i]:.6g}  "
+                   f"chi_par = {prof.chi_par[i]:.6g}  chi_perp = {prof.chi_perp[i]:.6g}")
+    for f in fps:
+        typer.echo(f"correlation fixed point rho* = {f['rho']:.10g}: chi_c = {f['chi_c']:.6g}, "
+                   f"{'stable' if f['stable'] else 'unstable'}, depth scale {f['depth_scale']:.6g}")
+    if out is not None:
+        typer.echo(f"wrote {out}")
+
+
 @app.command()
 def gram(
     activation: str = typer.Option(..., "--activation", "-a", help=ACTIVATION_HELP),

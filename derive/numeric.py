@@ -44,6 +44,7 @@ NUMPY_TABLE: Mapping[type, Callable] = {
     sp.asin: lambda x: np.arcsin(np.clip(x, -1.0, 1.0)),
     sp.acos: lambda x: np.arccos(np.clip(x, -1.0, 1.0)),
     sp.atan: np.arctan,
+    sp.atan2: np.arctan2,
     sp.erf: sps.erf,
     sp.erfc: sps.erfc,
     sp.Abs: np.abs,
@@ -55,12 +56,32 @@ NUMPY_TABLE: Mapping[type, Callable] = {
 }
 
 
+def stable_form(expr: sp.Expr) -> sp.Expr:
+    """Rewrite inverse cosines and sines of ratios into ``atan2`` forms that stay accurate at |rho| = 1.
+
+    acos(p/q) = atan2(sqrt(q^2 - p^2), p) and asin(p/q) = atan2(p, sqrt(q^2 - p^2)) for q > 0.
+    With q^2 - p^2 expanded (K11*K22 - K12**2 for the arc-cosine kernels), the angle and the
+    sqrt(1 - rho^2) terms of a kernel share one rounding, so their singular slopes cancel
+    numerically as they do analytically; on the diagonal (K12 = K11 = K22) the angle is exactly 0
+    instead of ~1e-8 from acos(1 - eps).
+    """
+    def rewrite(e):
+        if isinstance(e, (sp.acos, sp.asin)) and not e.args[0].is_number:
+            p, q = sp.fraction(sp.together(e.args[0]))
+            if q.is_positive and p != 0:
+                r = sp.sqrt(sp.expand(q**2 - p**2))
+                return sp.atan2(r, p) if isinstance(e, sp.acos) else sp.atan2(p, r)
+        return e
+
+    return expr.replace(lambda e: isinstance(e, (sp.acos, sp.asin)), rewrite)
+
+
 def evaluate(expr: sp.Expr, values: Mapping[sp.Symbol, object], table: Mapping[type, Callable] | None = None):
     """Evaluate ``expr`` with NumPy, symbols replaced by ``values`` (scalars or arrays).
 
-    Numerical-quadrature nodes (:class:`derive.quadrature.GaussianExpectation`) are evaluated by
-    Gauss-Hermite quadrature at their recorded order. Unknown heads raise ``NotImplementedError``
-    naming the head.
+    The expression is first put in :func:`stable_form`. Numerical-quadrature nodes
+    (:class:`derive.quadrature.GaussianExpectation`) are evaluated at their recorded order. Unknown
+    heads raise ``NotImplementedError`` naming the head.
     """
     from .quadrature import GaussianExpectation, expect_numpy
 
@@ -88,4 +109,13 @@ def evaluate(expr: sp.Expr, values: Mapping[sp.Symbol, object], table: Mapping[t
 
     if not isinstance(expr, sp.Basic):
         return float(expr)
-    return walk(expr)
+    return walk(_stable(expr))
+
+
+_STABLE_CACHE: dict = {}
+
+
+def _stable(expr: sp.Expr) -> sp.Expr:
+    if expr not in _STABLE_CACHE:
+        _STABLE_CACHE[expr] = stable_form(expr)
+    return _STABLE_CACHE[expr]

@@ -1,0 +1,66 @@
+"""Figures: the order/chaos phase diagram and depth profiles (matplotlib, no display needed)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def phase_diagram(activation, out: str, cw_range=(0.25, 4.0), cb_range=(0.0, 1.0), grid: int = 60,
+                  K0: float = 1.0, critical_points=()) -> dict:
+    """chi_perp(K*) over the (C_b, C_W) plane with the chi_perp = 1 boundary; returns the data."""
+    from .signal import chi_perp_at_fixed_point
+
+    cw = np.linspace(*cw_range, grid)
+    cb = np.linspace(*cb_range, grid)
+    CW, CB = np.meshgrid(cw, cb)
+    chi = chi_perp_at_fixed_point(activation, CW, CB, K0)
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    shown = np.log(np.clip(np.where(np.isfinite(chi), chi, 1e3), 1e-3, 1e3))
+    mesh = ax.pcolormesh(CB, CW, shown, cmap="RdBu_r", vmin=-1, vmax=1, shading="auto")
+    fig.colorbar(mesh, ax=ax, label=r"$\log \chi_\perp(K^*)$")
+    if np.nanmin(shown) < 0 < np.nanmax(shown):
+        ax.contour(CB, CW, shown, levels=[0.0], colors="k", linewidths=1.5)
+    for p in critical_points:
+        if cb_range[0] <= p["C_b"] <= cb_range[1] and cw_range[0] <= p["C_W"] <= cw_range[1]:
+            ax.plot(p["C_b"], p["C_W"], "*", color="gold", markersize=14, markeredgecolor="k")
+    ax.set_xlabel(r"$C_b$")
+    ax.set_ylabel(r"$C_W$")
+    ax.set_title(f"{activation.name}: ordered (blue, $\\chi_\\perp<1$) / chaotic (red)")
+    ax.text(0.02, 0.02, r"black line: $\chi_\perp(K^*) = 1$", transform=ax.transAxes, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return {"C_W": cw.tolist(), "C_b": cb.tolist(),
+            "chi_perp": [[None if not np.isfinite(v) else float(v) for v in row] for row in chi]}
+
+
+def depth_profile_plot(activation, profile, out: str, C_W: float, C_b: float) -> None:
+    """K^(l), rho^(l), chi_par and chi_perp against depth (log-log where helpful)."""
+    plt = _pyplot()
+    layers = np.arange(1, len(profile.K) + 1)
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    axes[0].loglog(layers, profile.K, label=r"$K^{(\ell)}$")
+    axes[0].set_title("kernel")
+    axes[1].semilogx(layers, profile.rho, color="C1", label=r"$\rho^{(\ell)}$")
+    axes[1].set_title("correlation of two inputs")
+    axes[2].semilogx(layers, profile.chi_par, label=r"$\chi_\parallel$")
+    axes[2].semilogx(layers, profile.chi_perp, label=r"$\chi_\perp$")
+    axes[2].axhline(1.0, color="k", lw=0.8, ls=":")
+    axes[2].set_title("susceptibilities")
+    for ax in axes:
+        ax.set_xlabel(r"layer $\ell$")
+        ax.legend()
+    fig.suptitle(f"{activation.name}: C_W = {C_W:g}, C_b = {C_b:g}")
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
