@@ -33,7 +33,7 @@ from . import symbols as S
 from .activations import Activation
 from .expectations import gaussian_expectation, tidy, wick
 from .numeric import evaluate
-from .quadrature import DEFAULT_TOL, GaussianExpectation, numeric_expectation
+from .quadrature import DEFAULT_TOL, GaussianExpectation, numeric_expectation, refine_nodes
 
 #: Range of K searched for non-zero critical points, and the number of grid points.
 K_SEARCH = (1e-6, 1e3)
@@ -232,6 +232,11 @@ def nonzero_critical_points(maps: SingleInputMaps) -> tuple[list[CriticalPoint],
         if not (np.isfinite(a) and np.isfinite(b)) or a == 0 or np.sign(a) == np.sign(b):
             continue
         k = _refine_root(h, grid[i], grid[i + 1], maps.closed_form)
+        if not maps.closed_form:  # evaluate at K* on a grid fine enough there
+            kk = (0.5 * k, k, 1.5 * k)
+            h_at = numeric_expectation(h.integrand.expr, (S.z,), (S.K,), variances=kk)
+            k = _refine_root(h_at, grid[i], grid[i + 1], False)
+            g, gp = _numeric(refine_nodes(maps.g, kk)), _numeric(refine_nodes(maps.gp, kk))
         cw = 1.0 / float(gp(k))
         cb = k - cw * float(g(k))
         if cb < -1e-12 * max(1.0, k):

@@ -160,3 +160,18 @@ def numeric_expectation(integrand: sp.Expr, variables: tuple, cov: tuple, tol: f
         lam = sp.Lambda((S.z1, S.z2), integrand.xreplace({variables[0]: S.z1, variables[1]: S.z2}))
     probe = lam if not numeric_subs else sp.Lambda(lam.variables, lam.expr.xreplace(numeric_subs))
     return GaussianExpectation(lam, *cov, sp.Integer(choose_order(probe, tol, variances)))
+
+
+def refine_nodes(expr: sp.Expr, variances, tol: float = DEFAULT_TOL) -> sp.Expr:
+    """``expr`` with every quadrature node's order raised, if needed, to meet ``tol`` at ``variances``.
+
+    Nodes are chosen for typical variances (:data:`PROBE_VARIANCES`); evaluating far outside them
+    (a critical point at K* = 14, say) calls for a finer grid there.
+    """
+    def better(node):
+        if node.integrand.expr.free_symbols - set(node.integrand.variables):
+            return node  # symbolic parameters: cannot probe numerically
+        order = max(node.order, choose_order(node.integrand, tol, tuple(variances)))
+        return GaussianExpectation(node.integrand, *node.covariance_args, sp.Integer(order))
+
+    return expr.replace(lambda e: isinstance(e, GaussianExpectation), better)
