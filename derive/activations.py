@@ -41,8 +41,13 @@ class Activation:
 
     @property
     def sigma(self) -> sp.Expr:
-        """sigma(z) with the given parameter values substituted."""
-        return self.expression.xreplace(dict(self.values or {}))
+        """sigma(z) with the given parameter values substituted.
+
+        Integer parameters (a degree) always take their value or default: they decide the form.
+        """
+        subs = {p.symbol: p.default for p in self.params if p.symbol.is_integer}
+        subs.update(self.values or {})
+        return self.expression.xreplace(subs).doit() if subs else self.expression
 
     @property
     def defaults(self) -> dict[sp.Symbol, sp.Expr]:
@@ -54,7 +59,7 @@ class Activation:
     @property
     def sigma_numeric(self) -> sp.Expr:
         """sigma(z) with every parameter replaced by its value or default."""
-        return self.expression.xreplace(self.defaults)
+        return self.expression.xreplace(self.defaults).doit()
 
     def derivative(self, numeric: bool = False) -> sp.Expr:
         """sigma'(z) almost everywhere: Dirac deltas from kinks and jumps are dropped.
@@ -114,6 +119,8 @@ def parse_params(items: Mapping[str, str] | list[str] | None, rule: ActivationRu
             raise DeriveError(f"parameter {k}: value must be a real number, got '{v}'")
         if known[k].symbol.is_positive and not val.is_positive:
             raise DeriveError(f"parameter {k}: value must be positive, got '{v}'")
+        if known[k].symbol.is_integer and not (val.is_Integer and 0 <= val <= 64):
+            raise DeriveError(f"parameter {k}: value must be an integer in [0, 64], got '{v}'")
         out[known[k].symbol] = val
     return out
 

@@ -367,13 +367,15 @@ def _expect_term(term: sp.Expr, variables: tuple, cov: sp.Matrix, mean: sp.Matri
         at = -sp_.s
         var, m = cov[i, i], mean[i]
         density = sp.exp(-(at - m) ** 2 / (2 * var)) / sp.sqrt(2 * sp.pi * var)
-        rest = (term / t.factors[k]).xreplace({sp_.var: at})
-        if rest.has(sp.DiracDelta(0)) or rest.has(sp.Heaviside(0)):
+        # A step or another delta at the same point as the delta has no unambiguous value.
+        if any(o is not sp_ and o.var == sp_.var and o.kind in ("step", "delta") and sp.simplify(o.s - sp_.s) == 0
+               for o in t.specials):
             raise NotClosed(term)
+        rest = (term / t.factors[k]).xreplace({sp_.var: at})
         if n == 1:
             return density * rest
         j = 1 - i
-        cvar = sp.simplify(cov[j, j] - cov[i, j] ** 2 / cov[i, i])
+        cvar = sp.factor(cov[j, j] * cov[i, i] - cov[i, j] ** 2) / cov[i, i]
         cmean = mean[j] + cov[i, j] / cov[i, i] * (at - m)
         if cvar == 0:
             return density * rest.xreplace({variables[j]: cmean})

@@ -41,6 +41,15 @@ def _step(x: sp.Expr) -> sp.Expr:
     return sp.Heaviside(x)
 
 
+def _hermite(degree: sp.Expr, x: sp.Expr) -> sp.Expr:
+    """Probabilists' Hermite polynomial He_degree(x), normalised to unit norm under N(0, 1)."""
+    if degree.is_Number and not (degree.is_Integer and 0 <= degree <= MAX_EXPONENT):
+        raise ValueError(f"hermite degree must be an integer in [0, {MAX_EXPONENT}], got {degree}")
+    if not degree.is_Number and not (degree.is_Symbol and degree.is_integer):
+        raise ValueError("hermite degree must be an integer or an integer parameter")
+    return sp.hermite_prob(degree, x) / sp.sqrt(sp.factorial(degree))
+
+
 #: name -> (callable building the SymPy object, min arity, max arity or None for any)
 FUNCTIONS: dict[str, tuple[Callable[..., sp.Expr], int, int | None]] = {
     "exp": (sp.exp, 1, 1),
@@ -71,6 +80,7 @@ FUNCTIONS: dict[str, tuple[Callable[..., sp.Expr], int, int | None]] = {
     "min": (sp.Min, 2, None),
     "sigmoid": (_sigmoid, 1, 1),
     "softplus": (_softplus, 1, 1),
+    "hermite": (_hermite, 2, 2),
 }
 
 #: Named constants every expression may use.
@@ -214,7 +224,10 @@ class _Builder:
             want = f"{lo}" if lo == hi else (f"at least {lo}" if hi is None else f"{lo} to {hi}")
             raise self.fail(f"function '{name}' takes {want} argument(s), got {len(node.args)}", node)
         args = [self.build(a, depth + 1) for a in node.args]
-        return self.checked(fn(*args), node)
+        try:
+            return self.checked(fn(*args), node)
+        except ValueError as exc:
+            raise self.fail(str(exc), node) from None
 
 
 def parse_expression(
