@@ -136,7 +136,7 @@ def gram(spec: ActivationLike, inputs, depth: int, C_W: float, C_b: float = 0.0,
     if dtype not in ("float64", "float32"):
         raise DeriveError(f"dtype must be float64 or float32, got {dtype}")
     e, d = numeric_kernel_expressions(kernel(spec, params))
-    from .gram import gram_matrices
+    from .evaluate import gram_matrices
     import jax.numpy as jnp
 
     nngp, ntk = gram_matrices(e, d, x, int(depth), C_W, C_b, lw, lb, dtype=getattr(jnp, dtype))
@@ -148,5 +148,4 @@ def emit_code(spec: ActivationLike, params: Mapping[str, str] | Sequence[str] | 
     e, d = numeric_kernel_expressions(kernel(spec, params))
     from .codegen import to_source
 
-    args = [S.K11, S.K12, S.K22]
-    return to_source(e, args, name="sigma_sigma") + "\n\n" + to_source(d, args, name="dsigma_dsigma")
+    return to_source({"sigma_sigma": e, "dsigma_dsigma": d}, [S.K11, S.K12, S.K22])

@@ -24,8 +24,9 @@ def _heaviside(x):
 
 def _pow(base, exponent):
     base = np.asarray(base, dtype=float)
-    if np.ndim(exponent) == 0 and float(exponent) == 0.5:
-        return np.sqrt(np.maximum(base, 0.0))
+    if np.ndim(exponent) == 0 and float(exponent) in (0.5, -0.5):
+        root = np.sqrt(np.maximum(base, 0.0))
+        return root if float(exponent) > 0 else 1.0 / root
     return np.power(base, exponent)
 
 
@@ -98,7 +99,8 @@ def evaluate(expr: sp.Expr, values: Mapping[sp.Symbol, object], table: Mapping[t
         elif e.is_Number or e.is_NumberSymbol:
             out = float(e)
         elif isinstance(e, GaussianExpectation):
-            out = expect_numpy(e, [walk(a) for a in e.covariance_args])
+            free = e.integrand.expr.free_symbols - set(e.integrand.variables)
+            out = expect_numpy(e, [walk(a) for a in e.covariance_args], {p: walk(p) for p in free})
         else:
             fn = tab.get(e.func)
             if fn is None:

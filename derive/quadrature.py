@@ -82,13 +82,14 @@ def gaussian_rule(order: int) -> tuple[np.ndarray, np.ndarray]:
     return x, w / w.sum()
 
 
-def _integrand_numpy(lam: sp.Lambda):
+def _integrand_numpy(lam: sp.Lambda, parameters: dict | None = None):
     from .numeric import evaluate
 
     variables = lam.variables
+    parameters = parameters or {}
 
     def f(*zs):
-        out = evaluate(lam.expr, dict(zip(variables, zs)))
+        out = evaluate(lam.expr, {**parameters, **dict(zip(variables, zs))})
         return np.broadcast_to(np.asarray(out, dtype=float), np.broadcast(*zs).shape)
 
     return f
@@ -103,7 +104,8 @@ def gaussian_quadrature(f, cov: tuple, order: int, dimension: int) -> np.ndarray
         return np.sum(w * f(np.sqrt(np.maximum(k, 0.0)) * x), axis=-1)
     k11, k12, k22 = (np.asarray(c, dtype=float)[..., None, None] for c in cov)
     s1, s2 = np.sqrt(np.maximum(k11, 0.0)), np.sqrt(np.maximum(k22, 0.0))
-    rho = np.clip(k12 / np.maximum(s1 * s2, 1e-300), -1.0, 1.0)
+    # sqrt(K11 K22) in one rounding: on a diagonal sqrt(fl(k*k)) == k, so rho is exactly 1 there.
+    rho = np.clip(k12 / np.maximum(np.sqrt(np.maximum(k11 * k22, 0.0)), 1e-300), -1.0, 1.0)
     X, Y = x[:, None], x[None, :]
     W = w[:, None] * w[None, :]
     z1 = s1 * X
@@ -111,9 +113,13 @@ def gaussian_quadrature(f, cov: tuple, order: int, dimension: int) -> np.ndarray
     return np.sum(W * f(z1, z2), axis=(-2, -1))
 
 
-def expect_numpy(node: GaussianExpectation, cov_values) -> np.ndarray:
-    """Evaluate a :class:`GaussianExpectation` node with NumPy at its recorded order."""
-    return gaussian_quadrature(_integrand_numpy(node.integrand), tuple(cov_values), node.order, node.dimension)
+def expect_numpy(node: GaussianExpectation, cov_values, parameters: dict | None = None) -> np.ndarray:
+    """Evaluate a :class:`GaussianExpectation` node with NumPy at its recorded order.
+
+    ``parameters`` gives values to symbols of the integrand other than its variables (scalars).
+    """
+    return gaussian_quadrature(_integrand_numpy(node.integrand, parameters), tuple(cov_values), node.order,
+                               node.dimension)
 
 
 def _probe_covariances(dimension: int, variances=PROBE_VARIANCES):
