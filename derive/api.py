@@ -49,14 +49,14 @@ def kernel(spec: ActivationLike, params: Mapping[str, str] | Sequence[str] | Non
 
 def criticality(spec: ActivationLike, params: Mapping[str, str] | Sequence[str] | None = None, *,
                 tol: float = DEFAULT_TOL, rule_dirs: Sequence[str] = ()):
-    """Universality class and critical initialisations of ``spec`` (see :mod:`derive.criticality`).
+    """Universality class and critical initialisations of ``spec`` (see :mod:`derive.critical`).
 
     Example:
         >>> import derive
         >>> derive.criticality("tanh").cls
         'K*=0'
     """
-    from .criticality import analyse
+    from .critical import analyse
 
     return analyse(activation(spec, params, rule_dirs), tol=tol)
 

@@ -20,7 +20,7 @@ import numpy as np
 import sympy as sp
 
 from . import symbols as S
-from .criticality import single_input_maps
+from .critical import single_input_maps
 from .numeric import evaluate
 from .recursions import derive_kernel
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from derive.activations import resolve
-from derive.criticality import analyse
+from derive.critical import analyse
 
 mp.mp.dps = 30
 SQ2 = mp.sqrt(2)
