@@ -323,6 +323,104 @@ def profile(
         typer.echo(f"wrote {out}")
 
 
+@app.command("finite-width")
+def finite_width(
+    activation: str = typer.Option(..., "--activation", "-a", help=ACTIVATION_HELP),
+    cw: float = typer.Option(..., "--cw", help="Weight variance C_W."),
+    cb: float = typer.Option(0.0, "--cb", help="Bias variance C_b."),
+    depth: int = typer.Option(..., "--depth", "-L", help="Number of layers."),
+    k1: Optional[float] = typer.Option(None, "--k1", help="First-layer kernel K^(1) (default C_b + C_W, i.e. x.x/n_0 = 1)."),
+    lambda_w: Optional[float] = typer.Option(None, "--lambda-w", help="NTK weight learning-rate factor (default C_W)."),
+    lambda_b: Optional[float] = typer.Option(None, "--lambda-b", help="NTK bias learning-rate factor (default C_b)."),
+    width: Optional[int] = typer.Option(None, "--width", "-n", help="Uniform hidden width n (for normalised fluctuations)."),
+    widths: Optional[str] = typer.Option(None, "--widths", help="Per-layer widths n_1,...,n_L (comma-separated)."),
+    param: Optional[List[str]] = typer.Option(None, "--param", "-p", help=PARAM_HELP),
+    fmt: Format = typer.Option(Format.text, "--format", "-f", help="Output format."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Plot the normalised fluctuations against depth (.png)."),
+) -> None:
+    """Finite-width corrections at order 1/n: four-point vertex V, NLO kernel G1, NTK mean and
+    fluctuations (A, B, D, F), layer by layer, with closed forms in depth where they exist.
+
+    Examples:
+
+      derive finite-width --activation relu --cw 2 --cb 0 --depth 10 --width 100
+
+      derive finite-width --activation tanh --cw 1 --cb 0 --depth 1000 --width 256 --out tanh-fw.png
+
+      derive finite-width --activation gelu --cw 1.98 --cb 0.17 --depth 20 --widths 64,128,128,256,... --format json
+    """
+    from derive import api
+    from derive.finite_width import finite_width_report
+
+    if width is not None and widths is not None:
+        fail("give --width or --widths, not both")
+    api.check_hyperparameters(cw, cb, lambda_w, lambda_b, depth)
+    ws = None
+    if widths is not None:
+        try:
+            ws = [int(w) for w in widths.split(",")]
+        except ValueError:
+            fail(f"--widths '{widths}': expected comma-separated integers")
+        if len(ws) != depth:
+            fail(f"--widths gives {len(ws)} widths for depth {depth}: give n_1,...,n_L")
+    elif width is not None:
+        ws = width
+    if ws is not None and min(np_atleast(ws)) < 1:
+        fail("widths must be >= 1")
+    if out is not None:
+        _check_png(out)
+        if ws is None:
+            fail("--out plots normalised fluctuations: give --width or --widths")
+    act = api.activation(activation, param)
+    rep = finite_width_report(act, depth, cw, cb, lambda_w, lambda_b, k1=k1, widths=ws)
+    if out is not None:
+        from derive.plots import finite_width_plot
+
+        _write_atomic(out, lambda tmp: finite_width_plot(rep, tmp))
+    if fmt is Format.json:
+        typer.echo(json.dumps(rep, default=_json_number))
+        return
+    if fmt is Format.latex:
+        import sympy as sp
+
+        from derive.finite_width import finite_width_maps
+
+        maps = finite_width_maps(act)
+        for q, e in maps.recursions.items():
+            typer.echo(rf"{q}^{{(\ell+1)}} = {sp.latex(e)} \\")
+        for q, e in rep["closed_form"].items():
+            typer.echo(rf"% closed form: {q}(l) = {e}")
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    console.print(f"[bold]{act.name}[/bold]: C_W = {cw:g}, C_b = {cb:g}, depth {depth}"
+                  + (f", widths {widths or width}" if ws is not None else " (quantities are per 1/n_(l-1))"))
+    table = Table("layer", "K", "V", "G1", "Theta", "A", "B", "D", "F")
+    shown = sorted({0, depth - 1, *[min(depth - 1, 10**k - 1) for k in range(0, 6)], *range(min(depth, 5))})
+    for i in shown:
+        table.add_row(str(i + 1), *(f"{rep[q][i]:.6g}" if rep[q][i] is not None else "inf"
+                                    for q in ("K", "V", "G1", "Theta", "A", "B", "D", "F")))
+    console.print(table)
+    for q, e in rep["closed_form"].items():
+        console.print(f"closed form in l: {q}(l) = {e}")
+    if rep["depth_to_width"]:
+        d2w = rep["depth_to_width"]
+        console.print(f"slope of V/(n K^2) against l/n at depth: {d2w['V_over_nK2_slope']:.6g}; "
+                      f"of Var(H)/Theta^2: {d2w['varH_over_Theta2_slope']:.6g}")
+        for key, label in (("V_over_nK2", "V/(n K^2)"), ("varH_over_Theta2", "Var(H)/Theta^2")):
+            if d2w[f"{key}_untrusted_from_layer"]:
+                console.print(f"[yellow]{label} exceeds 0.1 from layer {d2w[f'{key}_untrusted_from_layer']}: "
+                              "the 1/n expansion is no longer trustworthy there[/yellow]")
+    if out is not None:
+        console.print(f"wrote {out}")
+
+
+def np_atleast(x):
+    return x if isinstance(x, list) else [x]
+
+
 @app.command()
 def gram(
     activation: str = typer.Option(..., "--activation", "-a", help=ACTIVATION_HELP),

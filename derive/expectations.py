@@ -435,18 +435,30 @@ def gaussian_expectation(integrand: sp.Expr, variables, cov=None, *, tol: float 
     n = len(variables)
     cov = tuple(cov) if cov is not None else _cov_symbols(n)
     covm = sp.Matrix([[cov[0]]]) if n == 1 else sp.Matrix([[cov[0], cov[1]], [cov[1], cov[2]]])
-    closed, rest = sp.Integer(0), sp.Integer(0)
+    closed = sp.Integer(0)
+    rest: dict = {}
     # Linearity over the integrand's top-level sum; a chunk the rules do not close entirely goes,
-    # as written, into a single quadrature node (readable, and no cancellation between pieces).
+    # as written, into a quadrature node (readable, and no cancellation between pieces). Factors
+    # that depend on the covariance (K in z^4 - 6 K z^2 + 3 K^2) stay outside the node.
+    cov_symbols = _free(cov)
     for chunk in chunks(integrand):
         try:
             closed += sum((_expect_term(t, variables, covm, sp.zeros(n, 1))
                            for t in sp.Add.make_args(canonical(chunk, variables))), sp.Integer(0))
         except NotClosed:
-            rest += chunk
-    if rest != 0:
-        closed += numeric_expectation(rest, variables, cov, tol, numeric_subs=numeric_subs)
+            coeff, dep = chunk.as_independent(*variables, as_Add=False)
+            key = coeff if coeff.free_symbols & cov_symbols else sp.Integer(1)
+            rest[key] = rest.get(key, sp.Integer(0)) + (dep if key != 1 else chunk)
+    for key, part in rest.items():
+        closed += key * numeric_expectation(part, variables, cov, tol, numeric_subs=numeric_subs)
     return closed
+
+
+def _free(cov) -> set:
+    out = set()
+    for c in cov:
+        out |= getattr(c, "free_symbols", set())
+    return out
 
 
 def tidy(expr: sp.Expr) -> sp.Expr:
