@@ -281,7 +281,8 @@ def _lookup(term: Term, variables, cov: sp.Matrix) -> sp.Expr | None:
                     covmap = {S.K11: cov[0, 0], S.K12: cov[0, 1], S.K22: cov[1, 1]}
                 else:
                     covmap = {S.K11: cov[1, 1], S.K12: cov[0, 1], S.K22: cov[0, 0]}
-                return ident.result.xreplace(b).xreplace(covmap)
+                # One simultaneous substitution: bound values may themselves contain K.
+                return ident.result.xreplace({**covmap, **b})
         elif idim == 2 and dim == 1 and len(term.specials) == 2 and pw == (0,):
             # A single-input product of two specials is the two-input identity at full correlation.
             v = variables[0]
@@ -291,7 +292,7 @@ def _lookup(term: Term, variables, cov: sp.Matrix) -> sp.Expr | None:
                 if b is None or ident.powers != (0, 0):
                     continue
                 k = cov[0, 0]
-                return ident.result.xreplace(b).xreplace({S.K11: k, S.K12: k, S.K22: k})
+                return ident.result.xreplace({S.K11: k, S.K12: k, S.K22: k, **b})
             del v
     return None
 
@@ -390,8 +391,9 @@ def _expect_term(term: sp.Expr, variables: tuple, cov: sp.Matrix, mean: sp.Matri
         P2 = P + A
         cov2 = P2.inv().applyfunc(sp.factor)
         mean2 = (cov2 * (P * mean + lin)).applyfunc(sp.factor)
-        norm = sp.sqrt(sp.factor(cov2.det() / cov.det())) * sp.exp(
-            c0 + ((mean2.T * P2 * mean2)[0, 0] - (mean.T * P * mean)[0, 0]) / 2)
+        exponent = c0 + ((mean2.T * P2 * mean2)[0, 0] - (mean.T * P * mean)[0, 0]) / 2
+        # One exponential with a cancelled exponent: separate factors can overflow near rho = +-1.
+        norm = sp.sqrt(sp.factor(cov2.det() / cov.det())) * sp.exp(sp.factor(sp.cancel(exponent)))
         rest = term * sp.exp(-t.exponent)
         return sp.expand(norm) * _expect(sp.expand(rest), variables, cov2, mean2)
 
@@ -449,6 +451,7 @@ def gaussian_expectation(integrand: sp.Expr, variables, cov=None, *, tol: float 
             coeff, dep = chunk.as_independent(*variables, as_Add=False)
             key = coeff if coeff.free_symbols & cov_symbols else sp.Integer(1)
             rest[key] = rest.get(key, sp.Integer(0)) + (dep if key != 1 else chunk)
+    closed = real_part(closed) if integrand.is_real is not False else closed
     for key, part in rest.items():
         closed += key * numeric_expectation(part, variables, cov, tol, numeric_subs=numeric_subs)
     return closed
@@ -458,6 +461,17 @@ def _free(cov) -> set:
     out = set()
     for c in cov:
         out |= getattr(c, "free_symbols", set())
+    return out
+
+
+def real_part(expr: sp.Expr) -> sp.Expr:
+    """The real form of a characteristic-function result: with every symbol real, the expectation
+    of a real integrand is real, so I is eliminated (expand_complex, then re of what remains)."""
+    if not expr.has(sp.I) or not all(s.is_real for s in expr.free_symbols):
+        return expr
+    out = sp.expand_complex(expr)
+    if out.has(sp.I):
+        out = sp.re(out)
     return out
 
 
@@ -477,11 +491,7 @@ def tidy(expr: sp.Expr) -> sp.Expr:
 def _tidy(expr: sp.Expr) -> sp.Expr:
     expr = sp.powsimp(sp.expand(expr), combine="exp")
     expr = expr.replace(lambda e: isinstance(e, sp.exp), lambda e: sp.exp(sp.factor(sp.cancel(e.args[0]))))
-    if expr.has(sp.I):
-        if all(s.is_real for s in expr.free_symbols):
-            expr = sp.expand_complex(expr)
-            expr = sp.re(expr) if not expr.has(sp.I) else expr
-        expr = sp.expand(expr)
+    expr = sp.expand(real_part(expr))
     atoms = [a for a in expr.atoms(sp.acos, sp.asin, sp.exp, sp.erf, sp.Pow)
              if not a.is_Pow or (a.exp.is_Rational and not a.exp.is_Integer)]
     return sp.collect(sp.expand(expr), atoms, func=sp.factor)
