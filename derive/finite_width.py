@@ -110,6 +110,25 @@ def _per_layer(value, depth: int, name: str) -> np.ndarray:
     return arr
 
 
+def _layer_setup(depth, C_W, C_b, lambda_W, lambda_b, k1, widths, input_norm):
+    """Validated per-layer hyperparameters, widths and the input norm x.x/n_0 implied by K^(1)."""
+    if int(depth) != depth or depth < 1:
+        raise DeriveError(f"depth must be an integer >= 1, got {depth}")
+    cw, cb = _per_layer(C_W, depth, "C_W"), _per_layer(C_b, depth, "C_b")
+    lw = cw if lambda_W is None else _per_layer(lambda_W, depth, "lambda_W")
+    lb = cb if lambda_b is None else _per_layer(lambda_b, depth, "lambda_b")
+    n = np.broadcast_to(np.asarray(1.0 if widths is None else widths, dtype=float), (depth,)).astype(float)
+    if np.any(n < 1):
+        raise DeriveError("widths must be >= 1")
+    if k1 is not None:
+        if k1 <= 0:
+            raise DeriveError(f"K^(1) must be > 0, got {k1}")
+        input_norm = (k1 - cb[0]) / cw[0]
+        if input_norm < 0:
+            raise DeriveError(f"K^(1) = {k1} is below C_b = {cb[0]}: no input has that kernel")
+    return cw, cb, lw, lb, n, input_norm
+
+
 @dataclass
 class FiniteWidthProfile:
     """Per-layer values, index 0 = layer 1, plus normalised fluctuations."""
@@ -139,20 +158,7 @@ def iterate(maps: FiniteWidthMaps, depth: int, C_W, C_b, lambda_W=None, lambda_b
         widths: n_1..n_L (a scalar for a uniform width); only ratios r = n_l/n_{l-1} and the
             normalisations use them. Default: uniform (r = 1).
     """
-    if int(depth) != depth or depth < 1:
-        raise DeriveError(f"depth must be an integer >= 1, got {depth}")
-    cw, cb = _per_layer(C_W, depth, "C_W"), _per_layer(C_b, depth, "C_b")
-    lw = cw if lambda_W is None else _per_layer(lambda_W, depth, "lambda_W")
-    lb = cb if lambda_b is None else _per_layer(lambda_b, depth, "lambda_b")
-    n = np.broadcast_to(np.asarray(1.0 if widths is None else widths, dtype=float), (depth,)).astype(float)
-    if np.any(n < 1):
-        raise DeriveError("widths must be >= 1")
-    if k1 is not None:
-        if k1 <= 0:
-            raise DeriveError(f"K^(1) must be > 0, got {k1}")
-        input_norm = (k1 - cb[0]) / cw[0]
-        if input_norm < 0:
-            raise DeriveError(f"K^(1) = {k1} is below C_b = {cb[0]}: no input has that kernel")
+    cw, cb, lw, lb, n, input_norm = _layer_setup(depth, C_W, C_b, lambda_W, lambda_b, k1, widths, input_norm)
     state = {"K": cb[0] + cw[0] * input_norm, "Theta": lb[0] + lw[0] * input_norm,
              "V": 0.0, "G1": 0.0, "A": 0.0, "B": 0.0, "D": 0.0, "F": 0.0}
     out = {q: np.empty(depth) for q in QUANTITIES}
@@ -309,14 +315,7 @@ def iterate_jax(maps: FiniteWidthMaps, depth: int, C_W, C_b, lambda_W=None, lamb
 
     from .codegen import to_jax
 
-    if int(depth) != depth or depth < 1:
-        raise DeriveError(f"depth must be an integer >= 1, got {depth}")
-    cw, cb = _per_layer(C_W, depth, "C_W"), _per_layer(C_b, depth, "C_b")
-    lw = cw if lambda_W is None else _per_layer(lambda_W, depth, "lambda_W")
-    lb = cb if lambda_b is None else _per_layer(lambda_b, depth, "lambda_b")
-    n = np.broadcast_to(np.asarray(1.0 if widths is None else widths, dtype=float), (depth,)).astype(float)
-    if k1 is not None:
-        input_norm = (k1 - cb[0]) / cw[0]
+    cw, cb, lw, lb, n, input_norm = _layer_setup(depth, C_W, C_b, lambda_W, lambda_b, k1, widths, input_norm)
     ratio = np.concatenate([[1.0], n[1:-1] / n[:-2]]) if depth > 2 else np.ones(max(depth - 1, 1))
     key = tuple(maps.recursions[q] for q in QUANTITIES)
     if key not in _JAX_STEPS:
