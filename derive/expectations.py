@@ -63,8 +63,8 @@ def _canonical_step(arg: sp.Expr, variables) -> sp.Expr:
     v, c, d = lin
     if c.is_positive:
         return sp.Heaviside(v + d / c)
-    if c.is_negative:
-        return 1 - sp.Heaviside(v + d / c)
+    if c.is_negative:  # a reflected step, kept as such: 1 - Heaviside(v) would cancel against big terms
+        return sp.Heaviside(-v - d / c)
     return sp.Heaviside(arg)
 
 
@@ -182,9 +182,10 @@ def classify(term: sp.Expr, variables) -> Term:
             raise NotClosed(f)
         v, c, d = lin
         if isinstance(base, sp.Heaviside):  # idempotent: Heaviside**k == Heaviside
-            if c != 1:
+            if c not in (1, -1):
                 raise NotClosed(f)
-            specials.append(Special("step", v, sp.Integer(1), d))
+            # Heaviside(c (v + s)) with c = +-1 (reflected steps are undone in _expect_term).
+            specials.append(Special("step", v, sp.Integer(c), d / c))
         elif isinstance(base, sp.erf):
             specials.extend([Special("erf", v, c, d / c)] * int(e))
             factors.extend([base] * (int(e) - 1))
@@ -360,6 +361,27 @@ def _expect_term(term: sp.Expr, variables: tuple, cov: sp.Matrix, mean: sp.Matri
     t = classify(term, variables)
     n = len(variables)
 
+    # Reflected steps Heaviside(-(v + s)): z_v -> -z_v maps N(m, K) to N(m', K') with the v row and
+    # column of K (off the diagonal) and m_v negated, and turns the step into Heaviside(v + s').
+    for v in variables:
+        signs = {sp_.c for sp_ in t.specials if sp_.kind == "step" and sp_.var == v}
+        if -1 in signs:
+            if 1 in signs:  # Heaviside(v + s1) Heaviside(-(v + s2)) = 1{-s1 < v < -s2}
+                up = [x for x in t.specials if x.kind == "step" and x.var == v and x.c == 1]
+                down = [x for x in t.specials if x.kind == "step" and x.var == v and x.c == -1]
+                gap = sp.simplify(up[0].s - down[0].s)
+                if not gap.is_number:
+                    raise NotClosed(term)
+                rest = term / (sp.Heaviside(v + up[0].s) * sp.Heaviside(-v - down[0].s))
+                if gap <= 0:
+                    return sp.Integer(0)
+                return _expect(sp.expand(rest * (sp.Heaviside(v + up[0].s) - sp.Heaviside(v + down[0].s))),
+                               variables, cov, mean)
+            i = variables.index(v)
+            flip = sp.eye(n)
+            flip[i, i] = -1
+            return _expect_term(sp.expand(term.xreplace({v: -v})), variables, flip * cov * flip, flip * mean)
+
     # Condition on a Dirac delta: <delta(v + s) G> = p_v(-s) <G | v = -s>.
     for k, sp_ in enumerate(t.specials):
         if sp_.kind != "delta":
@@ -489,6 +511,9 @@ def tidy(expr: sp.Expr) -> sp.Expr:
 
 
 def _tidy(expr: sp.Expr) -> sp.Expr:
+    # acos(-x) = pi - acos(x): reflected steps give arc-cosines of -rho.
+    expr = expr.replace(lambda e: isinstance(e, sp.acos) and e.args[0].could_extract_minus_sign(),
+                        lambda e: sp.pi - sp.acos(-e.args[0]))
     expr = sp.powsimp(sp.expand(expr), combine="exp")
     expr = expr.replace(lambda e: isinstance(e, sp.exp), lambda e: sp.exp(sp.factor(sp.cancel(e.args[0]))))
     expr = sp.expand(real_part(expr))

@@ -55,6 +55,11 @@ class GaussianExpectation(sp.Function):
     def order(self) -> int:
         return int(self.args[-1])
 
+    @property
+    def kinked(self) -> bool:
+        """Whether the integrand has kinks or jumps (then the kink-aware rules are used)."""
+        return is_kinked(self.integrand.expr)
+
     def fdiff(self, argindex: int = 1):
         lam = self.integrand
         if argindex == 1 or argindex == len(self.args):
@@ -82,6 +87,74 @@ def gaussian_rule(order: int) -> tuple[np.ndarray, np.ndarray]:
     return x, w / w.sum()
 
 
+#: Orders for integrands with kinks: Gauss-Legendre points per angular arc (two-input) or per unit
+#: panel (one input); see :func:`kinked_rule_1d` and :func:`polar_rule`.
+KINKED_ORDERS = (6, 8, 12, 16, 24, 32, 48)
+_KINKS = (sp.Heaviside, sp.Abs, sp.sign, sp.Max, sp.Min, sp.DiracDelta)
+
+
+def is_kinked(expr: sp.Expr) -> bool:
+    """True when ``expr`` contains a step, |.|, sign, Max or Min: it is only piecewise smooth."""
+    return expr.has(*_KINKS)
+
+
+@lru_cache(maxsize=None)
+def _legendre(order: int) -> tuple[np.ndarray, np.ndarray]:
+    return np.polynomial.legendre.leggauss(order)
+
+
+@lru_cache(maxsize=None)
+def kinked_rule_1d(order: int) -> tuple[np.ndarray, np.ndarray]:
+    """E[g(x)], x ~ N(0, 1), for g smooth on each side of 0: composite Gauss-Legendre with
+    ``order`` points on each unit panel of [-HALF_WIDTH, 0] and [0, HALF_WIDTH] (no node at the
+    kink, so each side converges at the rate of a smooth integrand)."""
+    t, v = _legendre(order)
+    edges = np.arange(-HALF_WIDTH, HALF_WIDTH + 0.5)
+    x = np.concatenate([(a + b) / 2 + (b - a) / 2 * t for a, b in zip(edges[:-1], edges[1:])])
+    w = np.concatenate([(b - a) / 2 * v for a, b in zip(edges[:-1], edges[1:])]) * np.exp(-0.5 * x * x)
+    return x, w / np.sqrt(2.0 * np.pi)
+
+
+@lru_cache(maxsize=None)
+def polar_rule(order: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Pieces of the two-input kink-aware rule: Gauss-Legendre nodes t, weights v on [-1, 1] for each
+    angular arc (``order`` points), and radial nodes r, weights u for the measure r exp(-r^2/2) dr / (2 pi)
+    on [0, HALF_WIDTH] (composite Gauss-Legendre, ``order`` points per unit panel).
+
+    In polar coordinates of the standard normals (x, y), z1 = sqrt(K11) r cos(phi) and
+    z2 = sqrt(K22) r cos(phi - theta) with theta = arccos(rho): the kink lines z1 = 0 and z2 = 0 sit
+    at the fixed angles pi/2, 3 pi/2, theta + pi/2, theta + 3 pi/2, which split [0, 2 pi) into four
+    arcs on each of which a piecewise-smooth integrand is smooth (Genz 2004 uses the same idea).
+    """
+    t, v = _legendre(order)
+    edges = np.arange(0.0, HALF_WIDTH + 0.5)
+    r = np.concatenate([(a + b) / 2 + (b - a) / 2 * t for a, b in zip(edges[:-1], edges[1:])])
+    u = np.concatenate([(b - a) / 2 * v for a, b in zip(edges[:-1], edges[1:])]) * r * np.exp(-0.5 * r * r)
+    return t, v, r, u / (2.0 * np.pi)
+
+
+def polar_points(k11, k12, k22, order: int):
+    """(z1, z2, weights) of the kink-aware two-input rule, batched over the covariance entries."""
+    t, v, r, u = polar_rule(order)
+    k11, k12, k22 = (np.asarray(c, dtype=float)[..., None] for c in (k11, k12, k22))
+    s1, s2 = np.sqrt(np.maximum(k11, 0.0)), np.sqrt(np.maximum(k22, 0.0))
+    theta = np.arctan2(np.sqrt(np.maximum(k11 * k22 - k12 * k12, 0.0)), k12)  # arccos(rho), stable
+    two_pi = 2.0 * np.pi
+    cuts = np.sort(np.concatenate([np.broadcast_to(np.array([0.5, 1.5]) * np.pi, theta.shape[:-1] + (2,)),
+                                   np.mod(theta + np.array([0.5, 1.5]) * np.pi, two_pi)], axis=-1), axis=-1)
+    lo = cuts
+    hi = np.concatenate([cuts[..., 1:], cuts[..., :1] + two_pi], axis=-1)
+    half = (hi - lo) / 2  # (..., 4)
+    phi = (lo + half)[..., :, None] + half[..., :, None] * t  # (..., 4, order)
+    wphi = half[..., :, None] * v
+    phi = phi.reshape(phi.shape[:-2] + (-1,))[..., :, None]  # (..., 4*order, 1)
+    wphi = wphi.reshape(wphi.shape[:-2] + (-1,))[..., :, None]
+    th = theta[..., None]
+    z1 = s1[..., None] * r * np.cos(phi)
+    z2 = s2[..., None] * r * np.cos(phi - th)
+    return z1, z2, wphi * u
+
+
 def _integrand_numpy(lam: sp.Lambda, parameters: dict | None = None):
     from .numeric import evaluate
 
@@ -95,8 +168,17 @@ def _integrand_numpy(lam: sp.Lambda, parameters: dict | None = None):
     return f
 
 
-def gaussian_quadrature(f, cov: tuple, order: int, dimension: int) -> np.ndarray:
-    """E[f] under N(0, cov) with the tensor rule of :func:`gaussian_rule`; ``cov`` entries may be arrays."""
+def gaussian_quadrature(f, cov: tuple, order: int, dimension: int, kinked: bool = False) -> np.ndarray:
+    """E[f] under N(0, cov) with the tensor rule of :func:`gaussian_rule` (smooth integrands) or the
+    kink-aware rules :func:`kinked_rule_1d` / :func:`polar_rule`; ``cov`` entries may be arrays."""
+    if kinked:
+        if dimension == 1:
+            x, w = kinked_rule_1d(order)
+            (k,) = cov
+            k = np.asarray(k, dtype=float)[..., None]
+            return np.sum(w * f(np.sqrt(np.maximum(k, 0.0)) * x), axis=-1)
+        z1, z2, w = polar_points(*cov, order)
+        return np.sum(w * f(z1, z2), axis=(-2, -1))
     x, w = gaussian_rule(order)
     if dimension == 1:
         (k,) = cov
@@ -119,7 +201,7 @@ def expect_numpy(node: GaussianExpectation, cov_values, parameters: dict | None 
     ``parameters`` gives values to symbols of the integrand other than its variables (scalars).
     """
     return gaussian_quadrature(_integrand_numpy(node.integrand, parameters), tuple(cov_values), node.order,
-                               node.dimension)
+                               node.dimension, node.kinked)
 
 
 def _probe_covariances(dimension: int, variances=PROBE_VARIANCES):
@@ -141,16 +223,18 @@ def choose_order(lam: sp.Lambda, tol: float = DEFAULT_TOL, variances=PROBE_VARIA
     """
     dim = len(lam.variables)
     f = _integrand_numpy(lam)
+    kinked = is_kinked(lam.expr)
+    orders = KINKED_ORDERS if kinked else ORDERS
     probes = _probe_covariances(dim, variances)
     cols = tuple(np.array([p[i] for p in probes]) for i in range(len(probes[0])))
-    prev = gaussian_quadrature(f, cols, ORDERS[0], dim)
-    for lo, hi in zip(ORDERS, ORDERS[1:]):
-        nxt = gaussian_quadrature(f, cols, hi, dim)
-        scale = gaussian_quadrature(lambda *zs: np.abs(f(*zs)), cols, hi, dim)
+    prev = gaussian_quadrature(f, cols, orders[0], dim, kinked)
+    for lo, hi in zip(orders, orders[1:]):
+        nxt = gaussian_quadrature(f, cols, hi, dim, kinked)
+        scale = gaussian_quadrature(lambda *zs: np.abs(f(*zs)), cols, hi, dim, kinked)
         if np.all(np.abs(nxt - prev) <= tol * np.maximum(scale, 1e-300)):
             return lo
         prev = nxt
-    return ORDERS[-1]
+    return orders[-1]
 
 
 def numeric_expectation(integrand: sp.Expr, variables: tuple, cov: tuple, tol: float = DEFAULT_TOL,

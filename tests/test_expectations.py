@@ -293,10 +293,6 @@ def test_single_input_expectations(case_id, quantity, K):
     assert_close(value, want, lambda: want, f"{case_id} {quantity} at K = {K}")
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "a kinked integrand no rule closes (relu(z) tanh(z): sigma' jumps in slope at 0) becomes a trapezoidal "
-    "quadrature node that converges only algebraically across the kink; choose_order silently settles for "
-    "its largest order (385) and <sigma' sigma'> comes out 1e-4 off, <sigma sigma> 1e-8 off"))
 def test_kinked_activation_without_closed_form():
     """A user activation with a kink and no closed form: the engine's quadrature must still hold."""
     d, ref = derivation(KINKED_QUADRATURE), reference(KINKED_QUADRATURE)
