@@ -513,6 +513,63 @@ def activations(
 
 
 @app.command()
+def check(
+    activation: Optional[str] = typer.Option(None, "--activation", "-a", help=ACTIVATION_HELP + " Optional with --claim-file if the file names one."),
+    quantity: Optional[str] = typer.Option(None, "--quantity", "-q", help="What the claim is about: expectation, derivative_expectation, single_expectation, single_derivative_expectation, recursion, ntk_recursion, single_input, single_input_ntk, chi_par, chi_perp, or a finite-width map K, V, G1, Theta, A, B, D, F."),
+    claim: Optional[str] = typer.Option(None, "--claim", help="The claimed expression in SymPy syntax, in K11, K12, K22, K, C_W, C_b, lambda_W, lambda_b, Theta12, Theta, V, G1, r, A, B, D, F, the activation's parameters, and rho = K12/sqrt(K11*K22), theta = acos(rho)."),
+    claim_latex: Optional[str] = typer.Option(None, "--claim-latex", help="The claimed expression in LaTeX (K_{11}, C_W, \\lambda_W, \\Theta_{12}, \\rho, \\theta, \\frac, \\sqrt, \\arccos, ...)."),
+    claim_file: Optional[Path] = typer.Option(None, "--claim-file", help="A TOML file of claims: activation = \"relu\", a table 'claims' (SymPy syntax) with a sub-table 'latex', and a table 'definitions' with a sub-table 'latex'; see derive.claims.load_claim_file."),
+    define: Optional[List[str]] = typer.Option(None, "--define", "-D", help="Helper definition NAME=EXPR in the claim's syntax, repeatable, e.g. --define '\\theta=\\arccos(\\rho)'."),
+    param: Optional[List[str]] = typer.Option(None, "--param", "-p", help=PARAM_HELP),
+    empirical: bool = typer.Option(False, "--empirical", help="Also compare the claim with sampled Gaussians / two-layer networks (JAX; a few seconds)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the random points and samples."),
+    fmt: NumFormat = typer.Option(NumFormat.text, "--format", "-f", help="Output format."),
+    rules: Optional[List[Path]] = typer.Option(None, "--rules", help=RULES_HELP),
+) -> None:
+    """Check a hand derivation: is the claimed formula right, and where is it not?
+
+    Three verdicts:
+    symbolic (the difference simplifies to 0 for |rho| <= 1, K > 0);
+    numeric (30-digit values at random points and at rho -> +-1, K -> 0, large K);
+    empirical, with --empirical (sampling, without the engine's derivation).
+    A wrong claim is reported with the point of largest disagreement, both
+    values and a hint (a factor, a sign, a missing term, where it fails).
+    Exit status: 0 equal, 1 not equal, 3 undecided, 2 bad input.
+
+    Examples:
+
+      derive check -a relu -q single_input --claim "C_b + C_W*K/2"
+
+      derive check -a relu -q expectation --claim-latex "\\frac{\\sqrt{K_{11}K_{22}}}{2\\pi}\\left(\\sin\\theta + (\\pi-\\theta)\\cos\\theta\\right)"
+
+      derive check -a erf -q expectation --claim "2/pi*asin(2*K12/sqrt((1+2*K11)*(1+2*K22)))" --empirical --format json
+
+      derive check --claim-file my_derivation.toml
+    """
+    from derive import api
+
+    if claim_file is not None and define:
+        fail("with --claim-file, put definitions in the file's [definitions] tables")
+    given = sum(x is not None for x in (claim, claim_latex, claim_file))
+    if given != 1:
+        fail("give exactly one of --claim, --claim-latex and --claim-file")
+    if claim_file is None and quantity is None:
+        fail("give --quantity (what the claim is about), e.g. --quantity expectation")
+    if claim_file is None and activation is None:
+        fail("give --activation, e.g. --activation relu")
+    rep = api.check(activation, quantity, claim, latex=claim_latex,
+                    file=str(claim_file) if claim_file is not None else None, definitions=define or None,
+                    params=param, empirical=empirical, seed=seed, rule_dirs=tuple(map(str, rules or ())))
+    if fmt is NumFormat.json:
+        typer.echo(json.dumps(rep.as_dict(), default=_json_number))
+    else:
+        typer.echo(rep.to_text())
+    code = {"equal": 0, "not-equal": 1, "undecided": 3}[rep.verdict]
+    if code:
+        raise typer.Exit(code)
+
+
+@app.command()
 def codegen(
     activation: str = typer.Option(..., "--activation", "-a", help=ACTIVATION_HELP),
     param: Optional[List[str]] = typer.Option(None, "--param", "-p", help=PARAM_HELP),
@@ -530,6 +587,106 @@ def codegen(
     else:
         _write_atomic(out, lambda tmp: Path(tmp).write_text(src))
         typer.echo(f"wrote {out}")
+
+
+@app.command()
+def validate(
+    activation: str = typer.Option(..., "--activation", "-a", help=ACTIVATION_HELP),
+    cw: float = typer.Option(..., "--cw", help="Weight variance C_W (W_ij ~ N(0, C_W / fan_in))."),
+    cb: float = typer.Option(0.0, "--cb", help="Bias variance C_b."),
+    depth: int = typer.Option(..., "--depth", "-L", help="Number of dense layers L."),
+    width: Optional[int] = typer.Option(None, "--width", "-n", help="Width n of every layer (n_1 = ... = n_L = n)."),
+    widths: Optional[str] = typer.Option(None, "--widths", help="Several uniform widths n1,n2,... (comma-separated): each is sampled and every estimate is extrapolated in 1/n to infinite width, where it is compared with the theory."),
+    samples: int = typer.Option(1000, "--samples", "-S", help="Networks sampled per width."),
+    seed: int = typer.Option(0, "--seed", help="Random seed: the same seed gives the same numbers."),
+    quantities: str = typer.Option("K,Theta", "--quantities", "-q", help="Comma-separated: K (kernel, every layer and input pair), Theta (output NTK), V (four-point vertex), G1 (NLO kernel), Theta_var (NTK fluctuation A + 2B/n)."),
+    lambda_w: Optional[float] = typer.Option(None, "--lambda-w", help="NTK weight learning-rate factor (default C_W)."),
+    lambda_b: Optional[float] = typer.Option(None, "--lambda-b", help="NTK bias learning-rate factor (default C_b)."),
+    inputs: Optional[Path] = typer.Option(None, "--inputs", help="Inputs as a .npy array of shape (N, d). Default: three fixed inputs in d = 8."),
+    param: Optional[List[str]] = typer.Option(None, "--param", "-p", help=PARAM_HELP),
+    fmt: NumFormat = typer.Option(NumFormat.text, "--format", "-f", help="Output format."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Figure (.png, .pdf or .svg): theory and Monte Carlo against depth, and against 1/n with --widths."),
+    z_max: float = typer.Option(5.0, "--z-max", help="A checked |z| at or above this fails the check (exit status 1)."),
+    sampler: str = typer.Option("weights", "--sampler", help="'weights' samples every weight; 'conditional' draws each layer's preactivations from their exact Gaussian law given the previous layer (same distribution, much faster; not for Theta, Theta_var)."),
+) -> None:
+    """Check the derived kernel, NTK and finite-width statistics against sampled finite-width networks.
+
+    Samples --samples networks per width, estimates every quantity with a standard error, and
+    prints theory, estimate +- error and z = (estimate - theory) / error per layer and input pair.
+    With --widths the estimates are also fitted by a + b/n and the intercept (width 1/n->0) is
+    compared with the infinite-width theory. Exit status 0 when every checked |z| < --z-max, 1
+    otherwise, 2 for bad input.
+
+    Examples:
+
+      derive validate --activation relu --cw 2 --cb 0.1 --depth 3 --width 256
+
+      derive validate --activation tanh --cw 1.5 --cb 0.05 --depth 4 --widths 64,128,256 --quantities K,V,G1 --out tanh-mc.png
+
+      derive validate --activation swish --cw 1.8 --cb 0.1 --depth 3 --width 128 --samples 500 --format json
+
+      derive validate --activation gelu --cw 1.98 --cb 0.17 --depth 5 --widths 64,128,256 --samples 20000 --quantities K,V,G1 --sampler conditional
+    """
+    from derive.validate import EXTRAPOLATED, validate as run_validation
+
+    several = None
+    if widths is not None:
+        try:
+            several = [int(w) for w in widths.split(",") if w.strip()]
+        except ValueError:
+            fail(f"--widths '{widths}': expected comma-separated integers")
+    if width is None and not several:
+        fail("give --width N or --widths n1,n2,...")
+    if out is not None:
+        _check_png(out)
+    x = None if inputs is None else _load_npy(inputs, "--inputs")
+    report = run_validation(activation, cw, cb, depth, width=width, widths=several, samples=samples, seed=seed,
+                            quantities=quantities, inputs=x, lambda_W=lambda_w, lambda_b=lambda_b, params=param,
+                            z_max=z_max, progress=fmt is NumFormat.text, method=sampler)
+    if out is not None:
+        _write_atomic(out, report.plot)
+    if fmt is NumFormat.json:
+        typer.echo(json.dumps(report.as_dict()))
+        raise typer.Exit(0 if report.passed else 1)
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+
+    def number(v) -> str:
+        return "-" if v is None else f"{v:.5g}"
+
+    console = Console()
+    console.print(f"[bold]{report.activation}[/bold]: C_W = {report.C_W:g}, C_b = {report.C_b:g}, "
+                  f"lambda_W = {report.lambda_W:g}, lambda_b = {report.lambda_b:g}, depth {report.depth}, "
+                  f"width{'s' if len(report.widths) > 1 else ''} {', '.join(map(str, report.widths))}, "
+                  f"{report.samples} networks per width, seed {report.seed}"
+                  + (", conditional sampler" if report.method == "conditional" else ""))
+    table = Table("quantity", "layer", "inputs", "width", "theory", "estimate", "+- error", "z", box=box.SIMPLE,
+                  pad_edge=False)
+    for r in report.results:
+        z = r["z"]
+        bad = r["checked"] and z is not None and not abs(z) < report.z_max
+        z_text = "-" if z is None else f"{z:.2f}"
+        if bad:
+            z_text = f"[bold red]{z_text}[/bold red]"
+        elif not r["checked"] and z is not None:
+            z_text = f"[dim]{z_text}[/dim]"
+        table.add_row(r["quantity"], str(r["layer"]), ",".join(map(str, r["inputs"])), str(r["width"]),
+                      number(r["theory"]), number(r["estimate"]), f"{r['stderr']:.2g}", z_text)
+    console.print(table)
+    if len(report.widths) > 1:
+        console.print(f"rows at width {EXTRAPOLATED}: intercept a of a + b/n fitted over the widths; they "
+                      "decide the check (per-width z include the O(1/n) bias and are dimmed)")
+    worst = report.worst
+    if report.passed:
+        console.print(f"[green]passed[/green]: every checked |z| < {report.z_max:g}"
+                      + (f" (largest {abs(worst['z']):.3g})" if worst else ""))
+    else:
+        console.print(f"[bold red]failed[/bold red]: |z| = {abs(worst['z']):.3g} >= {report.z_max:g} for "
+                      f"{worst['quantity']} at layer {worst['layer']}, inputs {worst['inputs']}, width {worst['width']}")
+    if out is not None:
+        console.print(f"wrote {out}")
+    raise typer.Exit(0 if report.passed else 1)
 
 
 def main() -> None:

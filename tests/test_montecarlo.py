@@ -32,6 +32,7 @@ import pytest
 
 from derive import montecarlo as mc
 from derive.errors import DeriveError
+from derive.estimators import Moments
 
 X = np.array([[1.0, 0.5, -0.3, 0.8], [0.2, -1.0, 0.7, 0.4], [1.2, 0.3, 0.1, 0.9]])
 DEPTH = 3
@@ -156,11 +157,14 @@ def test_same_seed_same_numbers_for_any_chunk_size():
 
     a, b, c = run(3), run(8), run(None)
     for other in (b, c):
-        for field in ("nngp_mean", "nngp_std", "ntk_mean", "ntk_std", "nngp_samples", "ntk_samples"):
+        for field in ("nngp_mean", "nngp_std", "ntk_mean", "ntk_std", "nngp_samples", "ntk_samples",
+                      "gram_samples"):
             assert np.array_equal(getattr(a, field), getattr(other, field)), field
     assert a.nngp_samples.shape == (17, 3, 3, 3) and a.ntk_samples.shape == (17, 3, 3)
     np.testing.assert_allclose(a.ntk_mean, a.ntk_samples.mean(0), rtol=1e-13)
     np.testing.assert_allclose(a.nngp_std, a.nngp_samples.std(0, ddof=1), rtol=1e-12)
+    for field in ("mean", "m2", "m3", "m4"):
+        assert np.array_equal(getattr(a.gram_moments, field), getattr(b.gram_moments, field)), field
     assert not np.array_equal(run(3, seed=8).ntk_mean, a.ntk_mean)
 
 
@@ -247,3 +251,139 @@ def test_rejects_bad_arguments(kwargs):
     args = dict(activation=jnp.tanh, inputs=X, depth=2, width=4, C_W=1.0, C_b=0.0, n_networks=4)
     with pytest.raises(DeriveError):
         mc.sample_kernels(**{**args, **kwargs})
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-layer widths, the empirical kernels G_hat, moments over networks, devices
+
+
+def _numpy_grams(params, activation, x, C_W, C_b):
+    """G_hat^(l) = C_b + C_W h^(l-1) h^(l-1)^T / n_{l-1} from a plain NumPy forward pass."""
+    h, grams = np.asarray(x), []
+    for W, b in params:
+        grams.append(C_b + C_W * h @ h.T / h.shape[1])
+        h = np.asarray(activation(jnp.asarray(h @ np.asarray(W).T + np.asarray(b))))
+    return np.stack(grams)
+
+
+def test_empirical_grams_match_numpy():
+    params = mc.init_network(jax.random.key(5), (4, 6, 9, 5), 1.7, 0.3)
+    grams = mc.empirical_grams(params, jnp.tanh, jnp.asarray(X), 1.7, 0.3)
+    np.testing.assert_allclose(grams, _numpy_grams(params, jnp.tanh, X, 1.7, 0.3), rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(grams[0], 0.3 + 1.7 * X @ X.T / 4, rtol=1e-14)  # deterministic first layer
+
+
+def test_per_layer_widths_and_streamed_moments():
+    """Network k of the sampler is init_network(fold_in(key(seed), k)) at the given widths, and the
+    streamed moments equal two-pass moments of the kept samples."""
+    widths = (9, 5, 7)
+    res = mc.sample_kernels(jnp.tanh, X, 3, None, 1.5, 0.05, widths=widths, n_networks=13, seed=4, chunk=4,
+                            keep_samples=True)
+    assert res.widths == (4, 9, 5, 7) and res.depth == 3
+    for k in (0, 12):
+        params = mc.init_network(jax.random.fold_in(jax.random.key(4), k), res.widths, 1.5, 0.05)
+        nngp, ntk = mc.network_statistics(params, jnp.tanh, jnp.asarray(X), 1.5, 0.05)
+        np.testing.assert_allclose(res.nngp_samples[k], nngp, rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(res.ntk_samples[k], ntk, rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(res.gram_samples[k], _numpy_grams(params, jnp.tanh, X, 1.5, 0.05),
+                                   rtol=1e-12, atol=1e-14)
+    for moments, samples in ((res.nngp_moments, res.nngp_samples), (res.gram_moments, res.gram_samples),
+                             (res.ntk_moments, res.ntk_samples)):
+        ref = Moments.from_samples(samples)
+        for field in ("mean", "m2", "m3", "m4"):
+            np.testing.assert_allclose(getattr(moments, field), getattr(ref, field), rtol=1e-9,
+                                       atol=1e-12 * np.max(np.abs(getattr(ref, field))))
+    np.testing.assert_allclose(res.gram_stderr, res.gram_samples.std(0, ddof=1) / np.sqrt(13), rtol=1e-10,
+                               atol=1e-15)
+    # the same networks without the NTK: forward statistics only
+    fwd = mc.sample_kernels(jnp.tanh, X, 3, None, 1.5, 0.05, widths=widths, n_networks=13, seed=4, ntk=False)
+    assert fwd.ntk_mean is None and fwd.ntk_moments is None
+    np.testing.assert_allclose(fwd.nngp_mean, res.nngp_mean, rtol=1e-13)
+    np.testing.assert_allclose(fwd.gram_moments.m2, res.gram_moments.m2, rtol=1e-9)
+
+
+def test_conditional_mean_of_the_kernel_is_the_empirical_gram():
+    """E[K_hat^(l)] = E[G_hat^(l)]: given layer l - 1, z^(l)_i ~ N(0, G_hat^(l)) i.i.d.
+
+    The difference K_hat - G_hat has mean 0 and per-network spread ~ G sqrt(2 / n_l), so the test
+    compares the means within 5 standard errors of the paired difference (400 networks, n = 32).
+    """
+    res = mc.sample_kernels(jax.nn.relu, X, 3, 32, 2.0, 0.1, n_networks=400, seed=8, ntk=False,
+                            keep_samples=True)
+    diff = res.nngp_samples - res.gram_samples
+    se = diff.std(0, ddof=1) / np.sqrt(400)
+    assert np.all(np.abs(diff.mean(0)) < 5 * se)
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(depth=3, width=None, widths=(4, 4)),  # n_1..n_L needs L widths
+    dict(depth=2, width=None, widths=(4, 0)),
+    dict(depth=2, width=4, widths=(4, 4)),
+    dict(depth=2, width=None),
+    dict(depth=2, width=4, dtype=jnp.int32),
+])
+def test_rejects_bad_widths(kwargs):
+    with pytest.raises(DeriveError):
+        mc.sample_kernels(jnp.tanh, X, C_W=1.0, C_b=0.0, n_networks=4, **kwargs)
+
+
+_DEVICE_SCRIPT = """
+import sys
+import jax, jax.numpy as jnp, numpy as np
+from derive import montecarlo as mc
+X = np.array({X})
+res = mc.sample_kernels(jnp.tanh, X, 3, None, 1.5, 0.05, widths=(16, 12, 8), n_networks=19, seed=7,
+                        chunk={chunk}, keep_samples=True)
+cond = mc.sample_kernels(jnp.tanh, X, 3, None, 1.5, 0.05, widths=(16, 12, 8), n_networks=19, seed=7,
+                         chunk={chunk}, keep_samples=True, ntk=False, method="conditional")
+np.savez(sys.argv[1], devices=len(jax.devices()), n_devices=res.n_devices, nngp=res.nngp_samples,
+         ntk=res.ntk_samples, gram=res.gram_samples, m4=res.gram_moments.m4, ntk_m2=res.ntk_moments.m2,
+         mean=res.nngp_mean, cond_nngp=cond.nngp_samples, cond_m4=cond.gram_moments.m4)
+"""
+
+
+def test_one_and_four_devices_give_identical_numbers(tmp_path):
+    """Four simulated CPU devices (XLA_FLAGS must be set before JAX starts, hence a subprocess), a
+    chunk rounded up to 8 = 2 per device, against one device with the default chunk: every
+    per-network statistic and every moment is bit-for-bit the same, for both samplers."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    script = _DEVICE_SCRIPT.format(X=X.tolist(), chunk=3)
+    out = tmp_path / "four.npz"
+    res = subprocess.run([sys.executable, "-c", script, str(out)], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr
+    four = np.load(out)
+    assert int(four["devices"]) == 4 and int(four["n_devices"]) == 4
+    one = mc.sample_kernels(jnp.tanh, X, 3, None, 1.5, 0.05, widths=(16, 12, 8), n_networks=19, seed=7,
+                            keep_samples=True)
+    cond = mc.sample_kernels(jnp.tanh, X, 3, None, 1.5, 0.05, widths=(16, 12, 8), n_networks=19, seed=7,
+                             keep_samples=True, ntk=False, method="conditional")
+    assert one.n_devices == 1
+    for name, value in (("nngp", one.nngp_samples), ("ntk", one.ntk_samples), ("gram", one.gram_samples),
+                        ("m4", one.gram_moments.m4), ("ntk_m2", one.ntk_moments.m2), ("mean", one.nngp_mean),
+                        ("cond_nngp", cond.nngp_samples), ("cond_m4", cond.gram_moments.m4)):
+        assert np.array_equal(four[name], value), name
+
+
+def test_conditional_sampler():
+    """The conditional sampler: forward statistics only, G_hat^(1) as with weights, the same numbers
+    for any chunk size, and the law of the weight sampler (checked statistically in
+    tests/test_estimators.py and tests/test_validate.py)."""
+    def run(chunk):
+        return mc.sample_kernels(jax.nn.relu, X, 3, 8, 2.0, 0.1, n_networks=11, seed=2, chunk=chunk,
+                                 ntk=False, method="conditional", keep_samples=True)
+
+    a, b = run(3), run(None)
+    assert np.array_equal(a.nngp_samples, b.nngp_samples)
+    assert np.array_equal(a.gram_moments.m4, b.gram_moments.m4)
+    assert a.ntk_mean is None and a.nngp_samples.shape == (11, 3, 3, 3)
+    np.testing.assert_allclose(a.gram_samples[:, 0], np.broadcast_to(0.1 + 2.0 * X @ X.T / 4, (11, 3, 3)),
+                               rtol=1e-14)
+    with pytest.raises(DeriveError):
+        mc.sample_kernels(jax.nn.relu, X, 3, 8, 2.0, 0.1, n_networks=4, method="conditional")  # ntk=True
+    with pytest.raises(DeriveError):
+        mc.sample_kernels(jax.nn.relu, X, 3, 8, 2.0, 0.1, n_networks=4, ntk=False, method="exact")
