@@ -49,7 +49,7 @@ import sympy as sp  # noqa: E402
 from sympy.functions.elementary.piecewise import ExprCondPair  # noqa: E402
 
 from . import safe as _safe  # noqa: E402
-from .quadrature import GaussianExpectation, gaussian_rule  # noqa: E402
+from .quadrature import GaussianExpectation, gaussian_rule, kinked_rule_1d, polar_rule  # noqa: E402
 from .safe import safe_arccos, safe_arcsin, safe_sqrt  # noqa: E402
 
 __all__ = ["JAX_TABLE", "SOURCE_TABLE", "SafeSqrt", "Quotient", "stabilise", "to_jax", "to_source"]
@@ -339,6 +339,43 @@ def _gauss_2d(f, k11, k12, k22, x, w, dtype):
     return jnp.sum((w[:, None] * w[None, :]) * values, axis=(-2, -1))
 
 
+def _gauss_2d_polar(f, k11, k12, k22, t, v, r, u, dtype):
+    """<f(z1, z2)>_K for a piecewise-smooth f with kinks on z1 = 0 and z2 = 0: polar coordinates
+    z1 = sqrt(K11) r cos(phi), z2 = sqrt(K22) r cos(phi - theta), theta = atan2(sqrt(K11 K22 - K12^2),
+    K12); Gauss-Legendre (t, v) on each of the four arcs between the kink angles pi/2, 3 pi/2,
+    theta + pi/2, theta + 3 pi/2, and the radial rule (r, u) (derive.quadrature.polar_rule)."""
+    t, v, r, u = (jnp.asarray(a, dtype) for a in (t, v, r, u))
+    k11, k12, k22 = (jnp.asarray(c, dtype)[..., None] for c in (k11, k12, k22))
+    s1, s2 = safe_sqrt(k11), safe_sqrt(k22)
+    theta = jnp.arctan2(safe_sqrt(k11 * k22 - k12 * k12), k12)
+    quarter = jnp.asarray([0.5, 1.5], dtype) * jnp.pi
+    fixed = jnp.broadcast_to(quarter, theta.shape[:-1] + (2,))
+    cuts = jnp.sort(jnp.concatenate([fixed, jnp.mod(theta + quarter, 2 * jnp.pi)], axis=-1), axis=-1)
+    hi = jnp.concatenate([cuts[..., 1:], cuts[..., :1] + 2 * jnp.pi], axis=-1)
+    half = (hi - cuts) / 2
+    phi = ((cuts + half)[..., :, None] + half[..., :, None] * t).reshape(half.shape[:-1] + (-1,))[..., :, None]
+    wphi = (half[..., :, None] * v).reshape(half.shape[:-1] + (-1,))[..., :, None]
+    z1 = s1[..., None] * r * jnp.cos(phi)
+    z2 = s2[..., None] * r * jnp.cos(phi - theta[..., None])
+    values = jnp.broadcast_to(jnp.asarray(f(z1, z2), dtype), jnp.broadcast_shapes(z1.shape, z2.shape))
+    return jnp.sum(wphi * u * values, axis=(-2, -1))
+
+
+def _rule_arrays(order: int, kind: str) -> tuple[np.ndarray, ...]:
+    """The quadrature arrays of a node: ``grid`` (x, w), ``kinked1`` (x, w) or ``polar`` (t, v, r, u)."""
+    if kind == "polar":
+        return polar_rule(order)
+    if kind == "kinked1":
+        return kinked_rule_1d(order)
+    return gaussian_rule(order)
+
+
+def _rule_kind(node: GaussianExpectation) -> str:
+    if not node.kinked:
+        return "grid"
+    return "kinked1" if node.dimension == 1 else "polar"
+
+
 def _expand_trailing(value, count: int):
     """Append ``count`` unit axes to an array argument, so it broadcasts against a quadrature grid."""
     if isinstance(value, (bool, int, float)):
@@ -446,7 +483,8 @@ def _quadrature_step(node: GaussianExpectation, table) -> tuple[Callable, tuple[
     dim = node.dimension
     params = _integrand_parameters(node)
     integrand = _compile(stabilise(lam.expr), tuple(lam.variables) + tuple(params), table)
-    x, w = gaussian_rule(node.order)
+    kind = _rule_kind(node)
+    arrays = _rule_arrays(node.order, kind)
     n_cov = len(node.covariance_args)
 
     def step(*operands, dtype):
@@ -457,8 +495,10 @@ def _quadrature_step(node: GaussianExpectation, table) -> tuple[Callable, tuple[
             return integrand(list(zs) + expanded, dtype)
 
         if dim == 1:
-            return _gauss_1d(f, cov[0], x, w, dtype)
-        return _gauss_2d(f, *cov, x, w, dtype)
+            return _gauss_1d(f, cov[0], *arrays, dtype)
+        if kind == "polar":
+            return _gauss_2d_polar(f, *cov, *arrays, dtype)
+        return _gauss_2d(f, *cov, *arrays, dtype)
 
     return step, tuple(node.covariance_args) + tuple(params)
 
@@ -580,9 +620,11 @@ _HELPERS: dict[str, tuple[Callable, ...]] = {
     "safe_arcsin": (_safe.safe_arcsin, _safe._safe_arcsin_jvp),
     "_gauss_1d": (_gauss_1d,),
     "_gauss_2d": (_gauss_2d,),
+    "_gauss_2d_polar": (_gauss_2d_polar,),
     "_expand_trailing": (_expand_trailing,),
 }
-_HELPER_DEPENDENCIES = {"_gauss_1d": ("safe_sqrt",), "_gauss_2d": ("safe_sqrt",)}
+_HELPER_DEPENDENCIES = {"_gauss_1d": ("safe_sqrt",), "_gauss_2d": ("safe_sqrt",),
+                        "_gauss_2d_polar": ("safe_sqrt",)}
 _RESERVED = {"jax", "jnp", "np", "math", "jsp_special", "dtype", "out", *keyword.kwlist, *_HELPERS}
 
 
@@ -603,10 +645,12 @@ class _Module:
             self.helpers.add(dep)
         return helper
 
-    def rule(self, order: int) -> tuple[str, str]:
-        if order not in self.rules:
-            self.rules[order] = (f"_X{order}", f"_W{order}")
-        return self.rules[order]
+    def rule(self, order: int, kind: str = "grid") -> tuple[str, ...]:
+        key = (order, kind)
+        if key not in self.rules:
+            stems = {"grid": ("_X", "_W"), "kinked1": ("_XK", "_WK"), "polar": ("_T", "_V", "_R", "_U")}[kind]
+            self.rules[key] = tuple(f"{stem}{order}" for stem in stems)
+        return self.rules[key]
 
     def fresh(self, stem: str) -> str:
         self.counter += 1
@@ -818,10 +862,11 @@ class _Scope:
             integrand = f"lambda {zs}: {fname}({zs}, {passed})"
         else:
             integrand = fname
-        x, w = self.module.rule(e.order)
+        kind = _rule_kind(e)
+        names = ", ".join(self.module.rule(e.order, kind))
         cov = ", ".join(self.render(c) for c in e.covariance_args)
-        helper = self.module.need("_gauss_1d" if dim == 1 else "_gauss_2d")
-        return f"{helper}({integrand}, {cov}, {x}, {w}, dtype)"
+        helper = self.module.need("_gauss_1d" if dim == 1 else ("_gauss_2d_polar" if kind == "polar" else "_gauss_2d"))
+        return f"{helper}({integrand}, {cov}, {names}, dtype)"
 
 
 def _negated_term(term: sp.Basic) -> sp.Basic | None:
@@ -904,11 +949,11 @@ def to_source(expr, args: Sequence[sp.Symbol], name: str = "f") -> str:
         for obj in _HELPERS[helper]:
             helpers.append(textwrap.dedent(inspect.getsource(obj)).rstrip() + "\n")
     rules = []
-    for order, (xname, wname) in sorted(module.rules.items()):
-        x, w = gaussian_rule(order)
-        rules.append(f"# Rule for E[g(x)], x ~ N(0, 1), order {order} (derive.quadrature.gaussian_rule).")
-        rules.append(f"{xname} = {_array_literal(x)}")
-        rules.append(f"{wname} = {_array_literal(w)}")
+    source_of = {"grid": "gaussian_rule", "kinked1": "kinked_rule_1d", "polar": "polar_rule"}
+    for (order, kind), names in sorted(module.rules.items()):
+        rules.append(f"# Quadrature rule, order {order} (derive.quadrature.{source_of[kind]}).")
+        for name, values in zip(names, _rule_arrays(order, kind)):
+            rules.append(f"{name} = {_array_literal(values)}")
         rules.append("")
 
     blocks = ["\n".join(header).rstrip(), *(h.rstrip() for h in helpers), "\n".join(rules).rstrip(),
