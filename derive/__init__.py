@@ -23,6 +23,7 @@ _EXPORTS = {
     "criticality": "api",
     "emit_code": "api",
     "monte_carlo_check": "api",
+    "check": "api",
     "GramResult": "api",
     "KernelDerivation": "recursions",
     "parse_expression": "parse",

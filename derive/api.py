@@ -213,3 +213,26 @@ def monte_carlo_check(spec: ActivationLike, inputs, depth: int, C_W: float, C_b:
     theory_nngp, theory_ntk = np.asarray(k_stack), np.asarray(t_stack[-1])
     return MonteCarloCheck(theory_nngp, theory_ntk, sampled, sampled.nngp_z_scores(theory_nngp),
                            sampled.ntk_z_scores(theory_ntk))
+
+
+def check(spec: ActivationLike | None = None, quantity: str | None = None, claim: str | None = None, *,
+          latex: str | None = None, file: str | None = None, definitions=None,
+          params: Mapping[str, str] | Sequence[str] | None = None, empirical: bool = False, seed: int = 0,
+          time_budget: float = 10.0, rule_dirs: Sequence[str] = ()):
+    """Check a hand derivation against the engine, high-precision numerics and (optionally) sampling.
+
+    A claim is an expression for ``quantity`` (``expectation``, ``recursion``, ``chi_perp``, ``V``,
+    ... see :data:`derive.claims.QUANTITIES`) in SymPy syntax (``claim``) or LaTeX (``latex``), with
+    helper ``definitions`` such as ``["theta = \\arccos(\\rho)"]``; or a TOML claim ``file`` with
+    several. Returns a :class:`derive.claims.CheckReport` (``.verdict`` is ``equal``, ``not-equal``
+    or ``undecided``; ``.as_dict()``, ``.to_text()``), or a :class:`derive.claims.CheckSet` for a file.
+
+    Example:
+        >>> import derive
+        >>> derive.check("relu", "single_input", "C_b + C_W*K/2").verdict
+        'equal'
+    """
+    from .claims import check as check_claims
+
+    return check_claims(spec, quantity, claim, latex=latex, file=file, definitions=definitions, params=params,
+                        empirical=empirical, seed=seed, time_budget=time_budget, rule_dirs=rule_dirs)
