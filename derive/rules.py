@@ -2,7 +2,7 @@
 
 Rules are TOML files parsed with :mod:`tomllib`; every formula in them goes through the safe parser
 (:func:`derive.parse.parse_expression`). The shipped library is found next to the source tree or,
-once installed, as the package data ``derive.rules``; users add folders of their own with the
+once installed, as the package data ``derive._rules``; users add folders of their own with the
 ``DERIVE_RULES_PATH`` environment variable (``os.pathsep``-separated) or the ``rule_dirs`` argument.
 """
 
@@ -27,7 +27,7 @@ def builtin_rules_dir() -> Path:
     here = Path(__file__).resolve().parent.parent / "rules"
     if (here / "activations").is_dir():
         return here
-    return Path(str(resources.files("derive.rules")))
+    return Path(str(resources.files("derive._rules")))
 
 
 def rule_dirs(extra: tuple[str, ...] = ()) -> list[Path]:
