@@ -1,0 +1,339 @@
+"""Monte Carlo of real finite-width networks built from an architecture description.
+
+The description (:mod:`derive.arch`) that drives the theory (:mod:`derive.arch_kernels`) also
+builds the sampled networks here, layer by layer, with the rule's ``sampler`` naming the algorithm:
+
+    dense        z = h W^T + b on the channels at every position, W ~ N(0, C_W / n_in), b ~ N(0, C_b)
+    activation   z = sigma(h) (the activation generated from its rule)
+    layernorm    z = (h - mean_c h) / sqrt(var_c h + eps) at every position
+    residual     z = xi h + gamma branch(h)
+    conv         z = b + conv(h, W), W ~ N(0, C_W / (n_in |filter|)), zero padding ('SAME'/'VALID')
+    avg_pool     window means (divided by the window size, zero padding)
+    global_avg_pool, flatten   means over positions / positions and channels as one axis
+    attention    H heads of n/H channels: q = sqrt(C_Q) W x, k = sqrt(C_K) W x with one shared W
+                 (tied, W ~ N(0, 1/n_in)), logits (q_s . k_t) / (n/H), softmax over t, values
+                 v = W_V x (W_V ~ N(0, C_V / n_in)), output (concatenated heads) W_O^T + b with
+                 W_O ~ N(0, C_O / n), b ~ N(0, C_b)
+
+with every weighted layer ``width`` channels wide (or the layer's own ``width``). For each network
+the sampler records the empirical kernel of every recorded output (top-level layers and each
+repetition, as :func:`derive.arch_kernels.arch_kernels` does),
+
+    K_hat[(a,p),(b,q)] = (1/n) sum_i z_{i;a,p} z_{i;b,q}   (n channels),
+
+and the empirical NTK of the output, Theta_hat[(a,p),(b,q)] = (1/k) sum_(i<k) sum_mu lambda_mu
+dz_{i;a,p}/dtheta_mu dz_{i;b,q}/dtheta_mu over the first k = ``ntk_outputs`` output channels (each
+channel has the same law, so the mean over networks is unbiased for any k), with lambda_mu =
+lambda_W / fan_in for weights and lambda_b for biases (Neural Tangents' NTK parametrisation when
+lambda = C); the tied query/key weights use lambda = 1 / n_in (their contribution vanishes at
+infinite width). Gradients come from one vector-Jacobian product per (input, position, channel).
+
+Network k draws its parameters from ``fold_in(key(seed), k)``; networks are vmapped in chunks,
+sharded over devices with ``shard_map`` and accumulated in index order exactly as
+:func:`derive.montecarlo.sample_kernels` does, so the numbers depend on neither the chunk size nor
+the number of devices.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from .arch import Layer, Repeat, Serial
+from .arch_kernels import check_arch_inputs
+from .errors import DeriveError
+from .estimators import Moments
+from .montecarlo import (DEFAULT_CHUNK_BYTES, MIN_NETWORKS_PER_DEVICE, NETWORK_AXIS, _accumulate,
+                         network_mesh, z_scores)
+
+jax.config.update("jax_enable_x64", True)
+
+
+# ------------------------------------------------------------------------------------------------
+# Parameters: drawn during a first pass (whose arithmetic XLA drops, only shapes matter), replayed
+
+
+class _Draw:
+    """Draws each parameter when the forward pass first needs it: the i-th array from
+    ``fold_in(key, i)``, standard deviation ``std``; records it with its NTK scale."""
+
+    def __init__(self, key, dtype):
+        self.key, self.dtype = key, dtype
+        self.params, self.scales = [], []
+
+    def take(self, shape, std, scale):
+        value = std * jax.random.normal(jax.random.fold_in(self.key, len(self.params)), shape, self.dtype)
+        self.params.append(value)
+        self.scales.append(scale)
+        return value
+
+
+class _Replay:
+    """Hands out given parameters in the order they were drawn."""
+
+    def __init__(self, params):
+        self.params = iter(params)
+
+    def take(self, shape, std, scale):
+        return next(self.params)
+
+
+def _width(layer: Layer, width: int) -> int:
+    return layer.width or width
+
+
+# ------------------------------------------------------------------------------------------------
+# Forward pass
+
+
+def _conv(h, W, stride, padding):
+    k = W.ndim - 2
+    dims = lax.conv_dimension_numbers(h.shape, W.shape,
+                                      ("N" + "".join("HWDXYZ"[:k]) + "C", "".join("HWDXYZ"[:k]) + "IO",
+                                       "N" + "".join("HWDXYZ"[:k]) + "C"))
+    return lax.conv_general_dilated(h, W, stride, padding, dimension_numbers=dims,
+                                    precision=lax.Precision.HIGHEST)
+
+
+def _avg_pool(h, window, stride, padding):
+    k = len(window)
+    dims = (1,) + tuple(window) + (1,)
+    strides = (1,) + tuple(stride) + (1,)
+    summed = lax.reduce_window(h, 0.0, lax.add, dims, strides, padding)
+    return summed / math.prod(window)
+
+
+def _attention(h, src, layer: Layer, width: int):
+    heads = layer.option("heads")
+    n, n_in = _width(layer, width), h.shape[-1]
+    if n % heads:
+        raise DeriveError(f"layer 'attention': width {n} is not a multiple of heads {heads}")
+    W = src.take((n, n_in), math.sqrt(1 / n_in), math.sqrt(1 / n_in))
+    W_V = src.take((n, n_in), math.sqrt(layer.value("C_V") / n_in), math.sqrt(layer.value("lambda_V") / n_in))
+    W_O = src.take((n, n), math.sqrt(layer.value("C_O") / n), math.sqrt(layer.value("lambda_O") / n))
+    b = src.take((n,), math.sqrt(layer.value("C_b")), math.sqrt(layer.value("lambda_b")))
+    N = h.shape[0]
+    tokens = h.reshape(N, -1, n_in)  # (N, T, n_in)
+    per_head = n // heads
+    shared = (tokens @ W.T).reshape(N, -1, heads, per_head)
+    scale = math.sqrt(layer.value("C_Q") * layer.value("C_K"))
+    logits = scale * jnp.einsum("ashc,athc->ahst", shared, shared) / per_head
+    A = jax.nn.softmax(logits, axis=-1)
+    v = (tokens @ W_V.T).reshape(N, -1, heads, per_head)
+    out = jnp.einsum("ahst,athc->ashc", A, v).reshape(N, -1, n)
+    out = out @ W_O.T + b
+    return out.reshape(h.shape[:-1] + (n,))
+
+
+def _forward(net: Serial, src, h, width: int, activations, record):
+    """Apply ``net`` to h (N, *positions, channels), parameters from ``src``."""
+    for item in net.items:
+        if isinstance(item, Repeat):
+            for _ in range(item.times):
+                h = _forward(item.body, src, h, width, activations, None)
+                if record is not None:
+                    record.append(h)
+            continue
+        h = _forward_layer(item, src, h, width, activations)
+        if record is not None:
+            record.append(h)
+    return h
+
+
+def _weights(layer: Layer, src, shape, fan_in: int, n_out: int):
+    W = src.take(shape, math.sqrt(layer.value("C_W") / fan_in), math.sqrt(layer.value("lambda_W") / fan_in))
+    b = src.take((n_out,), math.sqrt(layer.value("C_b")), math.sqrt(layer.value("lambda_b")))
+    return W, b
+
+
+def _forward_layer(layer: Layer, src, h, width: int, activations):
+    kind = layer.rule.sampler
+    n_in = h.shape[-1]
+    if kind == "dense":
+        n_out = _width(layer, width)
+        W, b = _weights(layer, src, (n_out, n_in), n_in, n_out)
+        return h @ W.T + b
+    if kind == "conv":
+        f = layer.option("filter")
+        if h.ndim - 2 != len(f):
+            raise DeriveError(f"layer 'conv': filter {f} does not match inputs with {h.ndim - 2} spatial axes")
+        n_out = _width(layer, width)
+        W, b = _weights(layer, src, tuple(f) + (n_in, n_out), n_in * math.prod(f), n_out)
+        return _conv(h, W, layer.option("stride"), layer.option("padding")) + b
+    if kind == "activation":
+        return activations[layer](h)
+    if kind == "layernorm":
+        mean = jnp.mean(h, axis=-1, keepdims=True)
+        var = jnp.mean((h - mean) ** 2, axis=-1, keepdims=True)
+        return (h - mean) / jnp.sqrt(var + layer.value("eps"))
+    if kind == "residual":
+        branch = _forward(layer.branch, src, h, width, activations, None)
+        if branch.shape != h.shape:
+            raise DeriveError(f"layer 'residual': the branch maps shape {h.shape[1:]} to {branch.shape[1:]}; "
+                              "give its last layer the input's channels (width)")
+        return layer.value("xi") * h + layer.value("gamma") * branch
+    if kind == "avg_pool":
+        return _avg_pool(h, layer.option("window"), layer.option("stride"), layer.option("padding"))
+    if kind == "global_avg_pool":
+        return jnp.mean(h, axis=tuple(range(1, h.ndim - 1)))
+    if kind == "flatten":
+        return h.reshape(h.shape[0], -1)
+    if kind == "attention":
+        return _attention(h, src, layer, width)
+    raise DeriveError(f"layer '{layer.type}': no sampler '{kind}'")
+
+
+def _flat_kernel(z):
+    """(1/n) z_(a,p) . z_(b,q) over the n channels, as an (M, M) matrix."""
+    flat = z.reshape(-1, z.shape[-1])
+    return flat @ flat.T / z.shape[-1]
+
+
+# ------------------------------------------------------------------------------------------------
+# One network
+
+
+def _activation_functions(net: Serial) -> dict:
+    from .api import jax_activation
+
+    return {layer: jax_activation(layer.resolved_activation())
+            for layer in net.distinct_layers() if layer.rule.sampler == "activation"}
+
+
+def _network_statistics(key, inputs, *, net: Serial, width: int, ntk: bool, ntk_outputs: int, activations):
+    dtype = inputs.dtype
+    draw = _Draw(key, dtype)
+    _forward(net, draw, inputs, width, activations, None)
+    params, scales = draw.params, draw.scales
+    record = []
+    out = _forward(net, _Replay(params), inputs, width, activations, record)
+    stats = {f"nngp{i}": _flat_kernel(z) for i, z in enumerate(record)}
+    if ntk:
+        k = min(ntk_outputs, out.shape[-1])
+
+        def outputs(ps):
+            return _forward(net, _Replay(ps), inputs, width, activations, None)[..., :k].reshape(-1)
+
+        count = math.prod(out.shape[:-1]) * k
+        grads = jax.jacrev(outputs)(params)  # one vector-Jacobian product per output entry
+        flat = jnp.concatenate([(g * s).reshape(count, -1) for g, s in zip(grads, scales)], axis=1)
+        gram = (flat @ flat.T).reshape(count // k, k, count // k, k)
+        stats["ntk"] = jnp.einsum("aibi->ab", gram) / k
+    return stats
+
+
+@partial(jax.jit, static_argnames=("net", "width", "ntk", "ntk_outputs", "chunk", "mesh"))
+def _chunk_samples(start, key_data, inputs, *, net, width, ntk, ntk_outputs, chunk, mesh):
+    activations = _activation_functions(net)
+
+    def block(indices, key_data, inputs):
+        root = jax.random.wrap_key_data(key_data)
+        return jax.vmap(lambda k: _network_statistics(jax.random.fold_in(root, k), inputs, net=net, width=width,
+                                                      ntk=ntk, ntk_outputs=ntk_outputs,
+                                                      activations=activations))(indices)
+
+    indices = start + jnp.arange(chunk)
+    samples = jax.shard_map(block, mesh=mesh, in_specs=(P(NETWORK_AXIS), P(), P()),
+                            out_specs=P(NETWORK_AXIS))(indices, key_data, inputs)
+    return jax.lax.with_sharding_constraint(samples, NamedSharding(mesh, P()))
+
+
+@dataclass(frozen=True)
+class ArchMonteCarlo:
+    """Per-entry moments over sampled networks of every recorded kernel and of the output NTK.
+
+    ``nngp[i]`` and ``ntk`` are :class:`derive.estimators.Moments` of (M_i, M_i) matrices (mean,
+    standard error ``mean_stderr``); ``labels`` and ``spatial`` as in
+    :class:`derive.arch_kernels.ArchKernels`.
+    """
+
+    labels: list[str]
+    nngp: list[Moments]
+    ntk: Moments | None
+    n_networks: int
+    width: int
+    seed: int
+    n_devices: int = 1
+
+    def nngp_z(self, theory) -> list[np.ndarray]:
+        """z-scores of every recorded kernel against ``theory`` (an ArchKernels)."""
+        return [z_scores(m.mean, m.mean_stderr, np.asarray(t).reshape(m.mean.shape))
+                for m, t in zip(self.nngp, theory.nngp)]
+
+    def ntk_z(self, theory) -> np.ndarray:
+        t = np.asarray(theory.ntk[-1]).reshape(self.ntk.mean.shape)
+        return z_scores(self.ntk.mean, self.ntk.mean_stderr, t)
+
+
+def sample_arch(net: Serial, inputs, width: int, *, n_networks: int = 200, seed: int = 0, ntk: bool = True,
+                ntk_outputs: int = 1, chunk: int | None = None, devices=None, dtype=jnp.float64,
+                progress: Callable[[int], None] | None = None) -> ArchMonteCarlo:
+    """Sample ``n_networks`` networks of architecture ``net`` at ``width`` channels (module docstring).
+
+    Args:
+        net: the description; the same object the theory evaluates.
+        inputs: (N, d) or (N, *positions, d).
+        width: channels of every weighted layer that does not set its own ``width``.
+        n_networks: S >= 2 independent networks.
+        seed: results depend only on the seed (not on ``chunk`` or the devices).
+        ntk: also the output NTK (one vector-Jacobian product per output entry used).
+        ntk_outputs: k, the output channels averaged in the NTK estimate.
+        chunk: networks computed at once (default: what fits in about 32 MiB per device).
+        devices: devices to shard networks over (default all).
+        progress: called with the number of networks done after each chunk.
+    """
+    if not isinstance(net, Serial):
+        raise DeriveError(f"expected an architecture (derive.arch.Serial), got {type(net).__name__}")
+    inputs = check_arch_inputs(inputs).astype(dtype)
+    if isinstance(width, bool) or not isinstance(width, (int, np.integer)) or width < 1:
+        raise DeriveError(f"width must be a positive integer, got {width!r}")
+    if n_networks < 2:
+        raise DeriveError(f"n_networks must be at least 2 for a standard error, got {n_networks}")
+    if ntk_outputs < 1:
+        raise DeriveError("ntk_outputs must be at least 1")
+    from .arch_kernels import serial_spatial
+
+    serial_spatial(net, tuple(inputs.shape[1:-1]))  # shape errors before sampling
+    mesh = network_mesh(devices)
+    n_devices = mesh.size
+    M = math.prod(inputs.shape[:-1])
+    if chunk is None:
+        layers = sum(1 for _ in net.flat_layers())
+        per_network = 8 * (layers * M * width * 4 + (M * ntk_outputs * layers * width * width if ntk else 0))
+        per_device = max(1, min(-(-n_networks // n_devices), DEFAULT_CHUNK_BYTES // max(per_network, 1)))
+    else:
+        per_device = -(-int(max(1, min(chunk, n_networks))) // n_devices)
+    chunk = max(per_device, MIN_NETWORKS_PER_DEVICE) * n_devices
+    static = dict(net=net, width=int(width), ntk=ntk, ntk_outputs=int(ntk_outputs), chunk=chunk, mesh=mesh)
+    key_data = np.asarray(jax.random.key_data(jax.random.key(seed)))
+    shapes = jax.eval_shape(lambda: _chunk_samples(np.int64(0), key_data, inputs, **static))
+    home = mesh.local_devices[0]
+    zeros = {k: np.zeros(v.shape[1:], inputs.dtype) for k, v in shapes.items()}
+    state = jax.device_put((np.zeros((), inputs.dtype), zeros, zeros, zeros, zeros), home)
+    for start in range(0, n_networks, chunk):
+        samples = _chunk_samples(np.int64(start), key_data, inputs, **static)
+        samples = jax.device_put(jax.tree.map(lambda a: a.addressable_data(0), samples), home)
+        state = _accumulate(state, samples, np.int64(start), np.int64(n_networks))
+        if progress is not None:
+            jax.block_until_ready(state)
+            progress(min(start + chunk, n_networks))
+    _, mean, m2, m3, m4 = state
+
+    def moments(key: str) -> Moments:
+        return Moments(n_networks, *(np.asarray(a[key]) for a in (mean, m2, m3, m4)))
+
+    count = sum(1 for k in zeros if k.startswith("nngp"))
+    labels = [label for label, _ in net.top_level()]
+    return ArchMonteCarlo(labels, [moments(f"nngp{i}") for i in range(count)],
+                          moments("ntk") if ntk else None, n_networks, int(width), seed, n_devices)
+
+
+__all__ = ["ArchMonteCarlo", "sample_arch"]

@@ -1,0 +1,282 @@
+"""Layer types as rules: how one layer maps the infinite-width kernel and NTK of a batch.
+
+A layer rule (``rules/layers/*.toml``, format in ``rules/README.md``) gives two formulas, the
+kernel map and the NTK map of one entry of the Gram matrices, in the documented symbols
+
+    K11, K12, K22   the layer input's kernel at (a, p), (a, p) / (a, p), (b, q) / (b, q), (b, q)
+    Theta12         the layer input's NTK at (a, p), (b, q)
+    BK12, BTheta12  a branch's output kernel and NTK (combinators: ``residual``)
+
+for inputs a, b at spatial positions p, q (one position for unstructured inputs), the rule's
+parameters (variances, learning-rate factors, ...), and three kinds of functions:
+
+- ``E(f(z1, z2))``: the Gaussian expectation over (z1, z2) with covariance [[K11, K12], [K12, K22]],
+  with ``sigma`` and ``dsigma`` standing for the layer's activation and its almost-everywhere
+  derivative. It is derived by the expectation engine (:mod:`derive.expectations`): closed forms
+  where the identity rules close it, quadrature nodes otherwise. The dense-network recursions are
+  the composition ``dense`` after ``activation`` (PDLT eqs. 4.118, 8.63).
+- Structural operators on the whole Gram matrix, the algorithms a formula cannot express entry by
+  entry: ``patch`` (convolution), ``pool`` (average pooling), ``spatial_mean`` (global pooling),
+  ``diagonal_mean`` (flattening) and ``attend`` (self-attention). They are linear maps, defined in
+  :mod:`derive.arch_kernels`.
+- The elementary functions of the safe parser (``sqrt``, ``exp``, ...).
+
+Every formula goes through the safe parser (:func:`derive.parse.parse_expression`); nothing in a
+rule file is evaluated as Python.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import sympy as sp
+
+from . import symbols as S
+from .errors import RuleError
+from .parse import parse_expression
+from .rules import _files, _normal, _read_toml
+
+#: The branch's output kernel and NTK in a combinator's formulas.
+BK12 = sp.Symbol("BK12", real=True)
+BTheta12 = sp.Symbol("BTheta12", real=True)
+
+#: The symbols a layer formula may use besides its parameters.
+STATE_SYMBOLS = {s.name: s for s in (S.K11, S.K12, S.K22, S.Theta12, BK12, BTheta12, S.z1, S.z2)}
+
+sigma = sp.Function("sigma")
+dsigma = sp.Function("dsigma")
+
+
+class E(sp.Function):
+    """The Gaussian expectation E(f(z1, z2)) over (z1, z2) ~ N(0, [[K11, K12], [K12, K22]])."""
+
+    nargs = 1
+
+
+class StructuralOperator(sp.Function):
+    """A linear map of a whole Gram matrix (see :mod:`derive.arch_kernels`)."""
+
+    nargs = 1
+
+
+class patch(StructuralOperator):
+    """Convolution: mean over filter offsets d of X at (stride p + d, stride q + d)."""
+
+
+class pool(StructuralOperator):
+    """Average pooling: mean of X over all pairs of positions of the two windows."""
+
+
+class spatial_mean(StructuralOperator):
+    """Global average pooling: mean of X over all pairs of positions."""
+
+
+class diagonal_mean(StructuralOperator):
+    """Flatten: mean of X over equal positions."""
+
+
+class attend(StructuralOperator):
+    """Self-attention: A_a X_ab A_b^T with A_a the attention weights of input a."""
+
+
+OPERATORS = {cls.__name__: cls for cls in (patch, pool, spatial_mean, diagonal_mean, attend)}
+
+_FUNCTIONS = {
+    "E": (E, 1, 1),
+    "sigma": (sigma, 1, 1),
+    "dsigma": (dsigma, 1, 1),
+    **{name: (cls, 1, 1) for name, cls in OPERATORS.items()},
+}
+
+
+def _param_symbol(name: str) -> sp.Symbol:
+    if name in S.BY_NAME:
+        return S.BY_NAME[name]
+    if name.startswith(("C_", "lambda_")) or name == "eps":
+        return sp.Symbol(name, nonnegative=True)
+    return sp.Symbol(name, real=True)
+
+
+@dataclass(frozen=True)
+class LayerRule:
+    """A layer type as its rule file describes it (see module docstring)."""
+
+    name: str
+    kernel: sp.Expr
+    ntk: sp.Expr
+    params: tuple[tuple[sp.Symbol, sp.Expr, str], ...] = ()  # (symbol, default, description)
+    options: tuple[tuple[str, object, str], ...] = ()  # (name, default, description)
+    weights: tuple[tuple[str, sp.Expr], ...] = ()
+    sampler: str = ""
+    fresh_weights: bool = False
+    combinator: str = ""
+    aliases: tuple[str, ...] = ()
+    description: str = ""
+    source: str = ""
+    path: str = ""
+
+    @property
+    def param_names(self) -> list[str]:
+        return [s.name for s, _, _ in self.params]
+
+    @property
+    def option_names(self) -> list[str]:
+        return [name for name, _, _ in self.options]
+
+    def defaults(self, given: dict[str, float]) -> dict[sp.Symbol, sp.Expr]:
+        """Parameter values: the given numbers, else the defaults (which may name other
+        parameters, as lambda_W = C_W), resolved in order."""
+        values: dict[sp.Symbol, sp.Expr] = {}
+        for symbol, default, _ in self.params:
+            if symbol.name in given:
+                values[symbol] = sp.nsimplify(given[symbol.name]) if isinstance(given[symbol.name], int) \
+                    else sp.Float(given[symbol.name])
+            else:
+                values[symbol] = default.xreplace(values)
+        return values
+
+    def operators(self) -> set[str]:
+        return {type(op).__name__ for e in (self.kernel, self.ntk) for op in e.atoms(StructuralOperator)}
+
+    @property
+    def structural(self) -> bool:
+        """Whether the maps use an operator on the whole matrix (else they act entry by entry)."""
+        return bool(self.operators())
+
+
+def _load_layer(path: Path) -> LayerRule:
+    data = _read_toml(path)
+    where = path.name
+    try:
+        name = data["name"]
+        table = dict(STATE_SYMBOLS)
+        params = []
+        for pname, spec in data.get("params", {}).items():
+            if not isinstance(spec, dict) or "default" not in spec:
+                raise RuleError(f"{where}: parameter '{pname}' needs a default")
+            symbol = _param_symbol(pname)
+            default = parse_expression(str(spec["default"]), table, where=f"{where} default of {pname}")
+            params.append((symbol, default, spec.get("description", "")))
+            table[pname] = symbol
+        options = tuple((oname, spec.get("default"), spec.get("description", ""))
+                        for oname, spec in data.get("options", {}).items())
+        weights = tuple((wname, parse_expression(text, table, where=f"{where} weights.{wname}"))
+                        for wname, text in data.get("weights", {}).items())
+        maps = data["maps"]
+        kernel = parse_expression(maps["kernel"], table, functions=_FUNCTIONS, where=f"{where} maps.kernel")
+        ntk = parse_expression(maps["ntk"], table, functions=_FUNCTIONS, where=f"{where} maps.ntk")
+    except KeyError as exc:
+        raise RuleError(f"{where}: missing key {exc}") from None
+    rule = LayerRule(name=name, kernel=kernel, ntk=ntk, params=tuple(params), options=options,
+                     weights=weights, sampler=data.get("sampler", name),
+                     fresh_weights=bool(data.get("fresh_weights", False)),
+                     combinator=data.get("combinator", ""), aliases=tuple(data.get("aliases", [])),
+                     description=data.get("description", ""), source=data.get("source", ""),
+                     path=str(path))
+    _check_rule(rule, where)
+    return rule
+
+
+def _check_rule(rule: LayerRule, where: str) -> None:
+    for label, expr in (("kernel", rule.kernel), ("ntk", rule.ntk)):
+        uses_branch = expr.has(BK12) or expr.has(BTheta12)
+        if uses_branch and rule.combinator != "branch":
+            raise RuleError(f"{where}: maps.{label} uses BK12/BTheta12 but the rule is not a combinator "
+                            "(combinator = \"branch\")")
+        for node in expr.atoms(E):
+            stray = node.args[0].free_symbols - {S.z1, S.z2} - {s for s, _, _ in rule.params}
+            if stray:
+                raise RuleError(f"{where}: maps.{label}: E(...) may use z1, z2 and parameters only, "
+                                f"not {', '.join(sorted(s.name for s in stray))}")
+        for node in expr.atoms(StructuralOperator):
+            if node.args[0] not in (S.K12, S.Theta12):
+                raise RuleError(f"{where}: maps.{label}: {type(node).__name__}(...) takes K12 or Theta12")
+
+
+@lru_cache(maxsize=None)
+def layer_rules(extra: tuple[str, ...] = ()) -> dict[str, LayerRule]:
+    """All layer rules by normalised name and alias (first folder wins)."""
+    rules: dict[str, LayerRule] = {}
+    for path in _files("layers", extra):
+        rule = _load_layer(path)
+        for key in (rule.name, *rule.aliases):
+            rules.setdefault(_normal(key), rule)
+    return rules
+
+
+def find_layer_rule(name: str, extra: tuple[str, ...] = ()) -> LayerRule:
+    rules = layer_rules(extra)
+    rule = rules.get(_normal(str(name)))
+    if rule is None:
+        known = ", ".join(sorted({r.name for r in rules.values()}))
+        raise RuleError(f"unknown layer type '{name}' (known: {known})")
+    return rule
+
+
+def layer_names(extra: tuple[str, ...] = ()) -> list[str]:
+    return sorted({r.name for r in layer_rules(extra).values()})
+
+
+@dataclass(frozen=True)
+class LayerMaps:
+    """One layer's derived maps, parameters substituted: two inputs and one input."""
+
+    kernel: sp.Expr  # in K11, K12, K22 (and BK12, operators)
+    ntk: sp.Expr  # in K11, K12, K22, Theta12 (and BK12, BTheta12, operators)
+    single_kernel: sp.Expr  # in K (and BK)
+    single_ntk: sp.Expr  # in K, Theta (and BK, BTheta)
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+
+BK = sp.Symbol("BK", positive=True)
+BTheta = sp.Symbol("BTheta", nonnegative=True)
+
+
+def _bind_activation(expr: sp.Expr, act_sigma: sp.Expr | None, act_dsigma: sp.Expr | None, where: str):
+    def substitute(e):
+        if isinstance(e, (sigma, dsigma)):
+            if act_sigma is None:
+                raise RuleError(f"{where}: the formula uses sigma but the layer has no activation")
+            body = act_sigma if isinstance(e, sigma) else act_dsigma
+            return body.xreplace({S.z: e.args[0]})
+        return None
+
+    return expr.replace(lambda e: isinstance(e, (sigma, dsigma)), substitute)
+
+
+@lru_cache(maxsize=512)
+def _expect2(integrand: sp.Expr, tol: float) -> sp.Expr:
+    from .expectations import gaussian_expectation, tidy
+
+    return tidy(gaussian_expectation(integrand, (S.z1, S.z2), tol=tol))
+
+
+@lru_cache(maxsize=512)
+def _expect1(integrand: sp.Expr, tol: float) -> sp.Expr:
+    from .expectations import gaussian_expectation, tidy
+
+    return tidy(gaussian_expectation(integrand.xreplace({S.z1: S.z, S.z2: S.z}), (S.z,), tol=tol))
+
+
+def derive_maps(rule: LayerRule, values: dict[sp.Symbol, sp.Expr], act_sigma: sp.Expr | None = None,
+                act_dsigma: sp.Expr | None = None, tol: float = 1e-11) -> LayerMaps:
+    """The rule's maps with parameters ``values`` and every E(...) derived (module docstring).
+
+    The one-input forms set K11 = K12 = K22 = K, Theta12 = Theta (and BK12 = BK, BTheta12 = BTheta);
+    expectations there are derived as one-dimensional ones, <f(z) g(z)>_K.
+    """
+    where = f"layer '{rule.name}'"
+    two, one = [], []
+    single = {S.K11: S.K, S.K12: S.K, S.K22: S.K, S.Theta12: S.Theta, BK12: BK, BTheta12: BTheta}
+    for expr in (rule.kernel, rule.ntk):
+        bound = _bind_activation(expr.xreplace(values), act_sigma, act_dsigma, where)
+        two.append(bound.replace(lambda e: isinstance(e, E), lambda e: _expect2(e.args[0], tol)))
+        one_input = bound.replace(lambda e: isinstance(e, E), lambda e: _expect1(e.args[0], tol))
+        one.append(one_input.xreplace(single))
+    return LayerMaps(two[0], two[1], one[0], one[1])
+
+
+__all__ = ["BK12", "BTheta12", "E", "LayerMaps", "LayerRule", "OPERATORS", "StructuralOperator",
+           "derive_maps", "find_layer_rule", "layer_names", "layer_rules"]
