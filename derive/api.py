@@ -125,11 +125,14 @@ def numeric_kernel_expressions(derivation: KernelDerivation) -> tuple[sp.Expr, s
 
 def gram(spec: ActivationLike, inputs, depth: int, C_W: float, C_b: float = 0.0,
          lambda_W: float | None = None, lambda_b: float | None = None, *,
-         params: Mapping[str, str] | Sequence[str] | None = None, dtype: str = "float64") -> GramResult:
+         params: Mapping[str, str] | Sequence[str] | None = None, dtype: str = "float64",
+         method: str = "auto", devices=None) -> GramResult:
     """NNGP and NTK Gram matrices of ``inputs`` (N, d) at depth L (L dense layers).
 
     K^(1) = C_b + C_W x.x'/d, Theta^(1) = lambda_b + lambda_W x.x'/d, then the recursions of
     :func:`kernel`; lambda_W, lambda_b default to C_W, C_b (Neural Tangents' NTK parametrisation).
+    ``method`` ("auto", "tiled" or "direct") and ``devices`` (a count or a list of devices to
+    shard the rows over) are those of :func:`derive.evaluate.gram_matrices`.
     """
     C_W, C_b, lw, lb = check_hyperparameters(C_W, C_b, lambda_W, lambda_b, depth)
     x = check_inputs(inputs)
@@ -139,7 +142,8 @@ def gram(spec: ActivationLike, inputs, depth: int, C_W: float, C_b: float = 0.0,
     from .evaluate import gram_matrices
     import jax.numpy as jnp
 
-    nngp, ntk = gram_matrices(e, d, x, int(depth), C_W, C_b, lw, lb, dtype=getattr(jnp, dtype))
+    nngp, ntk = gram_matrices(e, d, x, int(depth), C_W, C_b, lw, lb, dtype=getattr(jnp, dtype), method=method,
+                              devices=devices)
     return GramResult(np.asarray(nngp), np.asarray(ntk))
 
 

@@ -238,6 +238,8 @@ def layer(type: str, *branch: Item, width: int | None = None, label: str = "", a
             allowed = rule.param_names + rule.option_names
             raise DeriveError(f"{where}: unknown parameter '{key}'"
                               + (f" (allowed: {', '.join(allowed)})" if allowed else " (it takes none)"))
+    # every parameter explicit (defaults resolved), so equal networks are equal descriptions
+    params = {symbol.name: float(value) for symbol, value in rule.defaults(params).items()}
     for name, default, _ in rule.options:
         options.setdefault(name, default)
     options = _check_options(rule, options, where)
