@@ -52,6 +52,21 @@ ACTIVATION_HELP = (
 )
 PARAM_HELP = "Activation parameter NAME=VALUE, repeatable, e.g. --param a=0.2 for leaky_relu."
 RULES_HELP = "Extra folder of rule files (activations/*.toml, identities/*.toml), searched first."
+ARCH_HELP = ("Architecture file (TOML: [[layers]] of dense, activation, layernorm, residual, conv, avg_pool, "
+             "global_avg_pool, flatten, attention, repeat; see examples/architectures/) instead of --activation.")
+
+
+def _activation_or_arch(activation, arch, command: str, arch_ok: bool = True) -> None:
+    if activation is not None and arch is not None:
+        fail(f"{command}: give --activation or --arch, not both")
+    if activation is None and arch is None:
+        fail(f"{command}: give --activation" + (" or --arch" if arch_ok else ""))
+
+
+def _load_arch(path: Path):
+    from derive.arch import load_arch
+
+    return load_arch(path)
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -81,12 +96,15 @@ def _write_atomic(path: Path, write) -> None:
 
 @app.command()
 def kernel(
-    activation: str = typer.Option(..., "--activation", "-a", help=ACTIVATION_HELP),
+    activation: Optional[str] = typer.Option(None, "--activation", "-a", help=ACTIVATION_HELP),
     param: Optional[List[str]] = typer.Option(None, "--param", "-p", help=PARAM_HELP),
     fmt: Format = typer.Option(Format.text, "--format", "-f", help="Output format."),
     rules: Optional[List[Path]] = typer.Option(None, "--rules", help=RULES_HELP),
+    arch: Optional[Path] = typer.Option(None, "--arch", help=ARCH_HELP),
 ) -> None:
     """Derive <sigma sigma>_K, <sigma' sigma'>_K and the NNGP/NTK layer recursions.
+
+    With --arch, the kernel and NTK maps of every layer of the architecture (two inputs, and one).
 
     Examples:
 
@@ -95,7 +113,13 @@ def kernel(
       derive kernel --activation leaky_relu --param a=0.2 --format json
 
       derive kernel --activation "z*erf(z)" --format latex
+
+      derive kernel --arch examples/architectures/pre_ln_transformer.toml
     """
+    _activation_or_arch(activation, arch, "kernel")
+    if arch is not None:
+        _arch_kernel(arch, fmt)
+        return
     from derive import api
     from derive import symbols as S
 
@@ -158,10 +182,12 @@ def kernel(
 
 @app.command()
 def criticality(
-    activation: str = typer.Option(..., "--activation", "-a", help=ACTIVATION_HELP),
+    activation: Optional[str] = typer.Option(None, "--activation", "-a", help=ACTIVATION_HELP),
     param: Optional[List[str]] = typer.Option(None, "--param", "-p", help=PARAM_HELP),
     fmt: Format = typer.Option(Format.text, "--format", "-f", help="Output format."),
     rules: Optional[List[Path]] = typer.Option(None, "--rules", help=RULES_HELP),
+    arch: Optional[Path] = typer.Option(None, "--arch", help=ARCH_HELP),
+    k0: float = typer.Option(1.0, "--k0", help="With --arch: the input's second moment x.x/d."),
 ) -> None:
     """Critical initialisations (C_W, C_b, K*), universality class and large-depth behaviour.
 
@@ -176,7 +202,17 @@ def criticality(
       derive criticality --activation gelu --format json
 
       derive criticality --activation leaky_relu --param a=0.1 --format latex
+
+      derive criticality --arch examples/architectures/residual_mlp.toml
+
+    With --arch (no spatial layers): the single-input kernel and chi_par, chi_perp of every layer
+    and repeated block along the trajectory from K = --k0, and the residual criticality condition
+    xi^2 + gamma^2 chi_branch = 1.
     """
+    _activation_or_arch(activation, arch, "criticality")
+    if arch is not None:
+        _arch_criticality(arch, k0, fmt)
+        return
     from derive import api
 
     rep = api.criticality(activation, param, rule_dirs=tuple(map(str, rules or ())))
@@ -325,10 +361,10 @@ def profile(
 
 @app.command("finite-width")
 def finite_width(
-    activation: str = typer.Option(..., "--activation", "-a", help=ACTIVATION_HELP),
-    cw: float = typer.Option(..., "--cw", help="Weight variance C_W."),
+    activation: Optional[str] = typer.Option(None, "--activation", "-a", help=ACTIVATION_HELP),
+    cw: Optional[float] = typer.Option(None, "--cw", help="Weight variance C_W (required)."),
     cb: float = typer.Option(0.0, "--cb", help="Bias variance C_b."),
-    depth: int = typer.Option(..., "--depth", "-L", help="Number of layers."),
+    depth: Optional[int] = typer.Option(None, "--depth", "-L", help="Number of layers (required)."),
     k1: Optional[float] = typer.Option(None, "--k1", help="First-layer kernel K^(1) (default C_b + C_W, i.e. x.x/n_0 = 1)."),
     lambda_w: Optional[float] = typer.Option(None, "--lambda-w", help="NTK weight learning-rate factor (default C_W)."),
     lambda_b: Optional[float] = typer.Option(None, "--lambda-b", help="NTK bias learning-rate factor (default C_b)."),
@@ -337,6 +373,7 @@ def finite_width(
     param: Optional[List[str]] = typer.Option(None, "--param", "-p", help=PARAM_HELP),
     fmt: Format = typer.Option(Format.text, "--format", "-f", help="Output format."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Plot the normalised fluctuations against depth (.png)."),
+    arch: Optional[Path] = typer.Option(None, "--arch", help="Architecture file: not yet supported here (finite-width rules exist for dense networks only)."),
 ) -> None:
     """Finite-width corrections at order 1/n: four-point vertex V, NLO kernel G1, NTK mean and
     fluctuations (A, B, D, F), layer by layer, with closed forms in depth where they exist.
@@ -349,6 +386,13 @@ def finite_width(
 
       derive finite-width --activation gelu --cw 1.98 --cb 0.17 --depth 20 --widths 64,128,128,256,... --format json
     """
+    if arch is not None:
+        _load_arch(arch)  # report a bad file as such
+        fail("finite-width --arch: V and G1 are derived for dense networks only; the layer rules of "
+             "residual, LayerNorm, convolution and attention have no finite-width maps yet (use --activation)")
+    _activation_or_arch(activation, arch, "finite-width", arch_ok=False)
+    if cw is None or depth is None:
+        fail("finite-width: --cw and --depth are required")
     from derive import api
     from derive.finite_width import finite_width_report
 
@@ -423,9 +467,9 @@ def np_atleast(x):
 
 @app.command()
 def gram(
-    activation: str = typer.Option(..., "--activation", "-a", help=ACTIVATION_HELP),
-    depth: int = typer.Option(..., "--depth", "-L", help="Number of dense layers L (returns K^(L), Theta^(L))."),
-    cw: float = typer.Option(..., "--cw", help="Weight variance C_W (W_ij ~ N(0, C_W / fan_in))."),
+    activation: Optional[str] = typer.Option(None, "--activation", "-a", help=ACTIVATION_HELP),
+    depth: Optional[int] = typer.Option(None, "--depth", "-L", help="Number of dense layers L (returns K^(L), Theta^(L))."),
+    cw: Optional[float] = typer.Option(None, "--cw", help="Weight variance C_W (W_ij ~ N(0, C_W / fan_in))."),
     cb: float = typer.Option(0.0, "--cb", help="Bias variance C_b."),
     lambda_w: Optional[float] = typer.Option(None, "--lambda-w", help="NTK weight learning-rate factor (default C_W)."),
     lambda_b: Optional[float] = typer.Option(None, "--lambda-b", help="NTK bias learning-rate factor (default C_b)."),
@@ -435,6 +479,7 @@ def gram(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write arrays 'nngp' and 'ntk' to this .npz file."),
     fmt: NumFormat = typer.Option(NumFormat.text, "--format", "-f", help="Output format."),
     dtype: DType = typer.Option(DType.float64, "--dtype", help="Floating-point type of the computation."),
+    arch: Optional[Path] = typer.Option(None, "--arch", help=ARCH_HELP + " Inputs (N, d) or (N, positions..., d); default: 3 inputs of 6 positions in d = 4 if the architecture uses positions, else 4 inputs in d = 8."),
 ) -> None:
     """NNGP and NTK Gram matrices of a batch of inputs at depth L (jit-compiled JAX).
 
@@ -443,9 +488,19 @@ def gram(
       derive gram --activation relu --depth 3 --cw 2 --cb 0
 
       derive gram --activation tanh --depth 10 --cw 1.5 --cb 0.1 --inputs x.npy --out kernels.npz
+
+      derive gram --arch examples/architectures/cnn.toml --out cnn.npz
     """
     import numpy as np
 
+    _activation_or_arch(activation, arch, "gram")
+    if arch is not None:
+        if depth is not None or cw is not None or input_kernel is not None:
+            fail("gram --arch: the architecture file sets the depth and variances (no --depth, --cw, --input-kernel)")
+        _arch_gram(arch, inputs, out, fmt)
+        return
+    if depth is None or cw is None:
+        fail("gram: --depth and --cw are required with --activation")
     from derive import api
 
     if inputs is not None and input_kernel is not None:
@@ -591,10 +646,10 @@ def codegen(
 
 @app.command()
 def validate(
-    activation: str = typer.Option(..., "--activation", "-a", help=ACTIVATION_HELP),
-    cw: float = typer.Option(..., "--cw", help="Weight variance C_W (W_ij ~ N(0, C_W / fan_in))."),
+    activation: Optional[str] = typer.Option(None, "--activation", "-a", help=ACTIVATION_HELP),
+    cw: Optional[float] = typer.Option(None, "--cw", help="Weight variance C_W (W_ij ~ N(0, C_W / fan_in))."),
     cb: float = typer.Option(0.0, "--cb", help="Bias variance C_b."),
-    depth: int = typer.Option(..., "--depth", "-L", help="Number of dense layers L."),
+    depth: Optional[int] = typer.Option(None, "--depth", "-L", help="Number of dense layers L."),
     width: Optional[int] = typer.Option(None, "--width", "-n", help="Width n of every layer (n_1 = ... = n_L = n)."),
     widths: Optional[str] = typer.Option(None, "--widths", help="Several uniform widths n1,n2,... (comma-separated): each is sampled and every estimate is extrapolated in 1/n to infinite width, where it is compared with the theory."),
     samples: int = typer.Option(1000, "--samples", "-S", help="Networks sampled per width."),
@@ -608,6 +663,7 @@ def validate(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Figure (.png, .pdf or .svg): theory and Monte Carlo against depth, and against 1/n with --widths."),
     z_max: float = typer.Option(5.0, "--z-max", help="A checked |z| at or above this fails the check (exit status 1)."),
     sampler: str = typer.Option("weights", "--sampler", help="'weights' samples every weight; 'conditional' draws each layer's preactivations from their exact Gaussian law given the previous layer (same distribution, much faster; not for Theta, Theta_var)."),
+    arch: Optional[Path] = typer.Option(None, "--arch", help=ARCH_HELP + " Checks K of every layer and block and the output Theta at --width (default --samples 200)."),
 ) -> None:
     """Check the derived kernel, NTK and finite-width statistics against sampled finite-width networks.
 
@@ -626,7 +682,18 @@ def validate(
       derive validate --activation swish --cw 1.8 --cb 0.1 --depth 3 --width 128 --samples 500 --format json
 
       derive validate --activation gelu --cw 1.98 --cb 0.17 --depth 5 --widths 64,128,256 --samples 20000 --quantities K,V,G1 --sampler conditional
+
+      derive validate --arch examples/architectures/pre_ln_transformer.toml --width 256 --samples 200
     """
+    _activation_or_arch(activation, arch, "validate")
+    if arch is not None:
+        if widths is not None or width is None:
+            fail("validate --arch: give one --width (several widths are not supported for architectures yet)")
+        _arch_validate(arch, width, samples, seed, inputs, z_max, fmt, out,
+                       "Theta" in [q.strip() for q in quantities.split(",")])
+        return
+    if cw is None or depth is None:
+        fail("validate: --cw and --depth are required with --activation")
     from derive.validate import EXTRAPOLATED, validate as run_validation
 
     several = None
@@ -684,6 +751,163 @@ def validate(
     else:
         console.print(f"[bold red]failed[/bold red]: |z| = {abs(worst['z']):.3g} >= {report.z_max:g} for "
                       f"{worst['quantity']} at layer {worst['layer']}, inputs {worst['inputs']}, width {worst['width']}")
+    if out is not None:
+        console.print(f"wrote {out}")
+    raise typer.Exit(0 if report.passed else 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# --arch
+
+
+def _arch_kernel(path: Path, fmt: Format) -> None:
+    """Per-layer derived maps of an architecture (SymPy only: no JAX)."""
+    from derive.arch import layer_maps
+
+    net = _load_arch(path)
+    rows = []
+    for i, layer in enumerate(net.distinct_layers(), start=1):
+        maps = layer_maps(layer)
+        rows.append({"layer": i, "type": layer.type, "description": layer.describe(),
+                     "kernel": maps.kernel, "ntk": maps.ntk, "single_kernel": maps.single_kernel,
+                     "single_ntk": maps.single_ntk})
+    if fmt is Format.json:
+        typer.echo(json.dumps({"architecture": net.name, "description": net.describe(),
+                               "layers": [{k: (_jsonable(v) if k in ("kernel", "ntk", "single_kernel", "single_ntk")
+                                               else v) for k, v in r.items()} for r in rows]}))
+        return
+    if fmt is Format.latex:
+        import sympy as sp
+
+        typer.echo(f"% {net.name or path.name}")
+        for r in rows:
+            typer.echo(rf"% layer {r['layer']}: {r['description']}")
+            typer.echo(rf"K'_{{12}} = {sp.latex(r['kernel'])} \\")
+            typer.echo(rf"\Theta'_{{12}} = {sp.latex(r['ntk'])} \\")
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    console.print(f"[bold]{net.name or path.name}[/bold]: {len(rows)} distinct layers; recorded outputs: "
+                  + ", ".join(label for label, _ in net.top_level()[:12])
+                  + (" ..." if len(net.top_level()) > 12 else ""))
+    table = Table("layer", "kernel map K'12", "NTK map Theta'12", "one input K'", show_lines=True)
+    for r in rows:
+        table.add_row(r["description"], str(r["kernel"]), str(r["ntk"]), str(r["single_kernel"]))
+    console.print(table)
+    console.print("symbols: K11, K12, K22 and Theta12 are the layer input's kernel and NTK; BK12, BTheta12 "
+                  "the branch output's; patch, pool, spatial_mean, diagonal_mean, attend act on whole "
+                  "Gram matrices (rules/layers/*.toml)")
+
+
+def _arch_criticality(path: Path, k0: float, fmt: Format) -> None:
+    from derive.arch_criticality import arch_criticality
+
+    net = _load_arch(path)
+    rep = arch_criticality(net, k0)
+    d = rep.as_dict()
+    if fmt is Format.json:
+        typer.echo(json.dumps({"architecture": net.name, **d}))
+        return
+    if fmt is Format.latex:
+        for r in d["layers"]:
+            typer.echo(rf"% {r['label']}: K = {r['K']:.12g},\ \chi_\parallel = {r['chi_par']:.10g},"
+                       rf"\ \chi_\perp = {r['chi_perp']:.10g}")
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    console.print(f"[bold]{net.name or path.name}[/bold]: single input, K^(0) = x.x/d = {k0:g}")
+    table = Table("output", "K", "chi_par", "chi_perp")
+    for r in d["layers"]:
+        table.add_row(r["label"], f"{r['K']:.10g}", f"{r['chi_par']:.10g}", f"{r['chi_perp']:.10g}")
+    console.print(table)
+    for note in d["notes"]:
+        console.print(note)
+
+
+def _default_arch_inputs(net):
+    import numpy as np
+
+    needs_positions = any(l.rule.structural for l in net.distinct_layers())
+    shape = (3, 6, 4) if needs_positions else (4, 8)
+    return np.random.default_rng(0).standard_normal(shape)
+
+
+def _arch_gram(path: Path, inputs: Optional[Path], out: Optional[Path], fmt: NumFormat) -> None:
+    import numpy as np
+
+    from derive.arch_kernels import arch_kernels
+
+    net = _load_arch(path)
+    x = _load_npy(inputs, "--inputs") if inputs is not None else _default_arch_inputs(net)
+    res = arch_kernels(net, x)
+    nngp, ntk = res.output
+    if out is not None:
+        _write_atomic(out, lambda tmp: np.savez(open(tmp, "wb"), nngp=nngp, ntk=ntk))
+    if fmt is NumFormat.json:
+        typer.echo(json.dumps({"architecture": net.name, "inputs_shape": list(x.shape), "shape": list(nngp.shape),
+                               "nngp": nngp.tolist(), "ntk": ntk.tolist()}))
+        return
+    with np.printoptions(precision=6, suppress=False, linewidth=120):
+        typer.echo(f"NNGP (shape {nngp.shape}):\n{nngp}\nNTK:\n{ntk}")
+    if out is not None:
+        typer.echo(f"wrote {out}")
+
+
+def _arch_validate(path: Path, width: int, samples: int, seed: int, inputs: Optional[Path], z_max: float,
+                   fmt: NumFormat, out: Optional[Path], ntk: bool) -> None:
+    from derive.arch_sampler import validate_arch
+
+    net = _load_arch(path)
+    if out is not None:
+        _check_png(out)
+    x = _load_npy(inputs, "--inputs") if inputs is not None else _default_arch_inputs(net)
+    if fmt is NumFormat.text:
+        from rich.progress import Progress
+
+        with Progress(transient=True) as bar:
+            task = bar.add_task("sampling networks", total=samples)
+            report = validate_arch(net, x, width, samples=samples, seed=seed, z_max=z_max, ntk=ntk,
+                                   progress=lambda done: bar.update(task, completed=done))
+    else:
+        report = validate_arch(net, x, width, samples=samples, seed=seed, z_max=z_max, ntk=ntk)
+    if out is not None:
+        _write_atomic(out, report.plot)
+    if fmt is NumFormat.json:
+        typer.echo(json.dumps(report.as_dict()))
+        raise typer.Exit(0 if report.passed else 1)
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    console.print(f"[bold]{net.name or path.name}[/bold]: width {width}, {samples} networks, seed {seed}; "
+                  "per output, the entry with the largest |z|")
+    table = Table("quantity", "output", "entries", "entry (a,p)-(b,q)", "theory", "estimate", "+- error", "z",
+                  box=box.SIMPLE, pad_edge=False)
+    groups: dict = {}
+    for r in report.results:
+        groups.setdefault((r["quantity"], r["index"]), []).append(r)
+    for (quantity, _), rows in groups.items():
+        worst = max(rows, key=lambda r: -1 if r["z"] is None else abs(r["z"]))
+        z = worst["z"]
+        z_text = "-" if z is None else f"{z:.2f}"
+        if z is not None and not abs(z) < z_max:
+            z_text = f"[bold red]{z_text}[/bold red]"
+        (a, p), (b, q) = worst["entry"]
+        table.add_row(quantity, worst["layer"], str(len(rows)), f"({a},{p})-({b},{q})", f"{worst['theory']:.5g}",
+                      f"{worst['estimate']:.5g}", f"{worst['stderr']:.2g}", z_text)
+    console.print(table)
+    worst = report.worst
+    if report.passed:
+        console.print(f"[green]passed[/green]: every |z| < {z_max:g}"
+                      + (f" (largest {abs(worst['z']):.3g})" if worst else ""))
+    else:
+        console.print(f"[bold red]failed[/bold red]: |z| = {abs(worst['z']):.3g} >= {z_max:g} for "
+                      f"{worst['quantity']} at {worst['layer']}, entry {worst['entry']}")
     if out is not None:
         console.print(f"wrote {out}")
     raise typer.Exit(0 if report.passed else 1)

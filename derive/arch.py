@@ -43,13 +43,14 @@ from __future__ import annotations
 
 import tomllib
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Union
 
 import sympy as sp
 
 from .errors import DeriveError, RuleError
-from .layers import LayerRule, find_layer_rule
+from .layers import LayerMaps, LayerRule, derive_maps, find_layer_rule
 from .parse import parse_expression
 
 #: Keys of a layer table in a file that are not parameters or options of its rule.
@@ -198,6 +199,22 @@ class Serial:
     @property
     def spatial(self) -> bool:
         return any(l.rule.structural and l.rule.name != "attention" for l in self.distinct_layers())
+
+
+@lru_cache(maxsize=None)
+def layer_maps(layer: Layer, tol: float = 1e-11) -> LayerMaps:
+    """The layer's maps with its parameter values substituted and every expectation derived
+    (:func:`derive.layers.derive_maps`)."""
+    sigma = dsigma = None
+    if layer.activation is not None:
+        act = layer.resolved_activation()
+        sigma, dsigma = act.sigma_numeric, act.derivative(numeric=True)
+    maps = derive_maps(layer.rule, layer.values(), sigma, dsigma, tol)
+    for expr in (maps.kernel, maps.ntk):
+        stray = {s.name for s in expr.free_symbols} - {"K11", "K12", "K22", "Theta12", "BK12", "BTheta12"}
+        if stray:
+            raise DeriveError(f"layer '{layer.type}': no value for {', '.join(sorted(stray))}")
+    return maps
 
 
 # ------------------------------------------------------------------------------------------------

@@ -45,29 +45,14 @@ import sympy as sp
 from jax import lax
 
 from . import symbols as S
-from .arch import Layer, Repeat, Serial
+from .arch import Layer, Repeat, Serial, layer_maps
 from .codegen import to_jax
 from .errors import DeriveError, RuleError
 from .evaluate import _at_correlation
-from .layers import BK12, BTheta12, E, LayerMaps, StructuralOperator, derive_maps
+from .layers import BK12, BTheta12, E, StructuralOperator
 from .safe import clamp_covariance, covariance_floor
 
 jax.config.update("jax_enable_x64", True)
-
-
-@lru_cache(maxsize=None)
-def layer_maps(layer: Layer, tol: float = 1e-11) -> LayerMaps:
-    """The layer's derived maps (parameters substituted, expectations derived)."""
-    sigma = dsigma = None
-    if layer.activation is not None:
-        act = layer.resolved_activation()
-        sigma, dsigma = act.sigma_numeric, act.derivative(numeric=True)
-    maps = derive_maps(layer.rule, layer.values(), sigma, dsigma, tol)
-    for expr in (maps.kernel, maps.ntk):
-        stray = {s.name for s in expr.free_symbols} - {"K11", "K12", "K22", "Theta12", "BK12", "BTheta12"}
-        if stray:
-            raise DeriveError(f"layer '{layer.type}': no value for {', '.join(sorted(stray))}")
-    return maps
 
 
 # ------------------------------------------------------------------------------------------------

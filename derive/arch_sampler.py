@@ -107,7 +107,6 @@ def _conv(h, W, stride, padding):
 
 
 def _avg_pool(h, window, stride, padding):
-    k = len(window)
     dims = (1,) + tuple(window) + (1,)
     strides = (1,) + tuple(stride) + (1,)
     summed = lax.reduce_window(h, 0.0, lax.add, dims, strides, padding)
@@ -341,4 +340,98 @@ def sample_arch(net: Serial, inputs, width: int, *, n_networks: int = 200, seed:
                           moments("ntk") if ntk else None, n_networks, int(width), seed, n_devices)
 
 
-__all__ = ["ArchMonteCarlo", "sample_arch"]
+
+
+
+# ------------------------------------------------------------------------------------------------
+# Theory against sampled networks
+
+
+@dataclass
+class ArchValidation:
+    """Theory against Monte Carlo for every kernel entry of every recorded output and the output NTK.
+
+    ``results`` rows: quantity ("K" or "Theta"), layer (label), index (its position in the
+    recorded outputs, from 1), entry ((input a, position p), (input b, position q)) with positions as
+    flat indices, width, theory, estimate, stderr, z. ``passed``: every |z| < z_max.
+    """
+
+    name: str
+    widths: list[int]
+    samples: int
+    seed: int
+    z_max: float
+    results: list[dict]
+    theory: object
+    mc: ArchMonteCarlo
+
+    @property
+    def worst(self) -> dict | None:
+        finite = [r for r in self.results if r["z"] is not None]
+        return max(finite, key=lambda r: abs(r["z"]), default=None)
+
+    @property
+    def passed(self) -> bool:
+        worst = self.worst
+        return worst is None or abs(worst["z"]) < self.z_max
+
+    def as_dict(self) -> dict:
+        return {"architecture": self.name, "widths": self.widths, "samples": self.samples, "seed": self.seed,
+                "z_max": self.z_max, "passed": self.passed, "results": self.results}
+
+    def plot(self, path) -> None:
+        """Mean diagonal kernel K[(a,p),(a,p)] of every recorded output: theory and Monte Carlo."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        x = np.arange(1, len(self.theory.nngp) + 1)
+        theory = [float(np.mean(np.diagonal(np.asarray(k).reshape(m.mean.shape))))
+                  for k, m in zip(self.theory.nngp, self.mc.nngp)]
+        est = [float(np.mean(np.diagonal(m.mean))) for m in self.mc.nngp]
+        err = [float(np.sqrt(np.sum(np.diagonal(m.mean_stderr) ** 2)) / len(np.diagonal(m.mean)))
+               for m in self.mc.nngp]
+        fig, ax = plt.subplots(figsize=(6.4, 4.0))
+        ax.plot(x, theory, "-", label="theory (infinite width)")
+        ax.errorbar(x, est, yerr=err, fmt="o", ms=3, capsize=2, label=f"Monte Carlo, width {self.widths[0]}")
+        ax.set_xlabel("recorded output (layer or block)")
+        ax.set_ylabel("mean diagonal kernel")
+        ax.set_title(self.name or "architecture")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(path)
+        plt.close(fig)
+
+
+def validate_arch(net: Serial, inputs, width: int, *, samples: int = 200, seed: int = 0, z_max: float = 5.0,
+                  ntk: bool = True, progress: Callable[[int], None] | None = None) -> ArchValidation:
+    """Sample ``samples`` networks of ``net`` at ``width`` and score every derived entry (z-scores)."""
+    from .arch_kernels import arch_kernels
+
+    theory = arch_kernels(net, inputs)
+    mc = sample_arch(net, inputs, width, n_networks=samples, seed=seed, ntk=ntk, progress=progress)
+    rows = []
+    positions = [max(1, math.prod(s)) for s in theory.spatial]
+
+    def add(quantity, index, label, moments, value, per_input):
+        z = z_scores(moments.mean, moments.mean_stderr, value)
+        M = moments.mean.shape[0]
+        for i in range(M):
+            for j in range(i, M):
+                zij = float(z[i, j])
+                rows.append({"quantity": quantity, "layer": label, "index": index,
+                             "entry": [[i // per_input, i % per_input], [j // per_input, j % per_input]],
+                             "width": int(width),
+                             "theory": float(value[i, j]), "estimate": float(moments.mean[i, j]),
+                             "stderr": float(moments.mean_stderr[i, j]),
+                             "z": zij if np.isfinite(zij) else None})
+
+    for index, (label, k, m, per_input) in enumerate(zip(theory.labels, theory.nngp, mc.nngp, positions), 1):
+        add("K", index, label, m, np.asarray(k).reshape(m.mean.shape), per_input)
+    if ntk:
+        add("Theta", len(theory.labels), theory.labels[-1], mc.ntk,
+            np.asarray(theory.ntk[-1]).reshape(mc.ntk.mean.shape), positions[-1])
+    return ArchValidation(net.name, [int(width)], samples, seed, z_max, rows, theory, mc)
+
+__all__ = ["ArchMonteCarlo", "ArchValidation", "sample_arch", "validate_arch"]
