@@ -391,6 +391,40 @@ def mlp(depth: int, activation_name: str, C_W: float, C_b: float = 0.0, **kw) ->
     return serial(*items)
 
 
+def _gaussian_after(net: Serial, gaussian: bool, where: str) -> bool:
+    for i, item in enumerate(net.items, start=1):
+        if isinstance(item, Repeat):
+            for _ in range(2):  # the body's output law settles after two passes
+                gaussian = _gaussian_after(item.body, gaussian, f"{where}{i}.")
+            continue
+        rule = item.rule
+        if rule.requires == "gaussian" and not gaussian:
+            source = "the raw inputs" if not where and i == 1 else "non-Gaussian features"
+            raise DeriveError(
+                f"layer {where}{i} ({item.type}): its rule assumes zero-mean Gaussian features at its input "
+                f"(the output of a dense, conv or attention layer, or sums and normalisations of them), "
+                f"but it receives {source}; insert a dense layer, or note that "
+                f"{'LayerNorm' if item.type == 'layernorm' else 'this'} of such features is not derivable yet")
+        if item.branch is not None:
+            _gaussian_after(item.branch, gaussian, f"{where}{i}.")
+        if rule.output == "gaussian":
+            gaussian = True
+        elif rule.output == "non-gaussian":
+            gaussian = False
+    return gaussian
+
+
+def check_derivable(net: Serial) -> Serial:
+    """Refuse descriptions whose layers' rules do not apply to what they receive.
+
+    Activations and LayerNorm are derived for zero-mean Gaussian inputs (PDLT ch. 4: the
+    preactivations of a wide network are Gaussian; the channel mean of sigma(z) is not zero, so
+    LayerNorm after an activation, or an activation of the raw inputs, needs more than these rules).
+    """
+    _gaussian_after(net, False, "")
+    return net
+
+
 # ------------------------------------------------------------------------------------------------
 # Files
 
@@ -435,7 +469,10 @@ def arch_from_dict(data: dict, where: str = "architecture") -> Serial:
     items = _items_from_tables(data["layers"], f"{where}: layers")
     if not items:
         raise DeriveError(f"{where}: no layers")
-    return serial(*items, name=str(data.get("name", "")))
+    try:
+        return check_derivable(serial(*items, name=str(data.get("name", ""))))
+    except DeriveError as exc:
+        raise DeriveError(f"{where}: {exc}") from None
 
 
 def load_arch(path: str | Path) -> Serial:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import sympy as sp
 
 from . import symbols as S
-from .arch import Layer, Repeat, Serial, layer_maps
+from .arch import Layer, Repeat, Serial, check_derivable, layer_maps
 from .errors import DeriveError
 from .layers import BK, BTheta
 from .numeric import evaluate
@@ -101,6 +101,7 @@ def arch_criticality(net: Serial, k0: float = 1.0) -> ArchCriticality:
     if not k0 > 0:
         raise DeriveError(f"k0 must be positive, got {k0}")
     _check_flat(net)
+    check_derivable(net)
     labels, Ks, chi_par, chi_perp = [], [], [], []
     K = float(k0)
     for label, item in net.top_level():

@@ -45,7 +45,7 @@ import sympy as sp
 from jax import lax
 
 from . import symbols as S
-from .arch import Layer, Repeat, Serial, layer_maps
+from .arch import Layer, Repeat, Serial, check_derivable, layer_maps
 from .codegen import to_jax
 from .errors import DeriveError, RuleError
 from .evaluate import _at_correlation
@@ -349,6 +349,7 @@ def arch_kernels(net: Serial, inputs, *, dtype=jnp.float64) -> ArchKernels:
     """
     if not isinstance(net, Serial):
         raise DeriveError(f"expected an architecture (derive.arch.Serial), got {type(net).__name__}")
+    check_derivable(net)
     inputs = check_arch_inputs(inputs).astype(dtype)
     N = inputs.shape[0]
     for layer in net.distinct_layers():

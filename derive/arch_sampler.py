@@ -50,7 +50,7 @@ import numpy as np
 from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from .arch import Layer, Repeat, Serial
+from .arch import Layer, Repeat, Serial, check_derivable
 from .arch_kernels import check_arch_inputs
 from .errors import DeriveError
 from .estimators import Moments
@@ -296,6 +296,7 @@ def sample_arch(net: Serial, inputs, width: int, *, n_networks: int = 200, seed:
     """
     if not isinstance(net, Serial):
         raise DeriveError(f"expected an architecture (derive.arch.Serial), got {type(net).__name__}")
+    check_derivable(net)
     inputs = check_arch_inputs(inputs).astype(dtype)
     if isinstance(width, bool) or not isinstance(width, (int, np.integer)) or width < 1:
         raise DeriveError(f"width must be a positive integer, got {width!r}")

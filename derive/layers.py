@@ -112,6 +112,8 @@ class LayerRule:
     sampler: str = ""
     fresh_weights: bool = False
     combinator: str = ""
+    requires: str = ""  # "gaussian": the maps assume zero-mean Gaussian features at the input
+    output: str = "same"  # "gaussian", "non-gaussian" or "same" (as the input)
     aliases: tuple[str, ...] = ()
     description: str = ""
     source: str = ""
@@ -172,7 +174,8 @@ def _load_layer(path: Path) -> LayerRule:
     rule = LayerRule(name=name, kernel=kernel, ntk=ntk, params=tuple(params), options=options,
                      weights=weights, sampler=data.get("sampler", name),
                      fresh_weights=bool(data.get("fresh_weights", False)),
-                     combinator=data.get("combinator", ""), aliases=tuple(data.get("aliases", [])),
+                     combinator=data.get("combinator", ""), requires=data.get("requires", ""),
+                     output=data.get("output", "same"), aliases=tuple(data.get("aliases", [])),
                      description=data.get("description", ""), source=data.get("source", ""),
                      path=str(path))
     _check_rule(rule, where)
@@ -180,6 +183,10 @@ def _load_layer(path: Path) -> LayerRule:
 
 
 def _check_rule(rule: LayerRule, where: str) -> None:
+    if rule.requires not in ("", "gaussian"):
+        raise RuleError(f"{where}: requires must be \"gaussian\" or absent, got {rule.requires!r}")
+    if rule.output not in ("gaussian", "non-gaussian", "same"):
+        raise RuleError(f"{where}: output must be \"gaussian\", \"non-gaussian\" or \"same\", got {rule.output!r}")
     for label, expr in (("kernel", rule.kernel), ("ntk", rule.ntk)):
         uses_branch = expr.has(BK12) or expr.has(BTheta12)
         if uses_branch and rule.combinator != "branch":

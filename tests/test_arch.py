@@ -184,11 +184,12 @@ def test_conv_and_pool_against_plain_loops(f, s, padding):
 
 
 def test_attention_layernorm_and_residual_against_plain_numpy():
-    """One pre-LN attention block by hand: LayerNorm, softmax weights from the normalised kernel,
-    A K A^T, then the residual sum (Hron et al. 2020; Dinan et al. 2023)."""
+    """One pre-LN attention block by hand after a dense layer (C_W = 1, C_b = 0: K = x.x'/d):
+    LayerNorm, softmax weights from the normalised kernel, A F A^T, then the residual sum (Hron et al.
+    2020; Dinan et al. 2023)."""
     C_Q, C_K, C_V, C_O, gamma = 0.5, 0.5, 0.5, 1 / 3, 0.7
-    net = A.serial(A.residual(A.layer_norm(eps=0.0), A.attention(heads=2, C_Q=C_Q, C_K=C_K, C_V=C_V, C_O=C_O),
-                              gamma=gamma))
+    net = A.serial(A.dense(), A.residual(A.layer_norm(eps=0.0), A.attention(heads=2, C_Q=C_Q, C_K=C_K, C_V=C_V,
+                                                                             C_O=C_O), gamma=gamma))
     ours = arch_kernels(net, SEQ)
     K = _input_kernel(SEQ)
     N, T = K.shape[:2]
@@ -203,7 +204,8 @@ def test_attention_layernorm_and_residual_against_plain_numpy():
     for a, b in product(range(N), range(N)):
         att[a, :, b, :] = weights[a] @ F[a, :, b, :] @ weights[b].T
     np.testing.assert_allclose(ours.nngp[-1], K + gamma ** 2 * C_O * C_V * att, rtol=1e-13)
-    np.testing.assert_allclose(ours.ntk[-1], gamma ** 2 * 2 * C_O * C_V * att, rtol=1e-13)  # Theta^(0) = 0
+    # after the dense layer Theta = K (lambda = C = 1), so LayerNorm's Theta is F as well
+    np.testing.assert_allclose(ours.ntk[-1], K + gamma ** 2 * 3 * C_O * C_V * att, rtol=1e-13)
 
 
 def test_global_pool_and_flatten():
@@ -234,6 +236,21 @@ def test_residual_relu_grows_linearly_and_depth_ten_thousand_is_finite():
     np.testing.assert_allclose(np.diagonal(out.nngp[-1]), np.diagonal(K0) + 10_000 * gamma ** 2, rtol=1e-10)
     assert all(np.all(np.isfinite(k)) for k in (out.nngp[-1], out.ntk[-1]))
     assert len(out.nngp) == 10_001
+
+
+@pytest.mark.parametrize("net, words", [
+    (A.serial(A.dense(), A.activation("relu"), A.layer_norm(), A.dense()), "layer 3 (layernorm)"),
+    (A.serial(A.activation("relu"), A.dense()), "the raw inputs"),
+    (A.serial(A.layer_norm(), A.dense()), "the raw inputs"),
+    (A.serial(A.dense(), A.activation("relu"), A.activation("tanh")), "layer 3 (activation)"),
+    (A.serial(A.dense(), A.repeat(2, A.activation("relu"), A.layer_norm(), A.dense())), "layernorm"),
+])
+def test_rules_are_applied_only_to_gaussian_features(net, words):
+    """Activations and LayerNorm are derived for zero-mean Gaussian inputs: after an activation the
+    channel mean is E[sigma] != 0 (the sampler would show a large bias), so such networks are refused."""
+    with pytest.raises(DeriveError, match=r"zero-mean Gaussian") as info:
+        arch_kernels(net, X)
+    assert words in str(info.value)
 
 
 def test_shape_errors_are_reported_before_running():

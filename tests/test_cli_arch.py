@@ -1,0 +1,102 @@
+"""``derive <command> --arch FILE`` end to end, as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from derive import arch as A
+from derive.arch_kernels import arch_kernels
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples" / "architectures"
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True, text=True, cwd=ROOT,
+                          timeout=600)
+
+
+def test_kernel_arch_json_lists_every_layer_and_imports_no_jax():
+    code = ("import sys, cli; sys.argv = ['derive', 'kernel', '--arch', %r, '--format', 'json'];\n"
+            "try:\n    cli.main()\nexcept SystemExit:\n    pass\n"
+            "print('JAX' if 'jax' in sys.modules else 'NOJAX', file=sys.stderr)") % str(EXAMPLES / "pre_ln_transformer.toml")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert "NOJAX" in res.stderr
+    out = json.loads(res.stdout)
+    assert out["architecture"] == "pre-LN transformer"
+    types = [layer["type"] for layer in out["layers"]]
+    assert types == ["dense", "layernorm", "attention", "residual", "layernorm", "dense", "activation", "dense",
+                     "residual"]
+    assert "attend(K12)" in out["layers"][2]["kernel"]
+
+
+def test_criticality_arch_reports_the_residual_condition():
+    res = run("criticality", "--arch", str(EXAMPLES / "residual_mlp.toml"), "--format", "json")
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    rows = out["layers"]
+    assert len(rows) == 21
+    for row in rows[1:]:  # xi^2 + gamma^2 C_W1 C_W2 / 2 = 3/4 + 1/4 = 1: critical
+        assert row["chi_perp"] == pytest.approx(1.0, rel=1e-12)
+        assert row["chi_par"] == pytest.approx(1.0, rel=1e-8)
+    assert any("makes it 1" in note for note in out["notes"])
+
+
+def test_gram_arch_matches_the_api_and_writes_npz(tmp_path):
+    x = np.random.default_rng(1).standard_normal((2, 6, 3))
+    np.save(tmp_path / "x.npy", x)
+    out = tmp_path / "k.npz"
+    res = run("gram", "--arch", str(EXAMPLES / "cnn.toml"), "--inputs", str(tmp_path / "x.npy"), "--out", str(out),
+              "--format", "json")
+    assert res.returncode == 0, res.stderr
+    got = json.loads(res.stdout)
+    ref = arch_kernels(A.load_arch(EXAMPLES / "cnn.toml"), x)
+    np.testing.assert_allclose(np.array(got["nngp"]), ref.nngp[-1], rtol=1e-13)
+    saved = np.load(out)
+    np.testing.assert_allclose(saved["ntk"], ref.ntk[-1], rtol=1e-13)
+
+
+def test_validate_arch_json_and_exit_code(tmp_path):
+    path = tmp_path / "net.toml"
+    path.write_text("[[layers]]\ntype = 'dense'\nC_W = 2\n[[layers]]\ntype = 'layernorm'\n"
+                    "[[layers]]\ntype = 'activation'\nactivation = 'relu'\n[[layers]]\ntype = 'dense'\n")
+    res = run("validate", "--arch", str(path), "--width", "64", "--samples", "60", "--format", "json")
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert out["passed"] and out["samples"] == 60 and out["widths"] == [64]
+    assert {r["quantity"] for r in out["results"]} == {"K", "Theta"}
+    for key in ("quantity", "layer", "width", "theory", "estimate", "stderr", "z"):
+        assert key in out["results"][0]
+    strict = run("validate", "--arch", str(path), "--width", "64", "--samples", "60", "--format", "json",
+                 "--z-max", "0.01")
+    assert strict.returncode == 1
+
+
+@pytest.mark.parametrize("args, message", [
+    (["kernel", "--arch", "missing.toml"], "cannot read architecture file"),
+    (["kernel"], "give --activation or --arch"),
+    (["kernel", "--activation", "relu", "--arch", "x.toml"], "not both"),
+    (["gram", "--arch", "examples/architectures/cnn.toml", "--depth", "3"], "sets the depth"),
+    (["finite-width", "--arch", "examples/architectures/cnn.toml"], "dense networks only"),
+    (["validate", "--arch", "examples/architectures/cnn.toml"], "--width"),
+    (["criticality", "--arch", "examples/architectures/cnn.toml"], "spatial"),
+])
+def test_arch_errors_are_one_line(args, message):
+    res = run(*args)
+    assert res.returncode == 2
+    assert message in res.stderr and len(res.stderr.strip().splitlines()) == 1
+
+
+def test_bad_arch_file_names_the_layer(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text("[[layers]]\ntype = 'dense'\n[[layers]]\ntype = 'conv'\npadding = 'FULL'\n")
+    res = run("kernel", "--arch", str(path))
+    assert res.returncode == 2
+    assert "layers[2]" in res.stderr and "padding" in res.stderr
