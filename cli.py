@@ -480,6 +480,8 @@ def gram(
     fmt: NumFormat = typer.Option(NumFormat.text, "--format", "-f", help="Output format."),
     dtype: DType = typer.Option(DType.float64, "--dtype", help="Floating-point type of the computation."),
     arch: Optional[Path] = typer.Option(None, "--arch", help=ARCH_HELP + " Inputs (N, d) or (N, positions..., d); default: 3 inputs of 6 positions in d = 4 if the architecture uses positions, else 4 inputs in d = 8."),
+    method: str = typer.Option("auto", "--method", help="Dense networks: 'auto' (the fast tiled evaluation where the derivation allows it), 'tiled' or 'direct' (whole matrices layer by layer, the reference)."),
+    devices: Optional[int] = typer.Option(None, "--devices", help="Dense networks, tiled method: shard the rows of the Gram matrices over this many local devices."),
 ) -> None:
     """NNGP and NTK Gram matrices of a batch of inputs at depth L (jit-compiled JAX).
 
@@ -511,7 +513,12 @@ def gram(
         x = api.inputs_from_kernel(_load_npy(input_kernel, "--input-kernel"))
     else:
         x = np.random.default_rng(0).standard_normal((4, 8))
-    res = api.gram(activation, x, depth, cw, cb, lambda_w, lambda_b, params=param, dtype=dtype.value)
+    if method not in ("auto", "tiled", "direct"):
+        fail(f"--method must be auto, tiled or direct, got {method!r}")
+    if devices is not None and devices < 1:
+        fail("--devices must be at least 1")
+    res = api.gram(activation, x, depth, cw, cb, lambda_w, lambda_b, params=param, dtype=dtype.value,
+                   method=method, devices=devices)
     if out is not None:
         _write_atomic(out, lambda tmp: np.savez(open(tmp, "wb"), nngp=res.nngp, ntk=res.ntk))
     if fmt is NumFormat.json:

@@ -286,6 +286,9 @@ CASES = {
     "conv pool flatten": (A.serial(A.conv((3,), C_W=2.0, C_b=0.1), A.activation("relu"),
                                    A.conv((2,), (2,), "VALID"), A.activation("erf"), A.avg_pool((2,)),
                                    A.flatten(), A.dense()), SEQ),
+    "2-d CNN, global pool": (A.serial(A.conv((3, 2), C_W=1.5, C_b=0.05), A.activation("relu"),
+                                     A.conv((2, 2), (2, 1), C_W=2.0), A.activation("abs"),
+                                     A.avg_pool((2, 2), (1, 1), "SAME"), A.global_avg_pool(), A.dense()), IMG),
     "pre-LN transformer (swish MLP)": (A.serial(A.dense(), A.residual(A.layer_norm(), A.attention(
         heads=2, C_Q=0.5, C_K=0.5, C_V=0.5, C_O=1 / 3)), A.residual(A.layer_norm(), A.dense(0.4),
         A.activation("swish"), A.dense(1.6)), A.global_avg_pool()), SEQ),

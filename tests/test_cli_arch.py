@@ -100,3 +100,12 @@ def test_bad_arch_file_names_the_layer(tmp_path):
     res = run("kernel", "--arch", str(path))
     assert res.returncode == 2
     assert "layers[2]" in res.stderr and "padding" in res.stderr
+
+
+def test_gram_method_option_gives_the_same_matrices():
+    a = run("gram", "--activation", "relu", "--depth", "4", "--cw", "2", "--format", "json", "--method", "direct")
+    b = run("gram", "--activation", "relu", "--depth", "4", "--cw", "2", "--format", "json", "--method", "tiled")
+    assert a.returncode == 0 and b.returncode == 0, a.stderr + b.stderr
+    np.testing.assert_allclose(json.loads(a.stdout)["ntk"], json.loads(b.stdout)["ntk"], rtol=1e-12)
+    bad = run("gram", "--activation", "relu", "--depth", "4", "--cw", "2", "--method", "fast")
+    assert bad.returncode == 2 and "--method" in bad.stderr
