@@ -380,6 +380,35 @@ def batch_expectations(activation: Activation, tol: float = DEFAULT_TOL) -> Batc
     return _batch_expectations(activation.sigma_numeric, tol)
 
 
+@dataclass(frozen=True)
+class BatchTerms:
+    """Every SymPy coefficient of the batch recursions (parameters at their values).
+
+    ``pairs`` holds the two-input expectations in K11, K12, K22 (:class:`BatchExpectations`) and
+    ``E2`` = <sigma(z1) sigma(z2)>_K as the kernel derivation writes it; the single-input ones are
+    in K: ``s2`` = <sigma^2>_K, ``s4`` = <sigma^4>_K, ``g1`` = d<sigma^2>_K/dK and
+    ``g2`` = d^2<sigma^2>_K/dK^2 (so <d^2 sigma^2/dz^2>_K = 2 g1, <d^4 sigma^2/dz^4>_K = 4 g2).
+    """
+
+    pairs: BatchExpectations
+    E2: sp.Expr
+    s2: sp.Expr
+    s4: sp.Expr
+    g1: sp.Expr
+    g2: sp.Expr
+
+
+def batch_terms(activation: Activation, tol: float = DEFAULT_TOL) -> BatchTerms:
+    """The coefficients :func:`iterate_batch` evaluates (and the JAX batch iteration compiles)."""
+    from .recursions import derive_kernel
+
+    fw = finite_width_maps(activation, tol)
+    s2 = fw.expectations["s2"]
+    d = derive_kernel(activation, tol)
+    return BatchTerms(batch_expectations(activation, tol), d.numeric(d.expectation), s2,
+                      fw.expectations["s4"], sp.diff(s2, S.K), sp.diff(s2, S.K, 2))
+
+
 def _pair_values(expr: sp.Expr, k11, k12, k22):
     with np.errstate(all="ignore"):
         return float(evaluate(expr, {S.K11: k11, S.K12: k12, S.K22: k22}))
@@ -431,13 +460,24 @@ def _gaussian_moment(act: Activation, cov: np.ndarray, powers: list, order: int)
     d = len(powers)
     grids = np.meshgrid(*([x] * d), indexing="ij")
     weights = np.prod(np.meshgrid(*([w] * d), indexing="ij"), axis=0)
-    L = np.linalg.cholesky(cov + 1e-300 * np.eye(d)) if np.all(np.linalg.eigvalsh(cov) > 0) else _psd_root(cov)
+    L = _root(cov)
     pts = np.stack([g.ravel() for g in grids])  # (d, M)
     z = L @ pts
     vals = np.ones(z.shape[1])
     for i, p in enumerate(powers):
         vals = vals * np.asarray(ev(act.sigma_numeric, {S.z: z[i]}), dtype=float) ** p
     return float(np.sum(weights.ravel() * vals))
+
+
+def _root(cov: np.ndarray) -> np.ndarray:
+    """L with L L^T = cov: the Cholesky factor, or the eigen-root where cov is singular (including
+    in floating point only, where the eigenvalues are all positive but Cholesky breaks down)."""
+    if np.all(np.linalg.eigvalsh(cov) > 0):
+        try:
+            return np.linalg.cholesky(cov + 1e-300 * np.eye(len(cov)))
+        except np.linalg.LinAlgError:
+            pass
+    return _psd_root(cov)
 
 
 def _psd_root(cov: np.ndarray) -> np.ndarray:
@@ -471,21 +511,15 @@ def iterate_batch(activation: Activation, inputs, depth: int, C_W: float, C_b: f
     input (accurate for smooth activations; slowly convergent for kinks).
     """
     from .api import check_inputs
-    from .recursions import derive_kernel
 
     x = check_inputs(inputs)
     N = x.shape[0]
     if int(depth) != depth or depth < 1:
         raise DeriveError(f"depth must be an integer >= 1, got {depth}")
     n = np.broadcast_to(np.asarray(1.0 if widths is None else widths, dtype=float), (depth,)).astype(float)
-    bx = batch_expectations(activation, tol)
-    fw = finite_width_maps(activation, tol)
-    g = fw.expectations["s2"]
-    single = {"g1": sp.diff(g, S.K), "g2": sp.diff(g, S.K, 2)}
-    d = derive_kernel(activation, tol)
-    E2 = d.numeric(d.expectation)
-    s2 = fw.expectations["s2"]
-    s4 = fw.expectations["s4"]
+    terms = batch_terms(activation, tol)
+    bx, E2, s2, s4 = terms.pairs, terms.E2, terms.s2, terms.s4
+    single = {"g1": terms.g1, "g2": terms.g2}
 
     Ks = np.empty((depth, N, N))
     Vs = np.zeros((depth, N, N, N, N))
@@ -530,3 +564,12 @@ def iterate_batch(activation: Activation, inputs, depth: int, C_W: float, C_b: f
         K = C_b + C_W * two
         V, G = newV, newG
     return BatchProfile(Ks, Vs, Gs)
+
+
+def __getattr__(name: str):
+    # iterate_batch_jax lives in finite_width_batch, which imports JAX; load it on first use only.
+    if name == "iterate_batch_jax":
+        from .finite_width_batch import iterate_batch_jax
+
+        return iterate_batch_jax
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
