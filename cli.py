@@ -373,7 +373,7 @@ def finite_width(
     param: Optional[List[str]] = typer.Option(None, "--param", "-p", help=PARAM_HELP),
     fmt: Format = typer.Option(Format.text, "--format", "-f", help="Output format."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Plot the normalised fluctuations against depth (.png)."),
-    arch: Optional[Path] = typer.Option(None, "--arch", help="Architecture file: not yet supported here (finite-width rules exist for dense networks only)."),
+    arch: Optional[Path] = typer.Option(None, "--arch", help="Architecture file instead of --activation, --cw, --cb, --depth: a dense network (dense, then activation and dense repeated; per-layer variances allowed). Other layer types have no finite-width rules yet and are refused with the reason."),
 ) -> None:
     """Finite-width corrections at order 1/n: four-point vertex V, NLO kernel G1, NTK mean and
     fluctuations (A, B, D, F), layer by layer, with closed forms in depth where they exist.
@@ -386,11 +386,19 @@ def finite_width(
 
       derive finite-width --activation gelu --cw 1.98 --cb 0.17 --depth 20 --widths 64,128,128,256,... --format json
     """
+    _activation_or_arch(activation, arch, "finite-width")
     if arch is not None:
-        _load_arch(arch)  # report a bad file as such
-        fail("finite-width --arch: V and G1 are derived for dense networks only; the layer rules of "
-             "residual, LayerNorm, convolution and attention have no finite-width maps yet (use --activation)")
-    _activation_or_arch(activation, arch, "finite-width", arch_ok=False)
+        from derive.arch import as_dense_network
+
+        dense = as_dense_network(_load_arch(arch))
+        if isinstance(dense, str):
+            fail(f"finite-width --arch: {dense}")
+        if cw is not None or depth is not None or lambda_w is not None or lambda_b is not None or param:
+            fail("finite-width --arch: the architecture file sets the depth, variances and activation")
+        activation, param = dense.activation, [f"{k}={v}" for k, v in dense.activation_params]
+        depth = dense.depth
+        cw, cb = dense.hyperparameter("C_W"), dense.hyperparameter("C_b")
+        lambda_w, lambda_b = dense.hyperparameter("lambda_W"), dense.hyperparameter("lambda_b")
     if cw is None or depth is None:
         fail("finite-width: --cw and --depth are required")
     from derive import api
@@ -398,7 +406,13 @@ def finite_width(
 
     if width is not None and widths is not None:
         fail("give --width or --widths, not both")
-    api.check_hyperparameters(cw, cb, lambda_w, lambda_b, depth)
+    per_layer = any(isinstance(v, list) for v in (cw, cb, lambda_w, lambda_b))
+    if per_layer:  # from an architecture file with layer-dependent variances
+        for i in range(depth):
+            api.check_hyperparameters(*(v[i] if isinstance(v, list) else v for v in (cw, cb, lambda_w, lambda_b)),
+                                      depth)
+    else:
+        api.check_hyperparameters(cw, cb, lambda_w, lambda_b, depth)
     ws = None
     if widths is not None:
         try:
@@ -439,7 +453,10 @@ def finite_width(
     from rich.table import Table
 
     console = Console()
-    console.print(f"[bold]{act.name}[/bold]: C_W = {cw:g}, C_b = {cb:g}, depth {depth}"
+    def shown_value(v):
+        return ",".join(f"{x:g}" for x in v) if isinstance(v, list) else f"{v:g}"
+
+    console.print(f"[bold]{act.name}[/bold]: C_W = {shown_value(cw)}, C_b = {shown_value(cb)}, depth {depth}"
                   + (f", widths {widths or width}" if ws is not None else " (quantities are per 1/n_(l-1))"))
     table = Table("layer", "K", "V", "G1", "Theta", "A", "B", "D", "F")
     shown = sorted({0, depth - 1, *[min(depth - 1, 10**k - 1) for k in range(0, 6)], *range(min(depth, 5))})

@@ -414,6 +414,45 @@ def _gaussian_after(net: Serial, gaussian: bool, where: str) -> bool:
     return gaussian
 
 
+@dataclass(frozen=True)
+class DenseNetwork:
+    """An architecture that is a plain dense network: dense, then (activation, dense) repeated, one
+    activation throughout; per-layer hyperparameters (index 0 = layer 1)."""
+
+    activation: str
+    activation_params: tuple[tuple[str, str], ...]
+    depth: int
+    C_W: tuple[float, ...]
+    C_b: tuple[float, ...]
+    lambda_W: tuple[float, ...]
+    lambda_b: tuple[float, ...]
+
+    def hyperparameter(self, name: str):
+        """A number when uniform over the layers (closed forms in depth apply), else the list."""
+        values = getattr(self, name)
+        return values[0] if len(set(values)) == 1 else list(values)
+
+
+def as_dense_network(net: Serial) -> DenseNetwork | str:
+    """The dense-network form of ``net`` (finite-width rules exist for it), or why it has none."""
+    layers = list(net.flat_layers())
+    for layer in layers:
+        if layer.type not in ("dense", "activation"):
+            return (f"layer type '{layer.type}' has no finite-width rules yet (V, G1 and the NTK "
+                    "fluctuations are derived for dense networks: dense, then activation and dense repeated)")
+    pattern_ok = (layers and layers[0].type == "dense" and len(layers) % 2 == 1
+                  and all(l.type == ("activation" if i % 2 else "dense") for i, l in enumerate(layers)))
+    if not pattern_ok:
+        return "finite-width rules need the pattern dense, (activation, dense) repeated"
+    acts = {(l.activation, l.activation_params) for l in layers if l.type == "activation"}
+    if len(acts) > 1:
+        return "finite-width rules need one activation throughout"
+    name, params = acts.pop() if acts else ("linear", ())
+    dense = [l for l in layers if l.type == "dense"]
+    return DenseNetwork(name, params, len(dense), *(tuple(l.value(k) for l in dense)
+                                                    for k in ("C_W", "C_b", "lambda_W", "lambda_b")))
+
+
 def check_derivable(net: Serial) -> Serial:
     """Refuse descriptions whose layers' rules do not apply to what they receive.
 

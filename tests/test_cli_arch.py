@@ -84,7 +84,8 @@ def test_validate_arch_json_and_exit_code(tmp_path):
     (["kernel"], "give --activation or --arch"),
     (["kernel", "--activation", "relu", "--arch", "x.toml"], "not both"),
     (["gram", "--arch", "examples/architectures/cnn.toml", "--depth", "3"], "sets the depth"),
-    (["finite-width", "--arch", "examples/architectures/cnn.toml"], "dense networks only"),
+    (["finite-width", "--arch", "examples/architectures/cnn.toml"], "'conv' has no finite-width rules yet"),
+    (["finite-width", "--arch", "examples/architectures/residual_mlp.toml"], "'residual' has no finite-width"),
     (["validate", "--arch", "examples/architectures/cnn.toml"], "--width"),
     (["criticality", "--arch", "examples/architectures/cnn.toml"], "spatial"),
 ])
@@ -109,3 +110,17 @@ def test_gram_method_option_gives_the_same_matrices():
     np.testing.assert_allclose(json.loads(a.stdout)["ntk"], json.loads(b.stdout)["ntk"], rtol=1e-12)
     bad = run("gram", "--activation", "relu", "--depth", "4", "--cw", "2", "--method", "fast")
     assert bad.returncode == 2 and "--method" in bad.stderr
+
+
+def test_finite_width_of_a_dense_architecture_equals_the_activation_form(tmp_path):
+    path = tmp_path / "mlp.toml"
+    path.write_text("[[layers]]\ntype = 'dense'\nC_W = 1.5\nC_b = 0.1\n[[layers]]\ntype = 'repeat'\ntimes = 4\n"
+                    "  [[layers.body]]\n  type = 'activation'\n  activation = 'tanh'\n"
+                    "  [[layers.body]]\n  type = 'dense'\n  C_W = 1.5\n  C_b = 0.1\n")
+    a = run("finite-width", "--arch", str(path), "--width", "64", "--format", "json")
+    b = run("finite-width", "--activation", "tanh", "--cw", "1.5", "--cb", "0.1", "--depth", "5", "--width", "64",
+            "--format", "json")
+    assert a.returncode == 0 and b.returncode == 0, a.stderr + b.stderr
+    ja, jb = json.loads(a.stdout), json.loads(b.stdout)
+    for q in ("K", "V", "G1", "Theta", "A", "B", "D", "F"):
+        assert ja[q] == jb[q], q
