@@ -32,7 +32,8 @@ N n_l normals per layer.
 
 Networks are independent, so the mean over S networks estimates E[K_hat^(l)] = K^(l) + O(1/n) and
 E[Theta_hat] = Theta^(L) + O(1/n), with standard error (sample std over networks) / sqrt(S).
-Network k's parameters are drawn from ``jax.random.fold_in(jax.random.key(seed), k)``, and for every
+Network k's parameters are drawn from ``jax.random.fold_in(jax.random.key(seed, impl=prng), k)``
+(``prng`` one of ``PRNGS``, see :func:`sample_kernels` for the choice of the default), and for every
 entry the mean and the central moment sums M_2, M_3, M_4 are accumulated network by network in index
 order (Welford's update, extended to the fourth moment by Terriberry; Pebay 2008, Sandia report
 SAND2008-6212, eqs. 1.5), so the numbers do not depend on the chunk size used to bound memory.
@@ -68,8 +69,11 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
+import math
 
 import jax
+from jax import lax
+from jax.extend.random import define_prng_impl
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import numpy as np
@@ -96,6 +100,107 @@ NETWORK_AXIS = "networks"
 
 
 # ----------------------------------------------------------------------------------------------
+# Random number generators
+#
+# Philox 4x32-10 (Salmon, Moraes, Dror & Shaw 2011, "Parallel random numbers: as easy as 1, 2, 3",
+# SC'11; the Random123 library) as a JAX PRNG, bit for bit the same as JAX's own
+# "philox4x32" (seed, split, fold_in and bits). JAX's version multiplies with ``lax.mulhi``, which
+# does not compile inside ``jax.shard_map`` on more than one device (JAX 0.10.2: "failed to legalize
+# operation 'mhlo.unknown'"); here the high word comes from a 64-bit product instead.
+
+_PHILOX_MULTIPLIERS = (np.uint64(0xD2511F53), np.uint64(0xCD9E8D57))
+_PHILOX_KEY_INCREMENTS = (np.uint32(0x9E3779B9), np.uint32(0xBB67AE85))  # Weyl sequence of the key
+_PHILOX_ROUNDS = 10
+
+
+def _mulhilo(multiplier: np.uint64, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Low and high 32-bit words of the 64-bit product ``multiplier * x``."""
+    product = multiplier * x.astype(jnp.uint64)
+    return product.astype(jnp.uint32), (product >> np.uint64(32)).astype(jnp.uint32)
+
+
+def _philox4x32(key, counter) -> tuple[jax.Array, ...]:
+    """Philox 4x32-10 of the 4-word ``counter`` under the 2-word ``key`` (uint32, broadcast together).
+
+    Each round: (x0, x1, x2, x3) <- (hi(M1 x2) ^ x1 ^ k0, lo(M1 x2), hi(M0 x0) ^ x3 ^ k1, lo(M0 x0)),
+    with the key incremented by the Weyl constants before every round but the first.
+    """
+    k0, k1 = (jnp.asarray(k, jnp.uint32) for k in key)
+    x0, x1, x2, x3 = (jnp.asarray(x, jnp.uint32) for x in counter)
+    for round_ in range(_PHILOX_ROUNDS):
+        if round_ > 0:
+            k0, k1 = k0 + _PHILOX_KEY_INCREMENTS[0], k1 + _PHILOX_KEY_INCREMENTS[1]
+        lo0, hi0 = _mulhilo(_PHILOX_MULTIPLIERS[0], x0)
+        lo1, hi1 = _mulhilo(_PHILOX_MULTIPLIERS[1], x2)
+        x0, x1, x2, x3 = hi1 ^ x1 ^ k0, lo1, hi0 ^ x3 ^ k1, lo0
+    return x0, x1, x2, x3
+
+
+def _counter_words(shape) -> tuple[jax.Array, jax.Array]:
+    """High and low 32-bit words of every entry's row-major index in an array of ``shape``."""
+    index = jnp.arange(math.prod(shape), dtype=jnp.uint64).reshape(shape)
+    return (index >> np.uint64(32)).astype(jnp.uint32), index.astype(jnp.uint32)
+
+
+def _philox_seed(seed: jax.Array) -> jax.Array:
+    high = lax.convert_element_type(lax.shift_right_logical(seed, lax.convert_element_type(32, seed.dtype)),
+                                    np.uint32)
+    low = lax.convert_element_type(seed, np.uint32)  # integer narrowing keeps the low 32 bits
+    zero = np.uint32(0)
+    out = _philox4x32((zero, zero), (high, low, zero, zero))
+    return jnp.stack(out[:2])
+
+
+def _philox_split(key: jax.Array, shape) -> jax.Array:
+    high, low = _counter_words(shape)
+    zeros = jnp.zeros(shape, jnp.uint32)
+    out = _philox4x32((key[0], key[1]), (zeros, zeros, high, low))
+    return jnp.stack(out[:2], axis=len(shape))
+
+
+def _philox_fold_in(key: jax.Array, data) -> jax.Array:
+    zero = np.uint32(0)
+    out = _philox4x32((key[0], key[1]), (zero, zero, zero, jnp.asarray(data, jnp.uint32)))
+    return jnp.stack(out[:2])
+
+
+def _philox_random_bits(key: jax.Array, bit_width: int, shape) -> jax.Array:
+    high, low = _counter_words(shape)
+    zeros = jnp.zeros(shape, jnp.uint32)
+    x0, x1, x2, x3 = _philox4x32((key[0], key[1]), (high, low, zeros, zeros))
+    if bit_width == 64:
+        return (x0.astype(jnp.uint64) << np.uint64(32)) | x1.astype(jnp.uint64)
+    return (x0 ^ x1 ^ x2 ^ x3).astype(np.dtype(f"uint{bit_width}"))
+
+
+_PHILOX4X32 = define_prng_impl(key_shape=(2,), seed=_philox_seed, split=_philox_split,
+                               random_bits=_philox_random_bits, fold_in=_philox_fold_in,
+                               name="philox4x32", tag="phx4")
+
+#: PRNG implementations ``sample_kernels`` accepts (``prng=``), by name. Both are counter-based
+#: generators at round counts that pass BigCrush (Salmon et al. 2011), give the same bits for a key
+#: under ``jax.vmap`` as alone (so numbers do not depend on the chunk or on the device count) and have
+#: 64-bit keys (two of 10^6 networks share a key with probability ~ 3e-8). Philox 4x32-10 draws
+#: normals fastest on CPU and is the default; "threefry2x32" is JAX's default generator and reproduces
+#: results from before this option existed.
+_PRNG_IMPLS = {"philox4x32": _PHILOX4X32, "threefry2x32": "threefry2x32"}
+PRNGS = tuple(_PRNG_IMPLS)
+DEFAULT_PRNG = "philox4x32"
+
+#: JAX implementations ``sample_kernels`` refuses, with the reason.
+_REFUSED_PRNGS = {
+    "rbg": "under jax.vmap it draws a whole batch of networks from the batch's first key, so network k's "
+           "numbers would depend on the chunk size and the device count",
+    "unsafe_rbg": "under jax.vmap it draws a whole batch of networks from the batch's first key, so network "
+                  "k's numbers would depend on the chunk size and the device count",
+    "threefry4x32": "jax.random.split of its keys (init_network splits every layer's key) did not finish "
+                    "within minutes under jax.jit and jax.vmap (JAX 0.10.2)",
+    "philox2x32": "its keys have 32 bits: among 10^5 networks two share all their weights with probability "
+                  "~ 0.7",
+}
+
+
+# ----------------------------------------------------------------------------------------------
 # One network
 
 
@@ -109,7 +214,8 @@ def init_network(key: jax.Array, widths: Sequence[int], C_W: float, C_b: float, 
     """Sample [(W^(1), b^(1)), ..., (W^(L), b^(L))] with W^(l) of shape (n_l, n_{l-1}).
 
     W^(l)_{ij} ~ N(0, C_W / n_{l-1}) and b^(l)_i ~ N(0, C_b) (PDLT ch. 2); layer l uses
-    the key ``fold_in(key, l)``, split into one key for W and one for b.
+    the key ``fold_in(key, l)``, split into one key for W and one for b. The key's implementation
+    (threefry2x32, philox4x32, ...) is the generator used.
     """
     params = []
     for l in range(1, len(widths)):
@@ -293,13 +399,16 @@ def _moments_update(state, sample_and_mask):
     return (n, *new), None
 
 
-@partial(jax.jit, static_argnames=("activation", "widths", "chunk", "ntk", "method", "mesh"))
-def _chunk_samples(start, key_data, inputs, hyper, *, activation, widths, chunk, ntk, method, mesh):
-    """Statistics of networks start .. start + chunk - 1, sharded over ``mesh``, replicated on return."""
+@partial(jax.jit, static_argnames=("activation", "widths", "chunk", "ntk", "method", "mesh", "prng"))
+def _chunk_samples(start, key_data, inputs, hyper, *, activation, widths, chunk, ntk, method, mesh, prng):
+    """Statistics of networks start .. start + chunk - 1, sharded over ``mesh``, replicated on return.
+
+    ``key_data`` is the raw data of the key ``seed`` of the generator named ``prng``.
+    """
     dtype = inputs.dtype
 
     def block(indices, key_data, inputs, hyper):
-        root_key = jax.random.wrap_key_data(key_data)
+        root_key = jax.random.wrap_key_data(key_data, impl=_PRNG_IMPLS[prng])
         C_W, C_b, lambda_W, lambda_b = hyper
 
         def one_network(k):
@@ -356,7 +465,8 @@ class MonteCarloResult:
     ``*_moments`` hold the mean and the central moment sums M_2, M_3, M_4 of every entry
     (:class:`derive.estimators.Moments`): ``nngp`` is K_hat^(l), ``gram`` is G_hat^(l), ``ntk``
     is Theta_hat. The NTK fields are None when sampled with ``ntk=False``. ``*_samples`` hold the
-    per-network values when ``keep_samples`` was set. ``widths`` = (n_0, ..., n_L).
+    per-network values when ``keep_samples`` was set. ``widths`` = (n_0, ..., n_L); ``seed`` and
+    ``prng`` identify the networks (``fold_in(key(seed, impl=prng), k)`` for network k).
     """
 
     nngp_mean: np.ndarray  # (L, N, N)
@@ -373,6 +483,7 @@ class MonteCarloResult:
     ntk_moments: Moments | None = None
     gram_samples: np.ndarray | None = None  # (S, L, N, N)
     n_devices: int = 1
+    prng: str | None = None  # the JAX PRNG implementation the networks were drawn with
 
     @property
     def depth(self) -> int:
@@ -466,10 +577,11 @@ def sample_kernels(
     method: str = "weights",
     devices: Sequence | None = None,
     progress: Callable[[int], None] | None = None,
+    prng: str = DEFAULT_PRNG,
 ) -> MonteCarloResult:
     """Sample ``n_networks`` dense networks and estimate every layer's kernel and the output NTK.
 
-    For network k (parameters from ``fold_in(key(seed), k)``), the per-network statistics of
+    For network k (parameters from ``fold_in(key(seed, impl=prng), k)``), the per-network statistics of
     :func:`network_statistics` and :func:`empirical_grams` are computed; their mean over networks
     estimates the infinite-width K^(l)_{ab} and Theta^(L)_{ab} (PDLT ch. 4 and 9) up to
     O(depth/width) corrections (PDLT ch. 4-5 and 8-9), and the standard error is the sample standard
@@ -503,6 +615,18 @@ def sample_kernels(
             about n / N times faster at width n where drawing the weights dominates (on CPU).
         devices: the devices to shard networks over (default ``jax.devices()``: all, on all hosts).
         progress: called with the number of networks done after each chunk.
+        prng: the generator the networks are drawn with, one of ``PRNGS``: "philox4x32" (default) or
+            "threefry2x32". Philox 4x32-10 is the default because it draws normals fastest on CPU
+            among the JAX generators that keep the guarantees above: measured on two cores with 512 x
+            512 weights, 1.1-1.2 times threefry2x32's normals per second in float64 (where turning
+            bits into normals, not the bits, costs most) and 1.5 times in float32; 1.0-1.2 (float64)
+            and 1.5-1.9 (float32) times the networks per second with 4 inputs at widths 512 and 1024
+            (benchmarks/montecarlo_throughput.py). "threefry2x32" (JAX's default generator) gives the
+            numbers of earlier versions, which drew with it; the same seed with the other generator
+            gives other, equally distributed networks. Refused, with the reason in the error: "rbg"
+            and "unsafe_rbg" (under ``jax.vmap`` XLA's RngBitGenerator draws a whole batch from its
+            first key, so results would depend on ``chunk`` and on the device count), "philox2x32"
+            (32-bit keys) and "threefry4x32".
     """
     lambda_W = C_W if lambda_W is None else lambda_W
     lambda_b = C_b if lambda_b is None else lambda_b
@@ -523,6 +647,10 @@ def sample_kernels(
         raise DeriveError(f"method must be 'weights' or 'conditional', got {method!r}")
     if method == "conditional" and ntk:
         raise DeriveError("the NTK needs the weights: use method='weights', or ntk=False")
+    if prng in _REFUSED_PRNGS:
+        raise DeriveError(f"prng={prng!r} is not supported: {_REFUSED_PRNGS[prng]}; use one of {PRNGS}")
+    if prng not in PRNGS:
+        raise DeriveError(f"prng must be one of {PRNGS}, got {prng!r}")
 
     mesh = network_mesh(devices)
     n_devices = mesh.size
@@ -542,9 +670,10 @@ def sample_kernels(
     state = (np.zeros((), dtype), zeros, zeros, zeros, zeros)
     home = mesh.local_devices[0]
     state = jax.device_put(state, home)
-    key_data = np.asarray(jax.random.key_data(jax.random.key(seed)))
+    key_data = np.asarray(jax.random.key_data(jax.random.key(seed, impl=_PRNG_IMPLS[prng])))
     hyper = tuple(np.asarray(c, dtype) for c in (C_W, C_b, lambda_W, lambda_b))
-    static = dict(activation=activation, widths=widths, chunk=chunk, ntk=ntk, method=method, mesh=mesh)
+    static = dict(activation=activation, widths=widths, chunk=chunk, ntk=ntk, method=method, mesh=mesh,
+                  prng=prng)
     kept = []
     for start in range(0, n_networks, chunk):
         samples = _chunk_samples(np.int64(start), key_data, inputs, hyper, **static)
@@ -579,5 +708,6 @@ def sample_kernels(
         ntk_moments=ntk_moments,
         gram_samples=samples.get("gram"),
         n_devices=n_devices,
+        prng=prng,
     )
 
