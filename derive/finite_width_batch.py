@@ -28,16 +28,18 @@ once by :func:`derive.codegen.to_jax`: the two-input ones are broadcast over all
 (K11 = K_aa, K12 = K_ab, K22 = K_bb), the single-input ones over the diagonal, and the local sums
 are gathers over static index tables, vectorised over every pair and quadruple of inputs. The
 four-point functions <s_a1 s_a2 s_a3 s_a4>_K come from the single-input form (one distinct input),
-the two-input forms <s_a^p s_b^q>_K (two), and, on three or four distinct inputs, the same tensor
-Gauss-Hermite rule as the NumPy iteration: ``quad_order`` points per input on the Cholesky factor of
-the sub-covariance (its eigen-root when singular), so both iterations give the same numbers and
-the same quadrature error. That error falls geometrically with the order for activations analytic
-in a strip (more slowly as the variances grow) and only algebraically at a kink: at the default 24
-points and variances of order 1-3, single four-point functions can be off by ~1e-3 (tanh) to ~1e-1
-(ReLU, strongly anti-correlated inputs) relative, against ~1e-7 for GELU. Raise ``quad_order``
-where entries on three or four distinct inputs matter. The layers run in one ``lax.scan``; the
-iteration is one jitted function per activation, batch size and quadrature order (compiled once
-per depth; the hyperparameters and widths are traced).
+the two-input forms <s_a^p s_b^q>_K (two), and, on three or four distinct inputs, the rule of
+:func:`derive.finite_width.moment_rule`, evaluated by the same array-generic code as the NumPy
+iteration (:func:`derive.finite_width.distinct_moment` with ``xp = jax.numpy``): an exact reduction
+to orthant probabilities for piecewise-polynomial activations (ReLU, leaky ReLU, |z|, step, ...;
+error below 1e-13 of the moment's scale), a nested trapezoid rule in whitened coordinates for
+smooth ones (tanh, erf, GELU, swish, ...; the order is chosen so that a one-dimensional probe at the
+largest variance of the layer meets ``tol``, 1e-11 by default, and measured errors are 1e-10 or less),
+and kink-aware Gauss-Legendre panels for other kinked ones (ELU, SELU). The host chooses the rule
+and each layer's order before tracing, from the diagonal of K (the single-input recursion), exactly
+as the NumPy iteration does; the scan switches between the orders it needs. The layers run in one
+``lax.scan``; the iteration is one jitted function per activation, batch size and set of orders
+(compiled once per depth; the hyperparameters, widths and each layer's choice of order are traced).
 """
 
 from __future__ import annotations
@@ -58,15 +60,28 @@ from . import symbols as S
 from .activations import Activation
 from .codegen import to_jax  # importing codegen enables float64 in JAX
 from .errors import DeriveError
-from .finite_width import BatchProfile, BatchTerms, batch_terms
+from .finite_width import (
+    SHIFT,
+    SMOOTH_VAR,
+    BatchProfile,
+    BatchTerms,
+    MomentRule,
+    batch_moment_rules,
+    batch_terms,
+    check_quad_order,
+    describe_rules,
+    distinct_moment,
+    exact_moment,
+    lower_triangular,
+)
 from .quadrature import DEFAULT_TOL
 
 __all__ = ["Coefficients", "coefficients", "iterate_batch_jax"]
 
-#: Number of times each batch iteration was traced, by (sigma(z), N, quad_order).
+#: Number of times each batch iteration was traced, by (sigma(z), N, quadrature order).
 TRACES: Counter = Counter()
 
-#: Largest number of Gauss-Hermite points (sub-covariances x grid points) evaluated at once.
+#: Largest number of quadrature points (sub-covariances x grid points) evaluated at once.
 MAX_GRID_ELEMENTS = 2**21
 
 _PAIR_ARGS = (S.K11, S.K12, S.K22)
@@ -173,9 +188,10 @@ def _moments(n: int) -> _Moments:
 # The jitted iteration
 
 
-def _psd_root(cov):
-    """L with L L^T = cov: the Cholesky factor, or the eigen-root where cov is singular (including
-    in floating point only: positive eigenvalues but a Cholesky breakdown), as in NumPy's rule.
+def _root(cov):
+    """Lower-triangular L with L L^T = cov: the Cholesky factor, or where cov is singular (including
+    in floating point only: positive eigenvalues but a Cholesky breakdown) the triangular factor of
+    the eigen-root, as in NumPy's rule (:func:`derive.finite_width.lower_triangular`).
 
     Both factorisations read the lower triangle only, as LAPACK does through NumPy: a kernel from
     quadrature nodes is symmetric only to the quadrature error (entry (a, b) is evaluated at
@@ -185,43 +201,37 @@ def _psd_root(cov):
     v, w = lax.linalg.eigh(cov, lower=True, symmetrize_input=False)
     chol = lax.linalg.cholesky(cov, symmetrize_input=False)
     definite = jnp.all(w > 0) & jnp.all(jnp.isfinite(chol))
-    return jnp.where(definite, chol, v * jnp.sqrt(jnp.clip(w, 0.0, None)))
+    fallback = lower_triangular(jnp, v * jnp.sqrt(jnp.clip(w, 0.0, None)))
+    return jnp.where(definite, chol, fallback)
 
 
-def _tensor_moments(sigma: Callable, K, sets: np.ndarray, powers: np.ndarray, order: int):
-    """E[prod_i sigma(z_i)^p_i], z ~ N(0, K[set, set]), for every set and power pattern, by the tensor
-    rule sum_g w_g0 ... w_g(d-1) prod_i sigma((L x_g)_i)^p_i with the ``order``-point probabilists'
-    Gauss-Hermite nodes x and normalised weights w, L the root of each sub-covariance (the rule of
-    :func:`derive.finite_width._gaussian_moment`). Returns shape (len(sets) * len(powers),).
+def _grid_size(rule: MomentRule, d: int) -> int:
+    """Quadrature points of one sub-covariance of d inputs under ``rule``."""
+    if rule.kind == "trapezoid":
+        return max(rule.order ** (d - 1), 4 * rule.order**2)
+    levels = d - 1 if rule.smoothed is not None else d
+    return 2 * d * rule.order * (3 * rule.order) ** (levels - 1)
 
-    The grid is summed in slabs of its first axis, at most :data:`MAX_GRID_ELEMENTS` points at a time.
+
+def _distinct_moments(sigma: Callable, smoothed: Callable | None, rule: MomentRule, K, sets: np.ndarray,
+                      powers: np.ndarray):
+    """E[prod_i sigma(z_i)^p_i], z ~ N(0, K[set, set]), for every set and power pattern, by
+    :func:`derive.finite_width.distinct_moment`. Returns shape (len(sets) * len(powers),).
+
+    The exact rule runs on all sets at once; the quadrature rules on :data:`MAX_GRID_ELEMENTS`
+    points at a time.
     """
-    d = sets.shape[1]
-    x, w = np.polynomial.hermite_e.hermegauss(order)
-    w = w / w.sum()
-    rest = [x.reshape((1,) * j + (-1,) + (1,) * (d - 2 - j)) for j in range(d - 1)]
-    w_rest = np.prod(np.meshgrid(*([w] * (d - 1)), indexing="ij"), axis=0)
-    slab_size = w_rest.size
+    patterns = [tuple(p) for p in powers.tolist()]
+    if rule.kind == "exact":
+        cov = K[sets[:, :, None], sets[:, None, :]]
+        return jnp.stack([exact_moment(jnp, rule.pieces, cov, p) for p in patterns], axis=1).ravel()
 
     def moments(subset):
-        L = _psd_root(K[subset[:, None], subset[None, :]])
+        cov = K[subset[:, None], subset[None, :]]
+        return jnp.stack([distinct_moment(jnp, rule, sigma, smoothed, cov, p, _root) for p in patterns])
 
-        def slab(g0):
-            x0, w0 = jnp.asarray(x)[g0], jnp.asarray(w)[g0]
-            s = [sigma(L[i, 0] * x0 + sum(L[i, j + 1] * rest[j] for j in range(d - 1))) for i in range(d)]
-            out = []
-            for p in powers.tolist():
-                vals = jnp.ones_like(s[0])
-                for si, pi in zip(s, p):
-                    vals = vals * si**pi
-                out.append(jnp.sum(w0 * w_rest * vals))
-            return jnp.stack(out)
-
-        per_slab = max(1, MAX_GRID_ELEMENTS // slab_size)
-        return jnp.sum(lax.map(slab, jnp.arange(order), batch_size=min(per_slab, order)), axis=0)
-
-    per_set = max(1, MAX_GRID_ELEMENTS // (slab_size * order))
-    return lax.map(moments, jnp.asarray(sets), batch_size=min(per_set, len(sets))).ravel()
+    per_batch = max(1, MAX_GRID_ELEMENTS // (_grid_size(rule, sets.shape[1]) * len(patterns)))
+    return lax.map(moments, jnp.asarray(sets), batch_size=min(per_batch, len(sets))).ravel()
 
 
 @dataclass(frozen=True)
@@ -257,13 +267,21 @@ def _local_coefficients(tables, diagonal, local: _Local, eye):
     return jnp.where(eye[..., None], on[:, None, :], off)
 
 
-def _layer(f: _Compiled, n: int, quad_order: int):
-    """One step (K, V, G1) -> (K', V', G1') of the module docstring, for N = n inputs."""
+def _layer(f: _Compiled, n: int, rules: tuple):
+    """One step (K, V, G1) -> (K', V', G1') of the module docstring, for N = n inputs; the four-point
+    functions on three or four distinct inputs by ``rules[which]`` (a switch when there are several)."""
+    smoothed = to_jax(rules[0].smoothed, (SHIFT, SMOOTH_VAR)) if rules[0].smoothed is not None else None
     eye = np.eye(n, dtype=bool)
     l2, l4 = _local(n, 2), _local(n, 4)
     mom = _moments(n)
 
-    def step(carry, r, C_W, C_b):
+    def distinct(rule):
+        def moments(K):
+            return jnp.concatenate([_distinct_moments(f.sigma, smoothed, rule, K, mom.sets[d], mom.powers[d])
+                                    for d in (3, 4) if len(mom.sets[d])])
+        return moments
+
+    def step(carry, r, which, C_W, C_b):
         K, V, G = carry
         kd = jnp.diagonal(K)
         k11, k22 = kd[:, None], kd[None, :]
@@ -276,9 +294,9 @@ def _layer(f: _Compiled, n: int, quad_order: int):
         m4 = _local_coefficients([on_pairs(g) for g in f.M4], f.M4_single(kd), l4, eye)
 
         candidates = [f.s4(kd)] + [on_pairs(g).ravel() for g in f.Q]
-        for d in (3, 4):
-            if len(mom.sets[d]):
-                candidates.append(_tensor_moments(f.sigma, K, mom.sets[d], mom.powers[d], quad_order))
+        if n >= 3:
+            branches = [distinct(rule) for rule in rules]
+            candidates.append(branches[0](K) if len(branches) == 1 else lax.switch(which, branches, K))
         quartic = jnp.concatenate(candidates)[mom.source]
         gauss = quartic - two[:, :, None, None] * two[None, None, :, :]
 
@@ -299,38 +317,41 @@ def _layer(f: _Compiled, n: int, quad_order: int):
 
 
 @lru_cache(maxsize=32)
-def _program(c: Coefficients, n: int, quad_order: int) -> Callable:
-    """The jitted iteration for one set of coefficients and batch size (hyperparameters traced)."""
-    step = _layer(_compile(c), n, quad_order)
-    key = (c.sigma, n, quad_order)
+def _program(c: Coefficients, n: int, rules: tuple) -> Callable:
+    """The jitted iteration for one set of coefficients, batch size and set of distinct rules
+    (hyperparameters, widths and each step's choice among the rules traced)."""
+    step = _layer(_compile(c), n, rules)
+    key = (c.sigma, n, tuple(rule.order for rule in rules))
 
-    def run(K1, ratios, C_W, C_b):
+    def run(K1, ratios, which, C_W, C_b):
         TRACES[key] += 1
         init = (K1, jnp.zeros((n,) * 4, K1.dtype), jnp.zeros((n, n), K1.dtype))
 
-        def body(carry, r):
-            new = step(carry, r, C_W, C_b)
+        def body(carry, xs):
+            r, w = xs
+            new = step(carry, r, w, C_W, C_b)
             return new, carry
 
-        last, history = lax.scan(body, init, ratios)
+        last, history = lax.scan(body, init, (ratios, which))
         return tuple(jnp.concatenate([h, x[None]]) for h, x in zip(history, last))
 
     return jax.jit(run)
 
 
 def iterate_batch_jax(activation: Activation, inputs, depth: int, C_W: float, C_b: float, *, widths=None,
-                      quad_order: int = 24, tol: float = DEFAULT_TOL) -> BatchProfile:
+                      quad_order="auto", tol: float = DEFAULT_TOL) -> BatchProfile:
     """Multi-input K_ab, V_(a1a2)(a3a4) and G1_ab through ``depth`` layers, in generated JAX.
 
     The same maps, arguments and result as :func:`derive.finite_width.iterate_batch` (see the
     module docstring for the formulas): K^(1) = C_b + C_W x x^T / d for inputs x of shape (N, d),
     V^(1) = G1^(1) = 0, r = n_l / n_{l-1} from ``widths`` (n_1..n_L; default uniform), and
-    four-point functions on three or four distinct inputs by a tensor Gauss-Hermite rule of
-    ``quad_order`` points per input. Float64 throughout.
+    four-point functions on three or four distinct inputs by the rule of
+    :func:`derive.finite_width.moment_rule` (``quad_order``: "auto" or an integer). Float64
+    throughout.
 
     Returns:
-        :class:`~derive.finite_width.BatchProfile` with K (L, N, N), V (L, N, N, N, N) and
-        G1 (L, N, N), index 0 = layer 1.
+        :class:`~derive.finite_width.BatchProfile` with K (L, N, N), V (L, N, N, N, N),
+        G1 (L, N, N), index 0 = layer 1, and ``quadrature`` describing the rule.
     """
     from .api import check_inputs
 
@@ -339,13 +360,16 @@ def iterate_batch_jax(activation: Activation, inputs, depth: int, C_W: float, C_
     if int(depth) != depth or depth < 1:
         raise DeriveError(f"depth must be an integer >= 1, got {depth}")
     depth = int(depth)
-    if int(quad_order) != quad_order or quad_order < 1:
-        raise DeriveError(f"quad_order must be an integer >= 1, got {quad_order}")
+    check_quad_order(quad_order)
     n = np.broadcast_to(np.asarray(1.0 if widths is None else widths, dtype=float), (depth,)).astype(float)
     ratios = np.ones(depth - 1)
     ratios[1:] = n[1:depth - 1] / n[:depth - 2]
-    c = coefficients(batch_terms(activation, tol), activation.sigma_numeric)
+    terms = batch_terms(activation, tol)
+    c = coefficients(terms, activation.sigma_numeric)
     K1 = C_b + C_W * x @ x.T / x.shape[1]
-    run = _program(c, N, int(quad_order))
-    K, V, G = run(K1, ratios, np.float64(C_W), np.float64(C_b))
-    return BatchProfile(np.asarray(K), np.asarray(V), np.asarray(G))
+    rules = batch_moment_rules(activation, terms.s2, np.diag(K1).copy(), depth, C_W, C_b, quad_order, tol)
+    distinct = tuple(sorted(set(rules), key=lambda rule: rule.order))
+    which = np.array([distinct.index(rule) for rule in rules[:depth - 1]], dtype=np.int32)
+    run = _program(c, N, distinct)
+    K, V, G = run(K1, ratios, which, np.float64(C_W), np.float64(C_b))
+    return BatchProfile(np.asarray(K), np.asarray(V), np.asarray(G), describe_rules(rules))

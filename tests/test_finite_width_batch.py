@@ -31,8 +31,11 @@ def _assert_layers_close(got, want, rtol=1e-12):
                                    err_msg=f"layer {layer}")
 
 
-@pytest.mark.parametrize("name", ACTIVATIONS)
+@pytest.mark.parametrize("name", ACTIVATIONS + ["elu", "leaky_relu"])
 def test_generated_jax_matches_numpy_batch_iteration(name):
+    """Every rule for four-point functions on three or four distinct inputs: exact (relu, leaky_relu),
+    trapezoid with a closed-form (erf, gelu) or tabulated (tanh, swish) last coordinate, and
+    kink-aware panels (elu)."""
     act = resolve(name)
     depth = len(WIDTHS)
     want = iterate_batch(act, X4, depth, C_W, C_B, widths=WIDTHS)
@@ -96,10 +99,10 @@ def test_symmetries(name):
 
 
 def test_compiles_once_per_shape():
-    """New hyperparameters and widths reuse the compiled iteration; the key holds a quadrature order
-    no other test uses, so the count starts from this test."""
+    """New hyperparameters and widths reuse the compiled iteration; the key holds the set of
+    quadrature orders (a fixed order no other test uses), so the count starts from this test."""
     act = resolve("erf")
-    key = (act.sigma_numeric, 3, 20)
+    key = (act.sigma_numeric, 3, (20,))
     before = fwb.TRACES[key]
     iterate_batch_jax(act, X4[:3], 4, 1.5, 0.1, quad_order=20)
     iterate_batch_jax(act, X4[:3], 4, 1.9, 0.0, widths=[10, 20, 40, 80], quad_order=20)
@@ -114,7 +117,8 @@ def test_exported_from_finite_width():
     assert exported is iterate_batch_jax
 
 
-@pytest.mark.parametrize("kwargs", [dict(depth=0), dict(depth=2.5), dict(quad_order=0)])
+@pytest.mark.parametrize("kwargs", [dict(depth=0), dict(depth=2.5), dict(quad_order=0),
+                                    dict(quad_order="fast")])
 def test_rejects_bad_arguments(kwargs):
     args = dict(depth=3, quad_order=24) | kwargs
     with pytest.raises(DeriveError):
