@@ -196,10 +196,6 @@ class Serial:
                 out.append((item.label or f"{i + 1}:{item.type}", item))
         return out
 
-    @property
-    def spatial(self) -> bool:
-        return any(l.rule.structural and l.rule.name != "attention" for l in self.distinct_layers())
-
 
 @lru_cache(maxsize=None)
 def layer_maps(layer: Layer, tol: float = 1e-11) -> LayerMaps:
