@@ -376,7 +376,8 @@ def finite_width(
     arch: Optional[Path] = typer.Option(None, "--arch", help="Architecture file instead of --activation, --cw, --cb, --depth: a dense network (dense, then activation and dense repeated; per-layer variances allowed). Other layer types have no finite-width rules yet and are refused with the reason."),
 ) -> None:
     """Finite-width corrections at order 1/n: four-point vertex V, NLO kernel G1, NTK mean and
-    fluctuations (A, B, D, F), layer by layer, with closed forms in depth where they exist.
+    fluctuations (A, B, D, F) and the dNTK-preactivation correlations (P, Q; PDLT ch. 11), layer by
+    layer, with closed forms in depth where they exist.
 
     Examples:
 
@@ -458,19 +459,21 @@ def finite_width(
 
     console.print(f"[bold]{act.name}[/bold]: C_W = {shown_value(cw)}, C_b = {shown_value(cb)}, depth {depth}"
                   + (f", widths {widths or width}" if ws is not None else " (quantities are per 1/n_(l-1))"))
-    table = Table("layer", "K", "V", "G1", "Theta", "A", "B", "D", "F")
+    table = Table("layer", "K", "V", "G1", "Theta", "A", "B", "D", "F", "P", "Q")
     shown = sorted({0, depth - 1, *[min(depth - 1, 10**k - 1) for k in range(0, 6)], *range(min(depth, 5))})
     for i in shown:
         table.add_row(str(i + 1), *(f"{rep[q][i]:.6g}" if rep[q][i] is not None else "inf"
-                                    for q in ("K", "V", "G1", "Theta", "A", "B", "D", "F")))
+                                    for q in ("K", "V", "G1", "Theta", "A", "B", "D", "F", "P", "Q")))
     console.print(table)
     for q, e in rep["closed_form"].items():
         console.print(f"closed form in l: {q}(l) = {e}")
     if rep["depth_to_width"]:
         d2w = rep["depth_to_width"]
         console.print(f"slope of V/(n K^2) against l/n at depth: {d2w['V_over_nK2_slope']:.6g}; "
-                      f"of Var(H)/Theta^2: {d2w['varH_over_Theta2_slope']:.6g}")
-        for key, label in (("V_over_nK2", "V/(n K^2)"), ("varH_over_Theta2", "Var(H)/Theta^2")):
+                      f"of Var(H)/Theta^2: {d2w['varH_over_Theta2_slope']:.6g}; "
+                      f"of the dNTK's (P + 2Q)/(n Theta^2): {d2w['dH_over_nTheta2_slope']:.6g}")
+        for key, label in (("V_over_nK2", "V/(n K^2)"), ("varH_over_Theta2", "Var(H)/Theta^2"),
+                           ("dH_over_nTheta2", "|P + 2Q|/(n Theta^2)")):
             if d2w[f"{key}_untrusted_from_layer"]:
                 console.print(f"[yellow]{label} exceeds 0.1 from layer {d2w[f'{key}_untrusted_from_layer']}: "
                               "the 1/n expansion is no longer trustworthy there[/yellow]")

@@ -14,9 +14,28 @@ Omega(z) = lambda_W sigma(z)^2 + C_W Theta sigma'(z)^2, the one-step maps derive
     A'     = Var_K(Omega) + r V/(4 K^4) <(z^2-K) Omega>_K^2 + r chi_perp^2 A
              + r chi_perp <(z^2-K) Omega>_K D / K^2                                      (PDLT 8.89)
 
-with V = G1 = A = B = D = F = 0 at layer 1. Here E[z_i z_j] = delta_ij (K + G1/n_{l-1}),
+and, for the dNTK dH_{i0i1i2} = sum lambda_mu lambda_nu (d^2 z_i0 / dtheta_mu dtheta_nu)
+(dz_i1 / dtheta_mu)(dz_i2 / dtheta_nu) (PDLT ch. 11), whose leading statistic is
+
+    E[dH_{i0i1i2} z_i3] = (1/n_{l-1}) [d_{i0i3} d_{i1i2} P + (d_{i0i1} d_{i2i3} + d_{i0i2} d_{i1i3}) Q],
+
+    P'     = C_W^2 Theta^2 <sigma sigma'^2 sigma''>_K + r C_W chi_perp <sigma sigma''>_K B + r chi_par chi_perp P
+    Q'     = lambda_W C_W Theta <sigma^2 sigma'^2>_K + C_W^2 Theta^2 <sigma sigma'^2 sigma''>_K
+             + r [lambda_W C_W <(sigma sigma')'>_K^2 + C_W^2 Theta <(sigma' sigma'')'>_K <(sigma sigma')'>_K] F
+             + r chi_par chi_perp Q
+
+derived from dH' = d_{i0i1} (lambda_W/n) sum sigma_j sigma'_j W_{i2k} sigma'_k Theta_jk + (i1 <-> i2)
++ sum W_{i0j} W_{i1k} W_{i2m} [sigma''_j sigma'_k sigma'_m Theta_jk Theta_jm + sigma'_j sigma'_k sigma'_m dH_jkm]
+by Wick contraction of the new weights with those of z_i3 = b_i3 + W_{i3j} sigma_j, keeping the
+off-diagonal (j != k) sums whose O(1/n) correlations B and F contribute at the same order. Second
+derivatives are removed by Gaussian integration by parts, so kinks need no delta functions:
+<sigma sigma'^2 sigma''> = (<z sigma sigma'^3>/K - <sigma'^4>)/3, <sigma sigma''> = <z sigma sigma'>/K
+- <sigma'^2>, <(sigma sigma')'> = <z sigma sigma'>/K and <(sigma' sigma'')'> = <(z^2-K) sigma'^2>/(2K^2).
+
+with V = G1 = A = B = D = F = P = Q = 0 at layer 1 (the first layer is linear in its parameters). Here E[z_i z_j] = delta_ij (K + G1/n_{l-1}),
 Cov(z_i^2, z_j^2) = V/n_{l-1} (i != j), Var(H_ii) = (A + 2B)/n_{l-1} and
-Cov(H_ii, z_i^2) = (D + 2F)/n_{l-1} for the NTK H. Every expectation goes through the rules
+Cov(H_ii, z_i^2) = (D + 2F)/n_{l-1} for the NTK H, E[dH_iii z_i] = (P + 2Q)/n_{l-1} and, for
+i != j, E[dH_ijj z_i] = P/n_{l-1}, E[dH_iij z_j] = Q/n_{l-1}. Every expectation goes through the rules
 engine, so the maps are closed forms wherever the activation allows.
 """
 
@@ -36,11 +55,11 @@ from .numeric import evaluate
 from .quadrature import DEFAULT_TOL, GaussianExpectation
 
 r = sp.Symbol("r", positive=True)
-A_, B_, D_, F_ = (sp.Symbol(n, real=True) for n in ("A", "B", "D", "F"))
+A_, B_, D_, F_, P_, Q_ = (sp.Symbol(n, real=True) for n in ("A", "B", "D", "F", "P", "Q"))
 
 #: Order of the per-layer quantities (JSON keys).
-QUANTITIES = ("K", "V", "G1", "Theta", "A", "B", "D", "F")
-STATE = {"K": S.K, "V": S.V, "G1": S.G1, "Theta": S.Theta, "A": A_, "B": B_, "D": D_, "F": F_}
+QUANTITIES = ("K", "V", "G1", "Theta", "A", "B", "D", "F", "P", "Q")
+STATE = {"K": S.K, "V": S.V, "G1": S.G1, "Theta": S.Theta, "A": A_, "B": B_, "D": D_, "F": F_, "P": P_, "Q": Q_}
 
 
 @dataclass(frozen=True)
@@ -72,6 +91,8 @@ def _expectations(sigma: sp.Expr, dsigma: sp.Expr, tol: float) -> dict:
         "s2_h4": E(sigma**2 * (z**4 - 6 * K * z**2 + 3 * K**2)),
         "s2_h2": E(sigma**2 * (z**2 - K)),
         "d2_h2": E(dsigma**2 * (z**2 - K)),
+        "zsd": E(z * sigma * dsigma),
+        "zsd3": E(z * sigma * dsigma**3),
     }
 
 
@@ -100,6 +121,14 @@ def finite_width_maps(activation: Activation, tol: float = DEFAULT_TOL) -> Finit
         "A": (var_omega + r * V / (4 * K**4) * omega_h2**2 + r * chi_perp**2 * A_
               + r * chi_perp * omega_h2 * D_ / K**2),
     }
+    # dNTK (module docstring); second derivatives of sigma integrated by parts
+    s_d2_dd = (e["zsd3"] / K - e["d4"]) / 3  # <sigma sigma'^2 sigma''>
+    s_dd = e["zsd"] / K - e["d2"]  # <sigma sigma''>
+    d_sd = e["zsd"] / K  # <(sigma sigma')'>
+    d_ddd = e["d2_h2"] / (2 * K**2)  # <(sigma' sigma'')'>
+    rec["P"] = C_W**2 * Th**2 * s_d2_dd + r * C_W * chi_perp * s_dd * B_ + r * chi_par * chi_perp * P_
+    rec["Q"] = (lW * C_W * Th * e["s2d2"] + C_W**2 * Th**2 * s_d2_dd
+                + r * (lW * C_W * d_sd**2 + C_W**2 * Th * d_ddd * d_sd) * F_ + r * chi_par * chi_perp * Q_)
     return FiniteWidthMaps(activation, e, rec)
 
 
@@ -138,13 +167,16 @@ class FiniteWidthProfile:
     closed_form: dict = field(default_factory=dict)
 
     def normalised(self) -> dict:
-        """V/(n_{l-1} K^2), G1/(n_{l-1} K) and Var(H)/Theta^2 = (A + 2B)/(n_{l-1} Theta^2)."""
+        """V/(n_{l-1} K^2), G1/(n_{l-1} K), Var(H)/Theta^2 = (A + 2B)/(n_{l-1} Theta^2) and the dNTK's
+        E[dH_iii z_i]/Theta^2 = (P + 2Q)/(n_{l-1} Theta^2) (dimensionless: dH ~ Theta^2 / z)."""
         K, V, G1 = self.values["K"], self.values["V"], self.values["G1"]
         Th, A, B = self.values["Theta"], self.values["A"], self.values["B"]
+        P, Q = self.values["P"], self.values["Q"]
         n_prev = np.concatenate([[np.inf], self.widths[:-1]])
         with np.errstate(all="ignore"):
             return {"V_over_nK2": V / (n_prev * K**2), "G1_over_nK": G1 / (n_prev * K),
-                    "varH_over_Theta2": (A + 2 * B) / (n_prev * Th**2), "l_over_n": np.arange(1, len(K) + 1) / n_prev}
+                    "varH_over_Theta2": (A + 2 * B) / (n_prev * Th**2),
+                    "dH_over_nTheta2": (P + 2 * Q) / (n_prev * Th**2), "l_over_n": np.arange(1, len(K) + 1) / n_prev}
 
 
 def iterate(maps: FiniteWidthMaps, depth: int, C_W, C_b, lambda_W=None, lambda_b=None, *, k1: float | None = None,
@@ -160,9 +192,9 @@ def iterate(maps: FiniteWidthMaps, depth: int, C_W, C_b, lambda_W=None, lambda_b
     """
     cw, cb, lw, lb, n, input_norm = _layer_setup(depth, C_W, C_b, lambda_W, lambda_b, k1, widths, input_norm)
     state = {"K": cb[0] + cw[0] * input_norm, "Theta": lb[0] + lw[0] * input_norm,
-             "V": 0.0, "G1": 0.0, "A": 0.0, "B": 0.0, "D": 0.0, "F": 0.0}
+             "V": 0.0, "G1": 0.0, "A": 0.0, "B": 0.0, "D": 0.0, "F": 0.0, "P": 0.0, "Q": 0.0}
     out = {q: np.empty(depth) for q in QUANTITIES}
-    order = ("K", "V", "G1", "Theta", "A", "B", "D", "F")
+    order = QUANTITIES
     fns = {q: _compiled(maps.recursions[q]) for q in order}
     for i in range(depth):
         for q in order:
@@ -224,8 +256,8 @@ def closed_forms_in_depth(maps: FiniteWidthMaps, C_W: float, C_b: float, lambda_
     consts = {S.C_W: Cw, S.C_b: 0, S.lambda_W: lw, S.lambda_b: lb, r: 1}
     A2 = sp.simplify(maps.expectations["s2"] / S.K)
     known = {"K": K1 * (Cw * A2) ** (l - 1)}
-    order = ("V", "G1", "Theta", "B", "F", "D", "A")
-    initial = {"V": 0, "G1": 0, "Theta": T1, "B": 0, "F": 0, "D": 0, "A": 0}
+    order = ("V", "G1", "Theta", "B", "F", "D", "A", "P", "Q")
+    initial = {"V": 0, "G1": 0, "Theta": T1, "B": 0, "F": 0, "D": 0, "A": 0, "P": 0, "Q": 0}
     for q in order:
         step = maps.recursions[q].xreplace(consts)
         step = step.xreplace({STATE[k]: v for k, v in known.items()})
@@ -253,12 +285,13 @@ TRUST_LIMIT = 0.1
 
 
 def depth_to_width(profile: FiniteWidthProfile) -> dict:
-    """Slopes of V/(n K^2) and Var(H)/Theta^2 against l/n at the deepest layers, and the first layer
-    where either exceeds :data:`TRUST_LIMIT` (there the O(1/n^2) terms are no longer small)."""
+    """Slopes of V/(n K^2), Var(H)/Theta^2 and (P + 2Q)/(n Theta^2) against l/n at the deepest layers,
+    and the first layer where each exceeds :data:`TRUST_LIMIT` in size (there the O(1/n^2) terms are no
+    longer small)."""
     norm = profile.normalised()
     x = norm["l_over_n"]
     out: dict = {}
-    for key in ("V_over_nK2", "varH_over_Theta2"):
+    for key in ("V_over_nK2", "varH_over_Theta2", "dH_over_nTheta2"):
         y = norm[key]
         ok = np.isfinite(y) & np.isfinite(x)
         idx = np.flatnonzero(ok)
@@ -302,7 +335,7 @@ def finite_width_report(activation: Activation, depth: int, C_W, C_b, lambda_W=N
     return out
 
 
-_ARGS = (S.K, S.V, S.G1, S.Theta, A_, B_, D_, F_, S.C_W, S.C_b, S.lambda_W, S.lambda_b, r)
+_ARGS = (*(STATE[q] for q in QUANTITIES), S.C_W, S.C_b, S.lambda_W, S.lambda_b, r)
 _JAX_STEPS: dict = {}
 
 
@@ -332,13 +365,12 @@ def iterate_jax(maps: FiniteWidthMaps, depth: int, C_W, C_b, lambda_W=None, lamb
         _JAX_STEPS[key] = run
     run = _JAX_STEPS[key]
     init = tuple(jnp.asarray(v, jnp.float64) for v in
-                 (cb[0] + cw[0] * input_norm, 0.0, 0.0, lb[0] + lw[0] * input_norm, 0.0, 0.0, 0.0, 0.0))
+                 (cb[0] + cw[0] * input_norm, 0.0, 0.0, lb[0] + lw[0] * input_norm) + (0.0,) * (len(QUANTITIES) - 4))
     steps = depth - 1
     hyper = tuple(jnp.asarray(a[1:depth] if steps else a[:0], jnp.float64) for a in (cw, cb, lw, lb)) + (
         jnp.asarray(ratio[:steps], jnp.float64),)
     hist, last = run(init, hyper)
-    order = ("K", "V", "G1", "Theta", "A", "B", "D", "F")
-    return {q: np.concatenate([np.asarray(hist[i]), [float(last[i])]]) for i, q in enumerate(order)}
+    return {q: np.concatenate([np.asarray(hist[i]), [float(last[i])]]) for i, q in enumerate(QUANTITIES)}
 
 
 # ------------------------------------------------------------------------------------------------

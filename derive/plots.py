@@ -67,13 +67,15 @@ def depth_profile_plot(activation, profile, out: str, C_W: float, C_b: float) ->
 
 
 def finite_width_plot(report: dict, out: str) -> None:
-    """Normalised finite-width fluctuations V/(n K^2), G1/(n K) and Var(H)/Theta^2 against depth."""
+    """Normalised finite-width fluctuations V/(n K^2), G1/(n K), Var(H)/Theta^2 and the dNTK's
+    (P + 2Q)/(n Theta^2) against depth."""
     plt = _pyplot()
     norm = report["normalised"]
     layers = np.arange(1, report["depth"] + 1)
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for key, label in (("V_over_nK2", r"$V/(n K^2)$"), ("G1_over_nK", r"$G^{\{1\}}/(n K)$"),
-                       ("varH_over_Theta2", r"$\mathrm{Var}(H)/\Theta^2$")):
+                       ("varH_over_Theta2", r"$\mathrm{Var}(H)/\Theta^2$"),
+                       ("dH_over_nTheta2", r"$(P + 2Q)/(n \Theta^2)$ (dNTK)")):
         y = np.array([np.nan if v is None else v for v in norm[key]], dtype=float)
         ax.plot(layers, y, label=label)
     ax.axhline(0.1, color="k", ls=":", lw=0.8)

@@ -113,3 +113,22 @@ def test_help_explains_options_with_examples():
     assert res.returncode == 0
     for opt in ("--activation", "--depth", "--cw", "--cb", "--inputs", "--out", "Example"):
         assert opt in res.stdout
+
+
+def test_finite_width_json_has_the_dntk_and_its_closed_form():
+    """ReLU at criticality: per-layer lists K..F, P, Q; the closed forms solve the recursions in l
+    (checked against the per-layer values the command printed)."""
+    import sympy as sp
+
+    res = run("finite-width", "--activation", "relu", "--cw", "2", "--cb", "0", "--depth", "7", "--width", "50",
+              "--format", "json")
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    for key in ("K", "V", "G1", "Theta", "A", "B", "D", "F", "P", "Q"):
+        assert len(out[key]) == 7 and key in out["recursions"]
+    assert out["P"] == [0.0] * 7
+    l = sp.Symbol("l")
+    for q in ("Q", "A", "B"):
+        expr = parse_expression(out["closed_form"][q], variables={"l": l})
+        assert [float(expr.subs(l, k)) for k in range(1, 8)] == pytest.approx(out[q], rel=1e-12)
+    assert out["depth_to_width"]["dH_over_nTheta2_slope"] > 0
