@@ -316,6 +316,7 @@ class Setup:
     kernel: np.ndarray | None = None
     ntk: np.ndarray | None = None
     activation: Any = None
+    dntk: Any = None  # per input, a derive.dntk_sampling.DNTKSamples (quantities with needs_dntk)
 
     @property
     def depth(self) -> int:
@@ -344,6 +345,7 @@ class Quantity:
     first_layer: int = 1
     output_only: bool = False
     needs_ntk: bool = False
+    needs_dntk: bool = False
     meta: Mapping[str, Any] = field(default_factory=dict)
 
     def layers(self, depth: int) -> list[int]:
@@ -386,6 +388,24 @@ def _estimate_nlo(result, setup: Setup):
 def _estimate_ntk_variance(result, setup: Setup):
     est, se = ntk_variance(result)
     return _per_layer_output(est, setup.depth), _per_layer_output(se, setup.depth)
+
+
+def _dntk_estimator(name: str) -> Estimator:
+    """n_{l-1} E[dH z] of each single input (its own sampled networks), NaN at layer 1, (L, N)."""
+    def estimate(result, setup: Setup):
+        if setup.dntk is None:
+            raise DeriveError(f"{name} needs the sampled dNTK (derive.dntk_sampling.sample_dntk)")
+        pairs = [d.estimate(name) for d in setup.dntk]
+        pad = np.full((1, len(pairs)), np.nan)
+        return (np.concatenate([pad, np.stack([p[0] for p in pairs], axis=1)]),
+                np.concatenate([pad, np.stack([p[1] for p in pairs], axis=1)]))
+    return estimate
+
+
+def _dntk_theory(name: str) -> Theory:
+    def theory(setup: Setup) -> np.ndarray:
+        return np.stack([p.values[name] for p in _single_input_profiles(setup)], axis=1)
+    return theory
 
 
 def _kernel_theory(setup: Setup) -> np.ndarray:
@@ -440,6 +460,10 @@ QUANTITIES: dict[str, Quantity] = {
                  _nlo_theory, pairs=False, first_layer=2),
         Quantity("Theta_var", "NTK fluctuation n_{L-1} Var(Theta_hat_aa) = A + 2B/n_L",
                  _estimate_ntk_variance, _ntk_variance_theory, pairs=False, output_only=True, needs_ntk=True),
+        Quantity("dNTK_P", "dNTK P^(l) = n_{l-1} E[dH_ijj z_i], i != j (PDLT ch. 11)", _dntk_estimator("P"),
+                 _dntk_theory("P"), pairs=False, first_layer=2, needs_dntk=True),
+        Quantity("dNTK_Q", "dNTK Q^(l) = n_{l-1} E[dH_iij z_j], i != j (PDLT ch. 11)", _dntk_estimator("Q"),
+                 _dntk_theory("Q"), pairs=False, first_layer=2, needs_dntk=True),
     )
 }
 

@@ -212,7 +212,10 @@ def validate(
         quantities: names in the registry (default :data:`derive.estimators.QUANTITIES`): "K"
             (kernel per layer, all input pairs), "Theta" (output NTK, all pairs), "V", "G1" and
             "Theta_var" (leading-order finite-width statistics per single input, their theory from
-            :mod:`derive.finite_width`; at one width they carry O(1/n) relative corrections).
+            :mod:`derive.finite_width`; at one width they carry O(1/n) relative corrections),
+            "dNTK_P" and "dNTK_Q" (the dNTK's correlations with the preactivations, from
+            :func:`derive.dntk_sampling.sample_dntk`, which samples its own networks per input, for
+            layers 2..L; they need depth >= 2 and cost about 2 n second-order passes per network).
         inputs: (N, d) array of inputs (default :func:`default_inputs`).
         lambda_W, lambda_b: NTK learning-rate factors (default C_W, C_b).
         params: activation parameters (``{"a": "0.2"}`` or ``["a=0.2"]``).
@@ -265,6 +268,8 @@ def validate(
     sigma = api.jax_activation(act)
     selected = [registry[q] for q in names]
     needs_ntk = any(q.needs_ntk for q in selected)
+    if any(q.needs_dntk for q in selected) and depth < 2:
+        raise DeriveError("the dNTK quantities need depth >= 2 (the first layer's dNTK is zero)")
     if needs_ntk and method == "conditional":
         raise DeriveError("the NTK quantities (Theta, Theta_var) need sampled weights: use method 'weights'")
 
@@ -277,7 +282,13 @@ def validate(
             result = sample_kernels(sigma, x, depth, n, C_W, C_b, lambda_W, lambda_b,
                                     n_networks=int(samples), seed=_width_seed(int(seed), n), ntk=needs_ntk,
                                     chunk=chunk, method=method, progress=step)
-            setup = Setup(result.widths, C_W, C_b, lambda_W, lambda_b, x, kernel, ntk, act)
+            dntk = None
+            if any(q.needs_dntk for q in selected):
+                from .dntk_sampling import sample_dntk
+
+                dntk = [sample_dntk(sigma, depth, n, C_W, C_b, lambda_W, lambda_b, x=xa, n_networks=int(samples),
+                                    seed=_width_seed(int(seed) + 1 + a, n)) for a, xa in enumerate(x)]
+            setup = Setup(result.widths, C_W, C_b, lambda_W, lambda_b, x, kernel, ntk, act, dntk)
             for q in selected:
                 for row in quantity_rows(q, result, setup):
                     rows.append({**row, "width": n, "checked": len(chosen) == 1})

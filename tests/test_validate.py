@@ -126,6 +126,22 @@ def test_several_widths_extrapolate_in_inverse_width(tmp_path):
     assert (tmp_path / "mc.png").stat().st_size > 10_000
 
 
+def test_dntk_quantities_agree_and_a_wrong_theory_is_detected():
+    """Layer-2 dNTK statistics are exact at any width (Gaussian layer 1, deterministic layer-1 NTK), so
+    one small width suffices; the same sample rejects a theory 25% off (about 10 standard errors)."""
+    args = dict(activation="tanh", C_W=1.5, C_b=0.05, depth=2, width=24, samples=300, seed=5,
+                quantities="dNTK_P,dNTK_Q", lambda_W=0.7, lambda_b=0.4)
+    report = validate(**args)
+    rows = [r for r in report.results if r["checked"]]
+    assert sorted({(r["quantity"], r["layer"]) for r in rows}) == [("dNTK_P", 2), ("dNTK_Q", 2)]
+    assert len(rows) == 2 * len(default_inputs()) and report.passed, report.worst
+    scaled = {name: replace(QUANTITIES[name], theory=lambda setup, t=QUANTITIES[name].theory: 1.25 * t(setup))
+              for name in ("dNTK_P", "dNTK_Q")}
+    assert not validate(**args, registry=scaled).passed
+    with pytest.raises(DeriveError, match="depth >= 2"):
+        validate(**{**args, "depth": 1})
+
+
 @pytest.mark.parametrize("kwargs", [
     dict(samples=1), dict(width=None), dict(quantities=["K", "nonsense"]), dict(z_max=0.0),
     dict(width=None, widths=[16, 32], fit_order=2), dict(width=0), dict(C_W=-1.0), dict(inputs=np.ones(3)),
