@@ -45,25 +45,31 @@ Two evaluations of the same recursion are provided (``method=``):
        results plus a few tiles), several at a time (vmapped), and can be sharded over devices
        (``devices=``: each device owns a stripe of rows and computes its tiles below the
        diagonal as transposes of tiles above it, so the result does not depend on the devices).
-    2. *Per-row quantities are hoisted.* 1 / sqrt(K_aa), and every subexpression of E and Ed
+       Tiles on the diagonal and the others are separate loops: only the former floor their
+       diagonal entries and are symmetrised, only the latter are also written transposed.
+    2. *One pass per layer.* K and Theta travel through the layers as one complex array
+       K + i Theta, so that each layer is a single compiled loop over the tile that evaluates E
+       and Ed once and stores both results (XLA on CPU compiles one loop per output array, and
+       with two arrays it evaluated E twice, once for each).
+    3. *Per-row quantities are hoisted.* 1 / sqrt(K_aa), and every subexpression of E and Ed
        that depends on K11 alone (found by walking the tree, e.g. (1 + 2 K11)^(-1/2) of the erf
        kernel), are computed once per row and layer instead of once per entry. Arguments are
        passed in a canonical order (smaller variance first), so that entries (a, b) and (b, a)
        are the same computation.
-    3. *Homogeneous maps* (detected symbolically: E(t K) = t^p E(K) for t > 0, and likewise Ed):
+    4. *Homogeneous maps* (detected symbolically: E(t K) = t^p E(K) for t > 0, and likewise Ed):
        then E = (K11 K22)^(p/2) e(rho) with e(rho) = E(1, rho, 1), derived by substitution and
        checked numerically. This is the scale-invariant class, sigma(z) = z sigma'(z) (relu,
        leaky relu, abs, linear), and also the step function (p = 0) and rectified monomials
        (p = k). Per entry only rho = K_ab (K_aa K_bb)^(-1/2), from per-row factors, and the
        arc-cosine form e(rho) are evaluated; the diagonal map is K -> C_b + C_W e(1) K^p.
-    4. *Stable, cheap elementary functions.* arccos, arcsin and sqrt(1 - rho^2) are polynomials
+    5. *Stable, cheap elementary functions.* arccos, arcsin and sqrt(1 - rho^2) are polynomials
        around one shared square root (:mod:`derive.safe`: ``fast_arccos`` within 1 ulp; libm's
        acos does not vectorise). Where a form has a branch point at rho = +-1 (arccos(rho),
        sqrt(1 - rho^2): found by substituting rho = +-1 into the arguments), a correlation within
        :data:`SNAP_ULPS` units of roundoff of +-1 is evaluated exactly there, for the reason
        given under ``"direct"``; rho itself carries a few ulps of rounding, so this changes
        nothing beyond rounding.
-    5. *Quadrature nodes by Mehler's expansion.* A two-input node <f(z1, z2)>_K whose integrand
+    6. *Quadrature nodes by Mehler's expansion.* A two-input node <f(z1, z2)>_K whose integrand
        separates, f = sum_t c_t p_t(z1) q_t(z2) (found with ``sympy.separatevars``), is
        evaluated with Mehler's formula for the bivariate normal (Mehler 1866; e.g. O'Donnell,
        *Analysis of Boolean Functions*, sec. 11.2): with z1 = sqrt(K11) u, z2 = sqrt(K22) v,
@@ -940,11 +946,16 @@ def _run_tiled(plan: _Plan, key, inputs, C_W, C_b, lambda_W, lambda_b, rules, *,
     arrays = (x, tuple(coefs))
     worst_tails = jnp.stack(tails) if tails else jnp.zeros((0,), dtype)
 
-    def tile_maps(i0, j0, arrays):
-        """K, Theta of the tile with rows i0.. and columns j0.. after all layers (i0 <= j0)."""
+    def tile_maps(i0, j0, arrays, diagonal: bool):
+        """K, Theta of the tile with rows i0.. and columns j0.. after all layers (i0 <= j0).
+
+        ``diagonal``: the tile lies on the diagonal of the Gram matrix (i0 == j0). Such tiles and
+        the others are compiled separately, so that only the diagonal ones floor their diagonal
+        entries and are symmetrised.
+        """
         x, coefs = arrays
         xr = lax.dynamic_slice_in_dim(x, i0, tile)
-        xc = lax.dynamic_slice_in_dim(x, j0, tile)
+        xc = xr if diagonal else lax.dynamic_slice_in_dim(x, j0, tile)
         overlap = jnp.matmul(xr, xc.T, precision=lax.Precision.HIGHEST) / d
         K = C_b + C_W * overlap
         Theta = lambda_b + lambda_W * overlap
@@ -953,10 +964,13 @@ def _run_tiled(plan: _Plan, key, inputs, C_W, C_b, lambda_W, lambda_b, rules, *,
         # carry. (Indexing stacked per-layer arrays by the step number instead makes XLA reload
         # the index inside the compiled element loops, which then do not vectorise.)
         diag_r = C_b + C_W * (jnp.sum(xr * xr, axis=1) / d)
-        diag_c = C_b + C_W * (jnp.sum(xc * xc, axis=1) / d)
+        diag_c = diag_r if diagonal else C_b + C_W * (jnp.sum(xc * xc, axis=1) / d)
         # Diagonal entries are floored like the profiles, so that entry (a, a) is the map at
         # K11 = K12 = K22 = max(K_aa, floor) (rho = 1), also for a zero input with C_b = 0.
-        on_diagonal = jnp.logical_and(jnp.eye(tile, dtype=bool), i0 == j0)
+        on_diagonal = jnp.eye(tile, dtype=bool) if diagonal else None
+
+        def floored(K):
+            return K if on_diagonal is None else jnp.where(on_diagonal, jnp.maximum(K, floor), K)
 
         def segment(carry, coef, length, order):
             if coef is not None:
@@ -964,7 +978,8 @@ def _run_tiled(plan: _Plan, key, inputs, C_W, C_b, lambda_W, lambda_b, rules, *,
                 coef_c = lax.dynamic_slice_in_dim(coef, j0, tile, axis=2)
 
             def layer(carry, step):
-                K, Theta, diag_r, diag_c = carry
+                packed, diag_r, diag_c = carry
+                K, Theta = jnp.real(packed), jnp.imag(packed)
                 diag_r, diag_c = jnp.maximum(diag_r, floor), jnp.maximum(diag_c, floor)
                 row = tuple(s[:, None] for s in plan.row_stats(diag_r))
                 col = tuple(s[None, :] for s in plan.row_stats(diag_c))
@@ -979,62 +994,33 @@ def _run_tiled(plan: _Plan, key, inputs, C_W, C_b, lambda_W, lambda_b, rules, *,
                     rho = jnp.clip(K * (row[1] * col[1]), -1, 1)
                     # Divided by a traced 1 (exact): a division is an operation XLA will not
                     # duplicate, so each sum is computed once and stored, not recomputed inside
-                    # every loop that uses it (the NNGP and the NTK update).
+                    # the loop that uses it.
                     node_values = tuple(_mehler_sum(rho, node, c_r, c_c, plan.parities, order) / one
                                         for node in plan.nodes)
                 E, Ed = plan.entry(K, row, col, node_values)
                 K, Theta = C_b + C_W * E, lambda_b + lambda_W * E + C_W * Ed * Theta
-                K = jnp.where(on_diagonal, jnp.maximum(K, floor), K)
                 diag_r = C_b + C_W * plan.diagonal(diag_r)[0]
-                diag_c = C_b + C_W * plan.diagonal(diag_c)[0]
-                return (K, Theta, diag_r, diag_c), None
+                diag_c = diag_r if diagonal else C_b + C_W * plan.diagonal(diag_c)[0]
+                return (lax.complex(floored(K), Theta), diag_r, diag_c), None
 
             carry, _ = lax.scan(layer, carry, jnp.arange(length))
             return carry
 
-        carry = (jnp.where(on_diagonal, jnp.maximum(K, floor), K), Theta, diag_r, diag_c)
+        # K and Theta travel through the layers as one complex array K + i Theta. XLA on CPU
+        # compiles one loop per output array and evaluates in each loop every subexpression it
+        # needs (it has no multi-output loops): carried as two arrays, E and Ed (the arccos, the
+        # square roots) would be evaluated once for the new K and again for the new Theta.
+        # Packed, a layer is one loop that evaluates them once and stores both results.
+        carry = (lax.complex(floored(K), Theta), diag_r, diag_c)
         for index, (length, order) in enumerate(segments):
             carry = segment(carry, coefs[index] if plan.nodes else None, length, order)
-        K, Theta = carry[0], carry[1]
-        same = i0 == j0
-        return jnp.where(same, _symmetrise(K), K), jnp.where(same, _symmetrise(Theta), Theta)
+        K, Theta = jnp.real(carry[0]), jnp.imag(carry[0])
+        if diagonal:
+            return _symmetrise(K), _symmetrise(Theta)
+        return K, Theta
 
-    blocks = padded // tile
     if mesh is None:
-        # The tiles of the upper triangle, `batch` at a time (vmapped: one compiled loop per layer
-        # step runs over all of them, which amortises its launch and lets XLA split it over
-        # cores); the remainder one at a time.
-        rows, cols = np.triu_indices(blocks)
-        batch = min(batch, 2) if len(rows) < 2 * batch else batch
-        whole = len(rows) - len(rows) % batch
-
-        def write(out, K, Theta, i0, j0):
-            K_out, T_out = out
-            K_out = lax.dynamic_update_slice(K_out, K.T, (j0, i0))
-            K_out = lax.dynamic_update_slice(K_out, K, (i0, j0))
-            T_out = lax.dynamic_update_slice(T_out, Theta.T, (j0, i0))
-            T_out = lax.dynamic_update_slice(T_out, Theta, (i0, j0))
-            return K_out, T_out
-
-        def sweep(out, rows, cols, size):
-            rows = jnp.asarray((rows * tile).reshape(-1, size))
-            cols = jnp.asarray((cols * tile).reshape(-1, size))
-            tiles = jax.vmap(lambda i0, j0: tile_maps(i0, j0, arrays))
-
-            def body(t, out):
-                K, Theta = tiles(rows[t], cols[t])
-                for b in range(size):
-                    out = write(out, K[b], Theta[b], rows[t, b], cols[t, b])
-                return out
-
-            return lax.fori_loop(0, rows.shape[0], body, out)
-
-        out = (jnp.zeros((padded, padded), dtype), jnp.zeros((padded, padded), dtype))
-        if whole:
-            out = sweep(out, rows[:whole], cols[:whole], batch)
-        if whole < len(rows):
-            out = sweep(out, rows[whole:], cols[whole:], 1)
-        K_out, T_out = out
+        K_out, T_out = _upper_triangle(tile_maps, padded, tile, dtype, arrays, batch)
     else:
         K_out, T_out = _sharded(tile_maps, mesh, padded, tile, dtype, arrays)
     if padded != n:
@@ -1042,11 +1028,59 @@ def _run_tiled(plan: _Plan, key, inputs, C_W, C_b, lambda_W, lambda_b, rules, *,
     return K_out, T_out, worst_tails
 
 
+def _upper_triangle(tile_maps, padded: int, tile: int, dtype, arrays, batch: int):
+    """The tiles of the upper triangle, each written into the result with its transpose.
+
+    The diagonal tiles (symmetric: written once) and the others (written twice) are separate
+    loops, so that neither carries run-time tests for the other's case. Each loop takes ``batch``
+    tiles at a time (vmapped: one compiled loop per layer step runs over all of them, which
+    amortises its launch and lets XLA split it over cores); a remainder is done one at a time.
+    """
+    blocks = padded // tile
+    rows, cols = np.triu_indices(blocks, 1)
+    diagonal = np.arange(blocks)
+
+    def write(out, K, Theta, i0, j0, mirror):
+        K_out, T_out = out
+        if mirror:
+            K_out = lax.dynamic_update_slice(K_out, K.T, (j0, i0))
+            T_out = lax.dynamic_update_slice(T_out, Theta.T, (j0, i0))
+        K_out = lax.dynamic_update_slice(K_out, K, (i0, j0))
+        T_out = lax.dynamic_update_slice(T_out, Theta, (i0, j0))
+        return K_out, T_out
+
+    def sweep(out, rows, cols, size, on_diagonal):
+        if len(rows) == 0:
+            return out
+        rows = jnp.asarray((rows * tile).reshape(-1, size))
+        cols = jnp.asarray((cols * tile).reshape(-1, size))
+        tiles = jax.vmap(lambda i0, j0: tile_maps(i0, j0, arrays, diagonal=on_diagonal))
+
+        def body(t, out):
+            K, Theta = tiles(rows[t], cols[t])
+            for b in range(size):
+                out = write(out, K[b], Theta[b], rows[t, b], cols[t, b], not on_diagonal)
+            return out
+
+        return lax.fori_loop(0, rows.shape[0], body, out)
+
+    def sweeps(out, rows, cols, on_diagonal):
+        size = min(batch, 2) if len(rows) < 2 * batch else batch
+        whole = len(rows) - len(rows) % size
+        out = sweep(out, rows[:whole], cols[:whole], size, on_diagonal)
+        return sweep(out, rows[whole:], cols[whole:], 1, on_diagonal)
+
+    out = (jnp.zeros((padded, padded), dtype), jnp.zeros((padded, padded), dtype))
+    out = sweeps(out, diagonal, diagonal, True)
+    return sweeps(out, rows, cols, False)
+
+
 def _sharded(tile_maps, mesh, padded: int, tile: int, dtype, arrays):
     """The tiles of row stripes, one stripe per device of ``mesh`` (``jax.shard_map``).
 
     Each device computes every tile of its stripe; a tile below the diagonal is the transpose of
-    the tile above it, computed the same way, so the result is identical to the one-device loop.
+    the tile above it, computed the same way (the same compiled variants for diagonal and other
+    tiles), so the result is identical to the one-device loop.
     """
     from jax.sharding import PartitionSpec as P
 
@@ -1058,11 +1092,23 @@ def _sharded(tile_maps, mesh, padded: int, tile: int, dtype, arrays):
     def local(*arrays):
         first = lax.axis_index("rows") * stripe
 
-        def body(t, out):
+        def diagonal_tile(i, out):
             K_out, T_out = out
-            i, j = t // blocks, t % blocks
-            gi, gj = first + i * tile, j * tile
-            K, Theta = tile_maps(jnp.minimum(gi, gj), jnp.maximum(gi, gj), arrays)
+            row = i * tile
+            g = first + row
+            row = row.astype(g.dtype)
+            K, Theta = tile_maps(g, g, arrays, diagonal=True)
+            K_out = lax.dynamic_update_slice(K_out, K, (row, g))
+            T_out = lax.dynamic_update_slice(T_out, Theta, (row, g))
+            return K_out, T_out
+
+        def other_tile(t, out):
+            # Tile (i, j) of the stripe for every column block j but the diagonal one.
+            K_out, T_out = out
+            i, j = t // (blocks - 1), t % (blocks - 1)
+            gi = first + i * tile
+            gj = (j + (j >= gi // tile)) * tile
+            K, Theta = tile_maps(jnp.minimum(gi, gj), jnp.maximum(gi, gj), arrays, diagonal=False)
             flip = gi > gj
             K, Theta = jnp.where(flip, K.T, K), jnp.where(flip, Theta.T, Theta)
             K_out = lax.dynamic_update_slice(K_out, K, (i * tile, gj))
@@ -1070,7 +1116,8 @@ def _sharded(tile_maps, mesh, padded: int, tile: int, dtype, arrays):
             return K_out, T_out
 
         zeros = jnp.zeros((stripe, padded), dtype)
-        return lax.fori_loop(0, local_blocks * blocks, body, (zeros, zeros))
+        out = lax.fori_loop(0, local_blocks, diagonal_tile, (zeros, zeros))
+        return lax.fori_loop(0, local_blocks * (blocks - 1), other_tile, out)
 
     replicated = tuple(P() for _ in arrays)
     return jax.shard_map(local, mesh=mesh, in_specs=replicated, out_specs=(P("rows"), P("rows")),

@@ -255,6 +255,30 @@ def test_tiled_matches_direct(name, c_b, tile):
             np.testing.assert_array_equal(m[5], m[0])  # row 5 is a copy of row 0
 
 
+@pytest.mark.parametrize("name", ["relu", "erf", "tanh"])
+def test_tiled_loops_over_many_tiles(name, monkeypatch):
+    """Many tiles: the loops over diagonal and other tiles, in batches and one at a time (a
+    remainder), agree with the direct method, and the batching does not change a bit."""
+    expectation, derivative = derived(name)
+    x = np.vstack([batch(n_random=17, d=5, seed=15), batch(n_random=3, d=5, seed=16)])  # 26 rows
+    direct = gram_matrices(expectation, derivative, x, 4, 1.6, 0.2, method="direct")
+    results = []
+    for tile_batch in (1, 3, 4):
+        monkeypatch.setattr(gram, "TILE_BATCH", tile_batch)
+        for tile in (4, 5):  # 7 or 6 blocks (the last one padded): 7 + 21 or 6 + 15 tiles
+            tiled = gram_matrices(expectation, derivative, x, 4, 1.6, 0.2, method="tiled", tile=tile)
+            assert_close_to(tiled, direct)
+            for m in tiled:
+                m = np.asarray(m)
+                np.testing.assert_array_equal(m, m.T)
+            results.append((tile, tiled))
+    for tile in (4, 5):
+        same = [r for t, r in results if t == tile]
+        for other in same[1:]:
+            for a, b in zip(same[0], other):
+                np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_tiled_matches_numpy_loop_with_learning_rates():
     x = batch(seed=9)
     for name, (expectation, derivative, pair) in ACTIVATIONS.items():
