@@ -287,3 +287,13 @@ def test_batch_vertex_and_nlo_kernel_against_sampled_networks(name, cw, cb):
         a_, se = _fit_intercept(ns, ys, ses)
         theory = bp.G1[-1, key[1], key[2]] if key[0] == "G1" else bp.V[-1, key[1], key[2], key[3], key[4]]
         assert abs(a_ - theory) < 5 * se, (key, a_, se, theory)
+
+
+def test_sampled_dntk_does_not_depend_on_the_chunk_size():
+    from derive.dntk_sampling import sample_dntk
+
+    sigma = api.jax_activation(resolve("tanh"))
+    a = sample_dntk(sigma, 3, 8, 1.5, 0.1, n_networks=7, seed=4, chunk=3).samples
+    b = sample_dntk(sigma, 3, 8, 1.5, 0.1, n_networks=7, seed=4, chunk=5).samples
+    assert a.shape == (7, 2, 3)
+    np.testing.assert_array_equal(a, b)
