@@ -5,8 +5,10 @@
 Neural Tangents 0.6.5 runs in its own environment (``../shared/tools/make-nt-venv.sh`` makes one);
 each case's description is translated to ``stax`` layers (Dense -> Dense(W_std = sqrt(C_W),
 b_std = sqrt(C_b)), residual -> FanOut(2), parallel(Identity, branch), FanInSum with gamma folded
-into the branch's last layer, LayerNorm, Conv, AvgPool, GlobalAvgPool, Flatten, and attention ->
-GlobalSelfAttention(linear_scaling=True)), run there on the same inputs, and compared entry by
+into the branch's last layer, LayerNorm, Conv, AvgPool, GlobalAvgPool, Flatten, attention ->
+GlobalSelfAttention(linear_scaling=True), and dot-product attention with the identity mechanism ->
+GlobalSelfAttention(linear_scaling=False, attention_mechanism="IDENTITY"), the only 1/sqrt(n)-logit
+kernel Neural Tangents has), run there on the same inputs, and compared entry by
 entry: the printed figure is max |ours - NT| / max |NT| for the NNGP and the NTK of the output.
 """
 
@@ -70,6 +72,11 @@ def build(items):
             layers.append(stax.GlobalSelfAttention(it["width"], it["width"], it["width"], it["heads"],
                 linear_scaling=True, W_key_std=it["W_key_std"], W_query_std=it["W_query_std"],
                 W_value_std=it["W_value_std"], W_out_std=it["W_out_std"], b_std=it["b_std"]))
+        elif kind == "DotAttention":
+            layers.append(stax.GlobalSelfAttention(it["width"], it["width"], it["width"], it["heads"],
+                linear_scaling=False, W_key_std=it["W_key_std"], W_query_std=it["W_query_std"],
+                W_value_std=it["W_value_std"], W_out_std=it["W_out_std"], b_std=it["b_std"],
+                attention_mechanism=it["mechanism"]))
         elif kind == "Residual":
             layers.append(stax.serial(stax.FanOut(2), stax.parallel(stax.Identity(), build(it["branch"])),
                                       stax.FanInSum()))
@@ -109,7 +116,7 @@ def _scaled(items: list[dict], gamma: float) -> list[dict]:
     if last["kind"] in ("Dense", "Conv"):
         last["W_std"] *= gamma
         last["b_std"] *= gamma
-    elif last["kind"] == "Attention":
+    elif last["kind"] in ("Attention", "DotAttention"):
         last["W_out_std"] *= gamma
         last["b_std"] = None if last["b_std"] is None else last["b_std"] * gamma
     else:
@@ -158,6 +165,17 @@ def _layer_to_nt(layer: Layer, width: int) -> dict:
                 "W_key_std": math.sqrt(layer.value("C_K")), "W_query_std": math.sqrt(layer.value("C_Q")),
                 "W_value_std": math.sqrt(layer.value("C_V")), "W_out_std": math.sqrt(layer.value("C_O")),
                 "b_std": math.sqrt(C_b) if C_b > 0 else None}
+    if kind == "dot_product_attention":
+        if layer.option("mechanism") != "identity":
+            raise NotTranslatable("Neural Tangents has no kernel for softmax attention with 1/sqrt(n) logits")
+        for name in ("Q", "K", "V", "O", "b"):
+            if layer.value(f"lambda_{name}") != layer.value(f"C_{name}"):
+                raise NotTranslatable("Neural Tangents' NTK has lambda = C")
+        C_b = layer.value("C_b")
+        return {"kind": "DotAttention", "width": width, "heads": layer.option("heads"), "mechanism": "IDENTITY",
+                "W_key_std": math.sqrt(layer.value("C_K")), "W_query_std": math.sqrt(layer.value("C_Q")),
+                "W_value_std": math.sqrt(layer.value("C_V")), "W_out_std": math.sqrt(layer.value("C_O")),
+                "b_std": math.sqrt(C_b) if C_b > 0 else None}
     if kind == "residual":
         if layer.value("xi") != 1:
             raise NotTranslatable("Neural Tangents' FanInSum has skip weight 1")
@@ -194,6 +212,10 @@ def cases(rng: np.random.Generator) -> list[tuple[str, Serial, np.ndarray]]:
             A.dense()), img),
         ("pre-LN transformer, 3 blocks (Dinan et al. variances)", A.serial(
             A.dense(1.0), A.repeat(3, *pre_ln_block), A.layer_norm()), seq),
+        ("dot-product attention, 1/sqrt(n) logits, identity weights, pre-LN", A.serial(
+            A.dense(1.0), A.repeat(2, A.residual(A.layer_norm(), A.dot_product_attention(
+                heads=2, C_Q=0.5, C_K=0.8, C_V=0.5, C_O=0.7, C_b=0.05, mechanism="identity"))),
+            A.layer_norm(), A.dense(1.0)), seq),
     ]
 
 

@@ -293,6 +293,19 @@ def _check_options(rule: LayerRule, options: dict, where: str) -> dict:
             out[name] = value.upper()
         elif name == "heads":
             out[name] = _int_tuple(value, f"{where}: heads")[0]
+        elif name == "mechanism":
+            from .attention import MECHANISMS
+
+            if not isinstance(value, str) or value.lower() not in MECHANISMS:
+                raise DeriveError(f"{where}: mechanism must be one of {', '.join(MECHANISMS)}, got {value!r}")
+            out[name] = value.lower()
+        elif name == "points":
+            from .attention import check_points
+
+            try:
+                out[name] = check_points(value)
+            except DeriveError as exc:
+                raise DeriveError(f"{where}: {exc}") from None
         elif isinstance(value, (list, tuple)):
             out[name] = tuple(value)
         else:
@@ -377,6 +390,15 @@ def attention(heads=1, C_Q=1.0, C_K=1.0, C_V=1.0, C_O=1.0, C_b=0.0, *, width=Non
     """Self-attention (rules/layers/attention.toml); ``lambda_V``, ``lambda_O``, ``lambda_b`` optional."""
     return layer("attention", heads=heads, C_Q=C_Q, C_K=C_K, C_V=C_V, C_O=C_O, C_b=C_b, width=width,
                  label=label, **lambdas)
+
+
+def dot_product_attention(heads=1, C_Q=1.0, C_K=1.0, C_V=1.0, C_O=1.0, C_b=0.0, *, mechanism="softmax",
+                          points=None, width=None, label="", **lambdas) -> Layer:
+    """Scaled dot-product self-attention, independent query and key weights and logits q.k / sqrt(n/H)
+    (rules/layers/dot_product_attention.toml); ``lambda_Q``, ``lambda_K``, ``lambda_V``, ``lambda_O``,
+    ``lambda_b`` optional."""
+    return layer("dot_product_attention", heads=heads, C_Q=C_Q, C_K=C_K, C_V=C_V, C_O=C_O, C_b=C_b,
+                 mechanism=mechanism, points=points, width=width, label=label, **lambdas)
 
 
 def mlp(depth: int, activation_name: str, C_W: float, C_b: float = 0.0, **kw) -> Serial:
@@ -525,5 +547,5 @@ def load_arch(path: str | Path) -> Serial:
 
 
 __all__ = ["Layer", "Repeat", "Serial", "activation", "arch_from_dict", "attention", "avg_pool", "conv",
-           "dense", "flatten", "global_avg_pool", "layer", "layer_norm", "load_arch", "mlp", "repeat",
+           "dense", "dot_product_attention", "flatten", "global_avg_pool", "layer", "layer_norm", "load_arch", "mlp", "repeat",
            "residual", "serial"]

@@ -25,6 +25,9 @@ rule's maps (:mod:`derive.layers`):
                                      A_a = softmax_t(logits(K[(a,s),(a,t)]))
 
   with entries outside the input (zero padding, ``lo`` positions before the first) equal to 0.
+  Attention with Gaussian logits (``mean_attend``, ``logit_response``: the means over the logits
+  of the attention weights and of their Jacobians) is computed by :mod:`derive.attention`; its maps
+  may also multiply these terms by the entry's own K and Theta.
 
 A repeated block whose output has the shape of its input runs as one ``lax.scan`` over its
 repetitions, so depth 10^4 compiles once. The whole evaluation is one jitted function of the inputs
@@ -203,28 +206,39 @@ _OPERATORS = {"patch": _patch, "pool": _pool, "spatial_mean": _spatial_mean,
 
 
 class _Structural:
-    """A map whose operator terms are computed by the algorithms above, the rest by to_jax."""
+    """A map whose operator terms are computed by the algorithms above (and, for attention with
+    Gaussian logits, :mod:`derive.attention`), the rest by to_jax: parameters, and for operators
+    that keep the positions also the entry's own K12 and Theta12."""
 
     def __init__(self, expr: sp.Expr, layer: Layer):
         self.layer = layer
-        self.terms = []  # (dummy, operator name, argument symbol)
+        self.terms = []  # (dummy, operator name, argument symbols)
         replacements = {}
         for node in sorted(expr.atoms(StructuralOperator), key=sp.default_sort_key):
             dummy = sp.Dummy(type(node).__name__)
             replacements[node] = dummy
-            self.terms.append((dummy, type(node).__name__, node.args[0]))
+            self.terms.append((dummy, type(node).__name__, node.args))
         rest = expr.xreplace(replacements)
-        stray = rest.free_symbols - {d for d, _, _ in self.terms}
+        entrywise = (S.K12, S.Theta12)
+        stray = rest.free_symbols - {d for d, _, _ in self.terms} - set(entrywise)
         if stray:
             raise RuleError(f"layer '{layer.type}': outside its operators a structural map may use only "
-                            f"parameters, not {', '.join(sorted(s.name for s in stray))}")
-        self.rest = to_jax(rest, tuple(d for d, _, _ in self.terms))
+                            f"parameters, K12 and Theta12, not {', '.join(sorted(s.name for s in stray))}")
+        self.entrywise = tuple(s for s in entrywise if rest.has(s))
+        self.rest = to_jax(rest, tuple(d for d, _, _ in self.terms) + self.entrywise)
 
     def __call__(self, K, Theta, N, spatial):
         A = None
-        values, out_spatial = [], spatial
-        for dummy, name, argument in self.terms:
-            X = (K if argument == S.K12 else Theta).reshape((N,) + spatial + (N,) + spatial)
+        values, out_spatial = {}, spatial
+        gaussian = [t for t in self.terms if t[1] in _GAUSSIAN_LOGIT_OPERATORS]
+        if gaussian:
+            for (dummy, _, _), value in zip(gaussian, _gaussian_logit_terms(gaussian, K, Theta, N, spatial,
+                                                                             self.layer)):
+                values[dummy] = value
+        for dummy, name, args in self.terms:
+            if dummy in values:
+                continue
+            X = (K if args[0] == S.K12 else Theta).reshape((N,) + spatial + (N,) + spatial)
             if name == "attend":
                 if A is None:
                     A = _attention_weights(K, N, spatial, self.layer)
@@ -232,8 +246,33 @@ class _Structural:
             else:
                 value, out_spatial = _OPERATORS[name](X, N, spatial, self.layer)
             M = N * math.prod(out_spatial)
-            values.append(value.reshape(M, M))
-        return self.rest(*values), out_spatial
+            values[dummy] = value.reshape(M, M)
+        matrix = {S.K12: K, S.Theta12: Theta}
+        return (self.rest(*(values[d] for d, _, _ in self.terms), *(matrix[s] for s in self.entrywise)),
+                out_spatial)
+
+
+_GAUSSIAN_LOGIT_OPERATORS = ("mean_attend", "logit_response")
+
+
+def _gaussian_logit_terms(terms, K, Theta, N, spatial, layer: Layer):
+    """mean_attend and logit_response terms of a map, computed together (:mod:`derive.attention`)."""
+    from .attention import attention_statistics
+
+    if not spatial:
+        raise DeriveError(f"layer '{layer.type}': attention needs inputs with positions (tokens), "
+                          "shape (N, tokens, d)")
+    weights = dict(layer.rule.weights)
+    if "logit_covariance" not in weights:
+        raise RuleError(f"layer '{layer.type}': mean_attend/logit_response need weights.logit_covariance")
+    c = float(weights["logit_covariance"].xreplace(layer.values()))
+    matrix = {S.K12: K, S.Theta12: Theta}
+    singles = [matrix[args[0]] for _, name, args in terms if name == "mean_attend"]
+    pairs = [(matrix[args[0]], matrix[args[1]]) for _, name, args in terms if name == "logit_response"]
+    out = attention_statistics(K, N, math.prod(spatial), c, mechanism=layer.option("mechanism"),
+                               points=layer.option("points"), singles=singles, pairs=pairs)
+    first, second = iter(out[:len(singles)]), iter(out[len(singles):])
+    return [next(first) if name == "mean_attend" else next(second) for _, name, _ in terms]
 
 
 @lru_cache(maxsize=None)
@@ -417,7 +456,7 @@ def _layer_spatial(layer: Layer, spatial: tuple[int, ...]) -> tuple[int, ...]:
         return tuple(_padding(n, k, st, padding, where)[0] for n, k, st in zip(spatial, w, s))
     if ops & {"spatial_mean", "diagonal_mean"}:
         return ()
-    if "attend" in ops and not spatial:
+    if ops & {"attend", "mean_attend", "logit_response"} and not spatial:
         raise DeriveError(f"{where}: attention needs inputs with positions (tokens), shape (N, tokens, d)")
     if layer.branch is not None:
         out = serial_spatial(layer.branch, spatial)

@@ -14,6 +14,9 @@ builds the sampled networks here, layer by layer, with the rule's ``sampler`` na
                  (tied, W ~ N(0, 1/n_in)), logits (q_s . k_t) / (n/H), softmax over t, values
                  v = W_V x (W_V ~ N(0, C_V / n_in)), output (concatenated heads) W_O^T + b with
                  W_O ~ N(0, C_O / n), b ~ N(0, C_b)
+    dot_product_attention   the same with independent q = W_Q x, k = W_K x (W_Q ~ N(0, C_Q / n_in),
+                 W_K ~ N(0, C_K / n_in)) and logits (q_s . k_t) / sqrt(n/H); softmax over t, or the
+                 logits themselves (mechanism "identity")
 
 with every weighted layer ``width`` channels wide (or the layer's own ``width``). For each network
 the sampler records the empirical kernel of every recorded output (top-level layers and each
@@ -26,7 +29,7 @@ dz_{i;a,p}/dtheta_mu dz_{i;b,q}/dtheta_mu over the first k = ``ntk_outputs`` out
 channel has the same law, so the mean over networks is unbiased for any k), with lambda_mu =
 lambda_W / fan_in for weights and lambda_b for biases (Neural Tangents' NTK parametrisation when
 lambda = C); the tied query/key weights use lambda = 1 / n_in (their contribution vanishes at
-infinite width). Gradients come from one vector-Jacobian product per (input, position, channel).
+infinite width), independent ones lambda_Q / n_in and lambda_K / n_in. Gradients come from one vector-Jacobian product per (input, position, channel).
 
 Network k draws its parameters from ``fold_in(key(seed), k)``; networks are computed in chunks
 (``lax.map`` over the networks of a chunk, so every network runs the same single-network program),
@@ -114,23 +117,45 @@ def _avg_pool(h, window, stride, padding):
 
 
 def _attention(h, src, layer: Layer, width: int):
-    heads = layer.option("heads")
-    n, n_in = _width(layer, width), h.shape[-1]
-    if n % heads:
-        raise DeriveError(f"layer 'attention': width {n} is not a multiple of heads {heads}")
+    """Tied query/key weights, logits scaled by 1 / (n/H) (rule ``attention``)."""
+    n, heads, per_head, tokens = _heads(h, layer, width)
+    n_in = tokens.shape[-1]
     W = src.take((n, n_in), math.sqrt(1 / n_in), math.sqrt(1 / n_in))
+    shared = (tokens @ W.T).reshape(tokens.shape[:2] + (heads, per_head))
+    scale = math.sqrt(layer.value("C_Q") * layer.value("C_K"))
+    logits = scale * jnp.einsum("ashc,athc->ahst", shared, shared) / per_head
+    return _attend_values(h, tokens, jax.nn.softmax(logits, axis=-1), src, layer, n, heads, per_head)
+
+
+def _dot_product_attention(h, src, layer: Layer, width: int):
+    """Independent query and key weights, logits scaled by 1 / sqrt(n/H) (rule ``dot_product_attention``)."""
+    n, heads, per_head, tokens = _heads(h, layer, width)
+    n_in = tokens.shape[-1]
+    W_Q = src.take((n, n_in), math.sqrt(layer.value("C_Q") / n_in), math.sqrt(layer.value("lambda_Q") / n_in))
+    W_K = src.take((n, n_in), math.sqrt(layer.value("C_K") / n_in), math.sqrt(layer.value("lambda_K") / n_in))
+    q = (tokens @ W_Q.T).reshape(tokens.shape[:2] + (heads, per_head))
+    k = (tokens @ W_K.T).reshape(tokens.shape[:2] + (heads, per_head))
+    logits = jnp.einsum("ashc,athc->ahst", q, k) / math.sqrt(per_head)
+    A = jax.nn.softmax(logits, axis=-1) if layer.option("mechanism") == "softmax" else logits
+    return _attend_values(h, tokens, A, src, layer, n, heads, per_head)
+
+
+def _heads(h, layer: Layer, width: int):
+    heads = layer.option("heads")
+    n = _width(layer, width)
+    if n % heads:
+        raise DeriveError(f"layer '{layer.type}': width {n} is not a multiple of heads {heads}")
+    return n, heads, n // heads, h.reshape(h.shape[0], -1, h.shape[-1])  # tokens (N, T, n_in)
+
+
+def _attend_values(h, tokens, A, src, layer: Layer, n: int, heads: int, per_head: int):
+    """Values W_V x weighted by the attention weights A (N, H, T, T), heads concatenated, W_O^T + b."""
+    n_in = tokens.shape[-1]
     W_V = src.take((n, n_in), math.sqrt(layer.value("C_V") / n_in), math.sqrt(layer.value("lambda_V") / n_in))
     W_O = src.take((n, n), math.sqrt(layer.value("C_O") / n), math.sqrt(layer.value("lambda_O") / n))
     b = src.take((n,), math.sqrt(layer.value("C_b")), math.sqrt(layer.value("lambda_b")))
-    N = h.shape[0]
-    tokens = h.reshape(N, -1, n_in)  # (N, T, n_in)
-    per_head = n // heads
-    shared = (tokens @ W.T).reshape(N, -1, heads, per_head)
-    scale = math.sqrt(layer.value("C_Q") * layer.value("C_K"))
-    logits = scale * jnp.einsum("ashc,athc->ahst", shared, shared) / per_head
-    A = jax.nn.softmax(logits, axis=-1)
-    v = (tokens @ W_V.T).reshape(N, -1, heads, per_head)
-    out = jnp.einsum("ahst,athc->ashc", A, v).reshape(N, -1, n)
+    v = (tokens @ W_V.T).reshape(tokens.shape[:2] + (heads, per_head))
+    out = jnp.einsum("ahst,athc->ashc", A, v).reshape(tokens.shape[:2] + (n,))
     out = out @ W_O.T + b
     return out.reshape(h.shape[:-1] + (n,))
 
@@ -190,6 +215,8 @@ def _forward_layer(layer: Layer, src, h, width: int, activations):
         return h.reshape(h.shape[0], -1)
     if kind == "attention":
         return _attention(h, src, layer, width)
+    if kind == "dot_product_attention":
+        return _dot_product_attention(h, src, layer, width)
     raise DeriveError(f"layer '{layer.type}': no sampler '{kind}'")
 
 

@@ -17,8 +17,11 @@ parameters (variances, learning-rate factors, ...), and three kinds of functions
   the composition ``dense`` after ``activation`` (PDLT eqs. 4.118, 8.63).
 - Structural operators on the whole Gram matrix, the algorithms a formula cannot express entry by
   entry: ``patch`` (convolution), ``pool`` (average pooling), ``spatial_mean`` (global pooling),
-  ``diagonal_mean`` (flattening) and ``attend`` (self-attention). They are linear maps, defined in
-  :mod:`derive.arch_kernels`.
+  ``diagonal_mean`` (flattening), ``attend`` (self-attention with deterministic weights), and
+  ``mean_attend``, ``logit_response`` (self-attention with Gaussian logits; the latter takes two
+  matrices). They are linear in each argument, defined in :mod:`derive.arch_kernels` and
+  :mod:`derive.attention`. Maps whose operators keep the positions (the attention ones) may also
+  multiply them entry by entry with ``K12`` and ``Theta12``.
 - The elementary functions of the safe parser (``sqrt``, ``exp``, ...).
 
 Every formula goes through the safe parser (:func:`derive.parse.parse_expression`); nothing in a
@@ -81,13 +84,28 @@ class attend(StructuralOperator):
     """Self-attention: A_a X_ab A_b^T with A_a the attention weights of input a."""
 
 
-OPERATORS = {cls.__name__: cls for cls in (patch, pool, spatial_mean, diagonal_mean, attend)}
+class mean_attend(StructuralOperator):
+    """Self-attention with Gaussian logits: sum E[f_a(s, t) f_b(s', t')] X_ab(t, t')."""
+
+
+class logit_response(StructuralOperator):
+    """Mean product of attention Jacobians contracted with X over the values, Y over the logits."""
+
+    nargs = 2
+
+
+OPERATORS = {cls.__name__: cls for cls in (patch, pool, spatial_mean, diagonal_mean, attend, mean_attend,
+                                           logit_response)}
+
+#: Operators whose output has the positions of their input (so K12 and Theta12 may multiply them).
+SHAPE_PRESERVING = {"attend", "mean_attend", "logit_response"}
 
 _FUNCTIONS = {
     "E": (E, 1, 1),
     "sigma": (sigma, 1, 1),
     "dsigma": (dsigma, 1, 1),
-    **{name: (cls, 1, 1) for name, cls in OPERATORS.items()},
+    **{name: (cls, 2 if cls is logit_response else 1, 2 if cls is logit_response else 1)
+       for name, cls in OPERATORS.items()},
 }
 
 
@@ -198,8 +216,16 @@ def _check_rule(rule: LayerRule, where: str) -> None:
                 raise RuleError(f"{where}: maps.{label}: E(...) may use z1, z2 and parameters only, "
                                 f"not {', '.join(sorted(s.name for s in stray))}")
         for node in expr.atoms(StructuralOperator):
-            if node.args[0] not in (S.K12, S.Theta12):
+            if any(arg not in (S.K12, S.Theta12) for arg in node.args):
                 raise RuleError(f"{where}: maps.{label}: {type(node).__name__}(...) takes K12 or Theta12")
+        operators = {type(op).__name__ for op in expr.atoms(StructuralOperator)}
+        if operators:
+            outside = expr.xreplace({op: sp.Integer(1) for op in expr.atoms(StructuralOperator)})
+            entrywise = outside.free_symbols & {S.K11, S.K12, S.K22, S.Theta12, BK12, BTheta12}
+            if entrywise and not (operators <= SHAPE_PRESERVING and entrywise <= {S.K12, S.Theta12}):
+                raise RuleError(f"{where}: maps.{label}: outside its operators a structural map may use "
+                                "parameters, and K12 or Theta12 only with operators that keep the positions "
+                                f"({', '.join(sorted(SHAPE_PRESERVING))})")
 
 
 @lru_cache(maxsize=None)
@@ -285,5 +311,5 @@ def derive_maps(rule: LayerRule, values: dict[sp.Symbol, sp.Expr], act_sigma: sp
     return LayerMaps(two[0], two[1], one[0], one[1])
 
 
-__all__ = ["BK12", "BTheta12", "E", "LayerMaps", "LayerRule", "OPERATORS", "StructuralOperator",
+__all__ = ["BK12", "BTheta12", "E", "LayerMaps", "LayerRule", "OPERATORS", "SHAPE_PRESERVING", "StructuralOperator",
            "derive_maps", "find_layer_rule", "layer_names", "layer_rules"]

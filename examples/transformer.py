@@ -7,15 +7,21 @@ C_O C_V attend(F) + C_X <sigma sigma>_{C_W F}, F the LayerNorm'd kernel. So the 
 linearly in depth (no exponential explosion or decay, no tuning of the skip weight), while the
 correlation between tokens and inputs drifts slowly. This script
 
-1. reads the architecture from examples/architectures/pre_ln_transformer.toml (their variances:
-   C_Q = C_K = C_V = 1/2, C_O = C_U = 1/3, C_W = 2/5, C_X = 8/5, GELU) and sets the depth;
+1. reads the architecture from examples/architectures/ (their variances: C_Q = C_K = C_V = 1/2,
+   C_O = C_U = 1/3, C_W = 2/5, C_X = 8/5, GELU) and sets the depth. ``--attention dot-product``
+   (the default, pre_ln_transformer_dot_product.toml) is attention as transformers use it:
+   independent query and key weights and logits q.k / sqrt(n/H), which stay random at infinite
+   width (the theory averages the attention weights over their Gaussian law);
+   ``--attention tied`` (pre_ln_transformer.toml) ties the query and key weights and scales the
+   logits by 1/(n/H), where the attention weights are deterministic;
 2. derives the kernel and NTK of every block at infinite width (generated JAX);
 3. fits the diagonal kernel per block to a + b l and reports the increments;
 4. samples real finite-width transformers built from the same description and compares every block's
    kernel with the theory (z-scores, 5 sigma), and the output NTK.
 
-Run:  python examples/transformer.py [--blocks 12] [--width 256] [--samples 100] [--out growth.png]
-(about 2-3 minutes on two CPU cores, most of it sampling; the largest |z| grows with depth because
+Run:  python examples/transformer.py [--attention dot-product|tied] [--blocks 12] [--width 256]
+          [--samples 100] [--out growth.png]
+(a few minutes on two CPU cores, most of it sampling; the largest |z| grows with depth because
 the O(depth / width) finite-width correction does)
 """
 
@@ -31,10 +37,13 @@ from derive.arch_kernels import arch_kernels
 from derive.arch_sampler import sample_arch
 
 HERE = Path(__file__).resolve().parent
+FILES = {"dot-product": "pre_ln_transformer_dot_product.toml", "tied": "pre_ln_transformer.toml"}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--attention", choices=tuple(FILES), default="dot-product",
+                        help="attention logits: independent q, k and 1/sqrt(n/H) (dot-product) or tied, 1/(n/H)")
     parser.add_argument("--blocks", type=int, default=12)
     parser.add_argument("--width", type=int, default=256)
     parser.add_argument("--samples", type=int, default=100)
@@ -42,7 +51,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="plot (.png) of the diagonal kernel per block")
     args = parser.parse_args()
 
-    base = arch.load_arch(HERE / "architectures" / "pre_ln_transformer.toml")
+    base = arch.load_arch(HERE / "architectures" / FILES[args.attention])
     embedding, blocks = base.items
     net = arch.serial(embedding, arch.repeat(args.blocks, blocks.body, label="block"), name=base.name)
 

@@ -33,7 +33,7 @@ IMG = RNG.normal(size=(2, 4, 3, 2))
 
 def test_every_shipped_layer_rule_loads():
     assert {"dense", "activation", "layernorm", "residual", "conv", "avg_pool", "global_avg_pool", "flatten",
-            "attention"} <= set(layer_names())
+            "attention", "dot_product_attention"} <= set(layer_names())
 
 
 def test_file_and_python_descriptions_are_the_same_object(tmp_path):
@@ -292,6 +292,11 @@ CASES = {
     "pre-LN transformer (swish MLP)": (A.serial(A.dense(), A.residual(A.layer_norm(), A.attention(
         heads=2, C_Q=0.5, C_K=0.5, C_V=0.5, C_O=1 / 3)), A.residual(A.layer_norm(), A.dense(0.4),
         A.activation("swish"), A.dense(1.6)), A.global_avg_pool()), SEQ),
+    # independent query/key weights, 1/sqrt(n/H) logits: the maps are the many-head limit, which 4 heads
+    # of 64 channels follow within the standard error here (Dinan et al.'s variances: logits of std ~ 1/2)
+    "pre-LN transformer, dot-product attention": (A.serial(A.dense(), A.residual(
+        A.layer_norm(), A.dot_product_attention(heads=4, C_Q=0.5, C_K=0.5, C_V=0.5, C_O=1 / 3)),
+        A.residual(A.layer_norm(), A.dense(0.4), A.activation("gelu"), A.dense(1.6))), SEQ),
 }
 
 
@@ -323,7 +328,8 @@ import jax
 from derive import arch as A
 from derive.arch_sampler import sample_arch
 x = np.array({x})
-net = A.serial(A.dense(), A.residual(A.layer_norm(), A.attention(heads=2)), A.global_avg_pool())
+net = A.serial(A.dense(), A.residual(A.layer_norm(), A.attention(heads=2)),
+               A.residual(A.layer_norm(), A.dot_product_attention(heads=2)), A.global_avg_pool())
 mc = sample_arch(net, x, 8, n_networks=9, seed=5, chunk=3)
 np.savez(sys.argv[1], devices=len(jax.devices()), mean=mc.nngp[-1].mean, m4=mc.nngp[-1].m4, ntk=mc.ntk.m2)
 """
@@ -337,7 +343,8 @@ def test_chunk_sizes_give_identical_numbers_and_four_devices_the_same_to_roundin
     assert res.returncode == 0, res.stderr
     four = np.load(out)
     assert int(four["devices"]) == 4
-    net = A.serial(A.dense(), A.residual(A.layer_norm(), A.attention(heads=2)), A.global_avg_pool())
+    net = A.serial(A.dense(), A.residual(A.layer_norm(), A.attention(heads=2)),
+                   A.residual(A.layer_norm(), A.dot_product_attention(heads=2)), A.global_avg_pool())
     runs = [sample_arch(net, SEQ, 8, n_networks=9, seed=5, chunk=chunk) for chunk in (None, 2, 5)]
     for one in runs[1:]:  # chunk sizes: bit for bit
         assert np.array_equal(runs[0].nngp[-1].mean, one.nngp[-1].mean)
