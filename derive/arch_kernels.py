@@ -227,16 +227,23 @@ class _Structural:
         self.entrywise = tuple(s for s in entrywise if rest.has(s))
         self.rest = to_jax(rest, tuple(d for d, _, _ in self.terms) + self.entrywise)
 
-    def __call__(self, K, Theta, N, spatial):
+    @property
+    def gaussian_logit_terms(self) -> list[tuple[str, tuple]]:
+        """The (operator, arguments) of the map's attention terms with Gaussian logits."""
+        return [(name, args) for _, name, args in self.terms if name in _GAUSSIAN_LOGIT_OPERATORS]
+
+    def __call__(self, K, Theta, N, spatial, shared=None):
+        """The map at (K, Theta); ``shared`` holds attention terms already computed, by (operator,
+        arguments), so that the kernel and NTK maps of a layer integrate over the logits once."""
+        shared = dict(shared or {})
+        missing = [term for term in self.gaussian_logit_terms if term not in shared]
+        if missing:
+            shared.update(zip(missing, _gaussian_logit_terms(missing, K, Theta, N, spatial, self.layer)))
         A = None
-        values, out_spatial = {}, spatial
-        gaussian = [t for t in self.terms if t[1] in _GAUSSIAN_LOGIT_OPERATORS]
-        if gaussian:
-            for (dummy, _, _), value in zip(gaussian, _gaussian_logit_terms(gaussian, K, Theta, N, spatial,
-                                                                             self.layer)):
-                values[dummy] = value
+        values, out_spatial = [], spatial
         for dummy, name, args in self.terms:
-            if dummy in values:
+            if (name, args) in shared:
+                values.append(shared[name, args])
                 continue
             X = (K if args[0] == S.K12 else Theta).reshape((N,) + spatial + (N,) + spatial)
             if name == "attend":
@@ -246,17 +253,17 @@ class _Structural:
             else:
                 value, out_spatial = _OPERATORS[name](X, N, spatial, self.layer)
             M = N * math.prod(out_spatial)
-            values[dummy] = value.reshape(M, M)
+            values.append(value.reshape(M, M))
         matrix = {S.K12: K, S.Theta12: Theta}
-        return (self.rest(*(values[d] for d, _, _ in self.terms), *(matrix[s] for s in self.entrywise)),
-                out_spatial)
+        return self.rest(*values, *(matrix[s] for s in self.entrywise)), out_spatial
 
 
 _GAUSSIAN_LOGIT_OPERATORS = ("mean_attend", "logit_response")
 
 
 def _gaussian_logit_terms(terms, K, Theta, N, spatial, layer: Layer):
-    """mean_attend and logit_response terms of a map, computed together (:mod:`derive.attention`)."""
+    """Values of mean_attend / logit_response ``terms`` ((operator, arguments) pairs), computed together
+    in one integration over the logits (:mod:`derive.attention`)."""
     from .attention import attention_statistics
 
     if not spatial:
@@ -267,12 +274,12 @@ def _gaussian_logit_terms(terms, K, Theta, N, spatial, layer: Layer):
         raise RuleError(f"layer '{layer.type}': mean_attend/logit_response need weights.logit_covariance")
     c = float(weights["logit_covariance"].xreplace(layer.values()))
     matrix = {S.K12: K, S.Theta12: Theta}
-    singles = [matrix[args[0]] for _, name, args in terms if name == "mean_attend"]
-    pairs = [(matrix[args[0]], matrix[args[1]]) for _, name, args in terms if name == "logit_response"]
+    singles = [matrix[args[0]] for name, args in terms if name == "mean_attend"]
+    pairs = [(matrix[args[0]], matrix[args[1]]) for name, args in terms if name == "logit_response"]
     out = attention_statistics(K, N, math.prod(spatial), c, mechanism=layer.option("mechanism"),
                                points=layer.option("points"), singles=singles, pairs=pairs)
     first, second = iter(out[:len(singles)]), iter(out[len(singles):])
-    return [next(first) if name == "mean_attend" else next(second) for _, name, _ in terms]
+    return [next(first) if name == "mean_attend" else next(second) for name, _ in terms]
 
 
 @lru_cache(maxsize=None)
@@ -291,8 +298,10 @@ def _compiled(layer: Layer):
 def _apply_layer(layer: Layer, K, Theta, N, spatial):
     kernel_map, ntk_map = _compiled(layer)
     if layer.rule.structural:
-        K_next, out = kernel_map(K, Theta, N, spatial)
-        Theta_next, _ = ntk_map(K, Theta, N, spatial)
+        terms = list(dict.fromkeys(kernel_map.gaussian_logit_terms + ntk_map.gaussian_logit_terms))
+        shared = dict(zip(terms, _gaussian_logit_terms(terms, K, Theta, N, spatial, layer))) if terms else None
+        K_next, out = kernel_map(K, Theta, N, spatial, shared)
+        Theta_next, _ = ntk_map(K, Theta, N, spatial, shared)
         return K_next, Theta_next, out
     BK = BTheta = jnp.zeros((), K.dtype)
     if layer.branch is not None:
