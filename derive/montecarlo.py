@@ -426,17 +426,52 @@ def _chunk_samples(start, key_data, inputs, hyper, *, activation, widths, chunk,
     return jax.lax.with_sharding_constraint(samples, NamedSharding(mesh, P()))
 
 
+#: Entries of a moment tile: the four moment arrays of a tile and its samples of a chunk stay in cache
+#: while the tile's entries are updated network after network.
+MOMENT_TILE_ENTRIES = 1 << 14
+_MIN_MOMENT_TILE = 1 << 9
+
+
+def _moment_tile(size: int) -> int:
+    """Entries per tile of a flattened array of ``size`` entries: the largest divisor of ``size`` up to
+    ``MOMENT_TILE_ENTRIES``, or the whole array when that divisor would make the tiles too small."""
+    if size <= MOMENT_TILE_ENTRIES:
+        return size
+    tile = next(t for t in range(MOMENT_TILE_ENTRIES, 0, -1) if size % t == 0)
+    return tile if tile >= _MIN_MOMENT_TILE else size
+
+
 @jax.jit
 def _accumulate(state, samples, start, n_networks):
     """Moment updates for the networks of one chunk, in index order (those >= n_networks masked).
 
-    Compiled for one device and run on each host's first device of the mesh: the same program for any
-    number of devices, hence the same rounding.
+    Every entry receives the updates of :func:`_moments_update`, network after network. The entries
+    are visited tile by tile (``_moment_tile``): a tile's moments and its chunk of samples are read
+    from memory once, instead of the whole state once per network. Each entry's arithmetic is the
+    same whatever the tiling and the chunk size. Compiled for one device and run on each host's first
+    device of the mesh: the same program for any number of devices, hence the same rounding.
     """
     chunk = jax.tree.leaves(samples)[0].shape[0]
-    mask = (start + jnp.arange(chunk) < n_networks).astype(state[0].dtype)
-    state, _ = jax.lax.scan(_moments_update, state, (samples, mask))
-    return state
+    count = state[0]
+    mask = (start + jnp.arange(chunk) < n_networks).astype(count.dtype)
+    new = ({}, {}, {}, {})
+    for key, x in samples.items():
+        shape = x.shape[1:]
+        size = math.prod(shape)
+        tile = _moment_tile(size)
+        x = x.reshape(chunk, size // tile, tile)
+        moments = tuple(a[key].reshape(size // tile, tile) for a in state[1:])
+
+        def tile_update(i, moments, key=key, x=x):
+            tiles = tuple({key: lax.dynamic_index_in_dim(a, i, 0, keepdims=False)} for a in moments)
+            xs = {key: lax.dynamic_index_in_dim(x, i, 1, keepdims=False)}
+            (_, *out), _ = jax.lax.scan(_moments_update, (count, *tiles), (xs, mask))
+            return tuple(lax.dynamic_update_index_in_dim(a, o[key], i, 0) for a, o in zip(moments, out))
+
+        moments = lax.fori_loop(0, size // tile, tile_update, moments)
+        for out, a in zip(new, moments):
+            out[key] = a.reshape(shape)
+    return (count + jnp.sum(mask), *new)
 
 
 def _auto_chunk(widths: Sequence[int], n_inputs: int, n_networks: int, budget: int, itemsize: int,
