@@ -25,6 +25,8 @@ a small fraction of the 5-standard-error tolerance, while a 5% error in C_W move
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -168,6 +170,35 @@ def test_same_seed_same_numbers_for_any_chunk_size(prng):
     for field in ("mean", "m2", "m3", "m4"):
         assert np.array_equal(getattr(a.gram_moments, field), getattr(b.gram_moments, field)), field
     assert not np.array_equal(run(3, seed=8).ntk_mean, a.ntk_mean)
+
+
+@pytest.mark.parametrize("shape", [(3, 200, 200), (1, 131071), (4, 5)])
+def test_tiled_moment_updates_match_direct_central_moments(shape):
+    """The tile-by-tile moment updates (several tiles, the whole-array fallback for a prime size, one
+    small tile) give the mean and the central moment sums M_k = sum (x - mean)^k of a direct NumPy
+    computation, mask networks past n_networks, and do not depend on how networks are split in chunks."""
+    assert mc._moment_tile(math.prod(shape)) == {(3, 200, 200): 15000, (1, 131071): 131071, (4, 5): 20}[shape]
+    rng = np.random.default_rng(3)
+    x = rng.gamma(2.0, size=(7, *shape))  # skewed, so M_3 is not ~0
+    zeros = {"a": jnp.zeros(shape)}
+    state = (jnp.zeros(()), zeros, zeros, zeros, zeros)
+
+    def run(splits, n_networks=6):
+        out, start = state, 0
+        for stop in splits:
+            out = mc._accumulate(out, {"a": jnp.asarray(x[start:stop])}, np.int64(start), np.int64(n_networks))
+            start = stop
+        return out
+
+    whole, split = run([7]), run([3, 5, 7])
+    assert float(whole[0]) == 6.0
+    for a, b in zip(whole[1:], split[1:]):
+        assert np.array_equal(a["a"], b["a"])
+    kept = x[:6]
+    mean = kept.mean(0)
+    np.testing.assert_allclose(whole[1]["a"], mean, rtol=1e-13)
+    for k, m in zip((2, 3, 4), whole[2:]):
+        np.testing.assert_allclose(m["a"], ((kept - mean) ** k).sum(0), rtol=1e-9, atol=1e-12)
 
 
 _PHILOX_DRAWS = {
