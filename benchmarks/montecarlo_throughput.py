@@ -125,9 +125,13 @@ def moment_updates(widths, n_inputs: int, chunk: int, dtype, seconds: float) -> 
     shape = (depth, n_inputs, n_inputs)
     samples = {name: jax.random.normal(jax.random.key(4 + i), (chunk, *shape), dtype)
                for i, name in enumerate(("nngp", "gram"))}
-    zeros = {name: jnp.zeros(shape, dtype) for name in samples}
-    state = (jnp.zeros((), dtype), zeros, zeros, zeros, zeros)
-    return chunk / _best_time(mc._accumulate, state, samples, np.int64(0), np.int64(2**62), seconds=seconds)
+    state = [(jnp.zeros((), dtype), *({name: jnp.zeros(shape, dtype) for name in samples} for _ in range(4)))]
+
+    def update(samples):  # the state is donated to _accumulate: carry it from call to call
+        state[0] = mc._accumulate(state[0], samples, np.int64(0), np.int64(2**62))
+        return state[0]
+
+    return chunk / _best_time(update, samples, seconds=seconds)
 
 
 def sampler(widths, n_inputs: int, dtype, seconds: float, method: str = "weights",

@@ -349,7 +349,9 @@ def sample_arch(net: Serial, inputs, width: int, *, n_networks: int = 200, seed:
     shapes = jax.eval_shape(lambda: _chunk_samples(np.int64(0), key_data, inputs, **static))
     home = mesh.local_devices[0]
     zeros = {k: np.zeros(v.shape[1:], inputs.dtype) for k, v in shapes.items()}
-    state = jax.device_put((np.zeros((), inputs.dtype), zeros, zeros, zeros, zeros), home)
+    # distinct arrays: _accumulate updates the moments in place (the state is donated)
+    state = jax.device_put((np.zeros((), inputs.dtype), *({k: v.copy() for k, v in zeros.items()} for _ in range(4))),
+                           home)
     for start in range(0, n_networks, chunk):
         samples = _chunk_samples(np.int64(start), key_data, inputs, **static)
         samples = jax.device_put(jax.tree.map(lambda a: a.addressable_data(0), samples), home)

@@ -441,7 +441,7 @@ def _moment_tile(size: int) -> int:
     return tile if tile >= _MIN_MOMENT_TILE else size
 
 
-@jax.jit
+@partial(jax.jit, donate_argnums=0)
 def _accumulate(state, samples, start, n_networks):
     """Moment updates for the networks of one chunk, in index order (those >= n_networks masked).
 
@@ -450,6 +450,10 @@ def _accumulate(state, samples, start, n_networks):
     from memory once, instead of the whole state once per network. Each entry's arithmetic is the
     same whatever the tiling and the chunk size. Compiled for one device and run on each host's first
     device of the mesh: the same program for any number of devices, hence the same rounding.
+
+    ``state`` is donated: the new moments are written over the old ones in place, so a call allocates
+    no fresh arrays (on CPU, first touching freshly mapped pages of a large array cost up to half of a
+    call); the caller must not use ``state`` again.
     """
     chunk = jax.tree.leaves(samples)[0].shape[0]
     count = state[0]
@@ -701,8 +705,8 @@ def sample_kernels(
     shapes = {"nngp": (depth, n_inputs, n_inputs), "gram": (depth, n_inputs, n_inputs)}
     if ntk:
         shapes["ntk"] = (n_inputs, n_inputs)
-    zeros = {k: np.zeros(s, dtype) for k, s in shapes.items()}
-    state = (np.zeros((), dtype), zeros, zeros, zeros, zeros)
+    # distinct arrays: _accumulate updates the moments in place (the state is donated)
+    state = (np.zeros((), dtype), *({k: np.zeros(s, dtype) for k, s in shapes.items()} for _ in range(4)))
     home = mesh.local_devices[0]
     state = jax.device_put(state, home)
     key_data = np.asarray(jax.random.key_data(jax.random.key(seed, impl=_PRNG_IMPLS[prng])))

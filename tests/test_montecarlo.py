@@ -180,11 +180,9 @@ def test_tiled_moment_updates_match_direct_central_moments(shape):
     assert mc._moment_tile(math.prod(shape)) == {(3, 200, 200): 15000, (1, 131071): 131071, (4, 5): 20}[shape]
     rng = np.random.default_rng(3)
     x = rng.gamma(2.0, size=(7, *shape))  # skewed, so M_3 is not ~0
-    zeros = {"a": jnp.zeros(shape)}
-    state = (jnp.zeros(()), zeros, zeros, zeros, zeros)
-
     def run(splits, n_networks=6):
-        out, start = state, 0
+        # the state is donated to _accumulate: distinct, fresh arrays for every run
+        out, start = (jnp.zeros(()), *({"a": jnp.zeros(shape)} for _ in range(4))), 0
         for stop in splits:
             out = mc._accumulate(out, {"a": jnp.asarray(x[start:stop])}, np.int64(start), np.int64(n_networks))
             start = stop
