@@ -125,7 +125,7 @@ def moment_updates(widths, n_inputs: int, chunk: int, dtype, seconds: float) -> 
     shape = (depth, n_inputs, n_inputs)
     samples = {name: jax.random.normal(jax.random.key(4 + i), (chunk, *shape), dtype)
                for i, name in enumerate(("nngp", "gram"))}
-    state = [(jnp.zeros((), dtype), *({name: jnp.zeros(shape, dtype) for name in samples} for _ in range(4)))]
+    state = [jax.device_put(mc.zero_moments({name: shape for name in samples}, dtype))]
 
     def update(samples):  # the state is donated to _accumulate: carry it from call to call
         state[0] = mc._accumulate(state[0], samples, np.int64(0), np.int64(2**62))

@@ -58,7 +58,7 @@ from .arch_kernels import check_arch_inputs
 from .errors import DeriveError
 from .estimators import Moments
 from .montecarlo import (DEFAULT_CHUNK_BYTES, MIN_NETWORKS_PER_DEVICE, NETWORK_AXIS, _accumulate,
-                         network_mesh, z_scores)
+                         network_mesh, z_scores, zero_moments)
 
 jax.config.update("jax_enable_x64", True)
 
@@ -348,10 +348,7 @@ def sample_arch(net: Serial, inputs, width: int, *, n_networks: int = 200, seed:
     key_data = np.asarray(jax.random.key_data(jax.random.key(seed)))
     shapes = jax.eval_shape(lambda: _chunk_samples(np.int64(0), key_data, inputs, **static))
     home = mesh.local_devices[0]
-    zeros = {k: np.zeros(v.shape[1:], inputs.dtype) for k, v in shapes.items()}
-    # distinct arrays: _accumulate updates the moments in place (the state is donated)
-    state = jax.device_put((np.zeros((), inputs.dtype), *({k: v.copy() for k, v in zeros.items()} for _ in range(4))),
-                           home)
+    state = jax.device_put(zero_moments({k: v.shape[1:] for k, v in shapes.items()}, inputs.dtype), home)
     for start in range(0, n_networks, chunk):
         samples = _chunk_samples(np.int64(start), key_data, inputs, **static)
         samples = jax.device_put(jax.tree.map(lambda a: a.addressable_data(0), samples), home)
@@ -364,7 +361,7 @@ def sample_arch(net: Serial, inputs, width: int, *, n_networks: int = 200, seed:
     def moments(key: str) -> Moments:
         return Moments(n_networks, *(np.asarray(a[key]) for a in (mean, m2, m3, m4)))
 
-    count = sum(1 for k in zeros if k.startswith("nngp"))
+    count = sum(1 for k in shapes if k.startswith("nngp"))
     labels = [label for label, _ in net.top_level()]
     return ArchMonteCarlo(labels, [moments(f"nngp{i}") for i in range(count)],
                           moments("ntk") if ntk else None, n_networks, int(width), seed, n_devices)

@@ -406,7 +406,8 @@ _LAYERED = ("nngp", "gram")
 def _split_layers(stats: dict) -> dict:
     """{"nngp": (L, N, N), ...} -> {"nngp.0": (N, N), ..., "nngp.<L-1>": ...}: each layer's kernel is
     then the output of its own matmul, written once, instead of being copied into a stacked array
-    (two copies of every kernel entry on CPU, a tenth of the sampler's time at N = n = 1024)."""
+    (XLA on CPU made two copies of every kernel entry; without them 6.8 -> 8.1 networks/s at n = 512,
+    N = 1024, L = 4, benchmarks/montecarlo_throughput.py)."""
     out = {k: v for k, v in stats.items() if k not in _LAYERED}
     for name in _LAYERED:
         out.update({f"{name}.{l}": layer for l, layer in enumerate(stats[name])})
@@ -462,6 +463,12 @@ def _moment_tile(size: int) -> int:
         return size
     tile = next(t for t in range(MOMENT_TILE_ENTRIES, 0, -1) if size % t == 0)
     return tile if tile >= _MIN_MOMENT_TILE else size
+
+
+def zero_moments(shapes: dict, dtype) -> tuple:
+    """The state (count, mean, M2, M3, M4) before any network, for statistics of the given ``shapes``:
+    distinct zero arrays, as :func:`_accumulate` updates them in place."""
+    return (np.zeros((), dtype), *({k: np.zeros(s, dtype) for k, s in shapes.items()} for _ in range(4)))
 
 
 @partial(jax.jit, donate_argnums=0)
@@ -728,10 +735,8 @@ def sample_kernels(
     shapes = {f"{name}.{l}": (n_inputs, n_inputs) for name in _LAYERED for l in range(depth)}
     if ntk:
         shapes["ntk"] = (n_inputs, n_inputs)
-    # distinct arrays: _accumulate updates the moments in place (the state is donated)
-    state = (np.zeros((), dtype), *({k: np.zeros(s, dtype) for k, s in shapes.items()} for _ in range(4)))
     home = mesh.local_devices[0]
-    state = jax.device_put(state, home)
+    state = jax.device_put(zero_moments(shapes, dtype), home)
     key_data = np.asarray(jax.random.key_data(jax.random.key(seed, impl=_PRNG_IMPLS[prng])))
     hyper = tuple(np.asarray(c, dtype) for c in (C_W, C_b, lambda_W, lambda_b))
     static = dict(activation=activation, widths=widths, chunk=chunk, ntk=ntk, method=method, mesh=mesh,
@@ -757,8 +762,7 @@ def sample_kernels(
     samples = {}
     if keep_samples:
         joined = {k: np.concatenate([c[k] for c in kept]) for k in shapes}
-        samples = {name: _join_layers(joined, name, depth, axis=1) for name in (*_LAYERED, "ntk") if ntk
-                   or name != "ntk"}
+        samples = {name: _join_layers(joined, name, depth, axis=1) for name in _LAYERED + (("ntk",) if ntk else ())}
     return MonteCarloResult(
         nngp_mean=nngp.mean,
         nngp_std=nngp.std,

@@ -181,8 +181,7 @@ def test_tiled_moment_updates_match_direct_central_moments(shape):
     rng = np.random.default_rng(3)
     x = rng.gamma(2.0, size=(7, *shape))  # skewed, so M_3 is not ~0
     def run(splits, n_networks=6):
-        # the state is donated to _accumulate: distinct, fresh arrays for every run
-        out, start = (jnp.zeros(()), *({"a": jnp.zeros(shape)} for _ in range(4))), 0
+        out, start = jax.device_put(mc.zero_moments({"a": shape}, np.float64)), 0  # donated: fresh per run
         for stop in splits:
             out = mc._accumulate(out, {"a": jnp.asarray(x[start:stop])}, np.int64(start), np.int64(n_networks))
             start = stop
