@@ -373,7 +373,7 @@ def finite_width(
     param: Optional[List[str]] = typer.Option(None, "--param", "-p", help=PARAM_HELP),
     fmt: Format = typer.Option(Format.text, "--format", "-f", help="Output format."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Plot the normalised fluctuations against depth (.png)."),
-    arch: Optional[Path] = typer.Option(None, "--arch", help="Architecture file instead of --activation, --cw, --cb, --depth: a dense network (dense, then activation and dense repeated; per-layer variances allowed). Other layer types have no finite-width rules yet and are refused with the reason."),
+    arch: Optional[Path] = typer.Option(None, "--arch", help="Architecture file instead of --activation, --cw, --cb, --depth. A dense network (dense, then activation and dense repeated; per-layer variances allowed) gets every quantity; other architectures of dense, activation, layernorm and residual layers get K, V, G1 and Theta per layer and block (the rules' [finite_width] tables). Conv, pooling and attention have no finite-width rules yet and are refused with the reason."),
 ) -> None:
     """Finite-width corrections at order 1/n: four-point vertex V, NLO kernel G1, NTK mean and
     fluctuations (A, B, D, F) and the dNTK-preactivation correlations (P, Q; PDLT ch. 11), layer by
@@ -391,11 +391,16 @@ def finite_width(
     if arch is not None:
         from derive.arch import as_dense_network
 
-        dense = as_dense_network(_load_arch(arch))
-        if isinstance(dense, str):
-            fail(f"finite-width --arch: {dense}")
+        net = _load_arch(arch)
         if cw is not None or depth is not None or lambda_w is not None or lambda_b is not None or param:
             fail("finite-width --arch: the architecture file sets the depth, variances and activation")
+        dense = as_dense_network(net)
+        if isinstance(dense, str):
+            if widths is not None or k1 is not None:
+                fail("finite-width --arch: --widths and --k1 apply to dense networks; layers set their own "
+                     "width in the file, --width sets the rest")
+            _arch_finite_width(net, arch, width, fmt, out)
+            return
         activation, param = dense.activation, [f"{k}={v}" for k, v in dense.activation_params]
         depth = dense.depth
         cw, cb = dense.hyperparameter("C_W"), dense.hyperparameter("C_b")
@@ -477,6 +482,50 @@ def finite_width(
             if d2w[f"{key}_untrusted_from_layer"]:
                 console.print(f"[yellow]{label} exceeds 0.1 from layer {d2w[f'{key}_untrusted_from_layer']}: "
                               "the 1/n expansion is no longer trustworthy there[/yellow]")
+    if out is not None:
+        console.print(f"wrote {out}")
+
+
+def _arch_finite_width(net, path: Path, width: Optional[int], fmt: Format, out: Optional[Path]) -> None:
+    """derive finite-width --arch for architectures beyond the dense network."""
+    import numpy as np
+
+    from derive.arch_finite_width import arch_finite_width
+
+    if width is not None and width < 1:
+        fail("--width must be >= 1")
+    if out is not None:
+        _check_png(out)
+        if width is None:
+            fail("--out plots normalised fluctuations: give --width")
+    result = arch_finite_width(net, width=width)
+    if out is not None:
+        from derive.plots import arch_finite_width_plot
+
+        _write_atomic(out, lambda tmp: arch_finite_width_plot(result, tmp))
+    if fmt is Format.json:
+        typer.echo(json.dumps(result.as_dict(), default=_json_number))
+        return
+    if fmt is Format.latex:
+        fail("finite-width --arch: --format latex is not available for architectures (use text or json)")
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    console.print(f"[bold]{net.name or path.name}[/bold]: one input with x.x/n_0 = 1"
+                  + (f", width {width}" if width else " (V and G1 per 1/n)"))
+    columns = ["output", "K", "V", "G1", "Theta"] + (["V/(n K^2)", "G1/(n K)"] if width else [])
+    table = Table(*columns)
+    norm = result.normalised()
+    for i, label in enumerate(result.labels):
+        row = [label] + ["-" if result.values[q][i] is None else f"{result.values[q][i]:.6g}"
+                         for q in ("K", "V", "G1", "Theta")]
+        if width:
+            row += ["-" if not np.isfinite(norm[k][i]) else f"{norm[k][i]:.4g}" for k in ("V_over_nK2", "G1_over_nK")]
+        table.add_row(*row)
+    console.print(table)
+    console.print("'-': the output of an activation or layernorm is not a Gaussian point; its statistics "
+                  "enter the next dense layer")
     if out is not None:
         console.print(f"wrote {out}")
 
@@ -690,7 +739,7 @@ def validate(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Figure (.png, .pdf or .svg): theory and Monte Carlo against depth, and against 1/n with --widths."),
     z_max: float = typer.Option(5.0, "--z-max", help="A checked |z| at or above this fails the check (exit status 1)."),
     sampler: str = typer.Option("weights", "--sampler", help="'weights' samples every weight; 'conditional' draws each layer's preactivations from their exact Gaussian law given the previous layer (same distribution, much faster; not for Theta, Theta_var)."),
-    arch: Optional[Path] = typer.Option(None, "--arch", help=ARCH_HELP + " Checks K of every layer and block and the output Theta at --width (default --samples 200)."),
+    arch: Optional[Path] = typer.Option(None, "--arch", help=ARCH_HELP + " With --width: K of every layer and block and the output Theta of a batch (--samples 200 is plenty). With --widths n1,n2,n3: K, V and G1 of one input, fitted in 1/n (--samples 4000 or more for power on G1)."),
 ) -> None:
     """Check the derived kernel, NTK and finite-width statistics against sampled finite-width networks.
 
@@ -711,11 +760,19 @@ def validate(
       derive validate --activation gelu --cw 1.98 --cb 0.17 --depth 5 --widths 64,128,256 --samples 20000 --quantities K,V,G1 --sampler conditional
 
       derive validate --arch examples/architectures/pre_ln_transformer.toml --width 256 --samples 200
+
+      derive validate --arch examples/architectures/residual_mlp.toml --widths 32,64,128 --samples 4000
     """
     _activation_or_arch(activation, arch, "validate")
     if arch is not None:
-        if widths is not None or width is None:
-            fail("validate --arch: give one --width (several widths are not supported for architectures yet)")
+        if widths is not None:
+            if width is not None:
+                fail("give --width or --widths, not both")
+            _arch_validate_widths(arch, widths, samples, seed, z_max, fmt, quantities)
+            return
+        if width is None:
+            fail("validate --arch: give --width N (kernels and NTK of a batch) or --widths n1,n2,n3 "
+                 "(K, V, G1 of one input, fitted in 1/n)")
         _arch_validate(arch, width, samples, seed, inputs, z_max, fmt, out,
                        "Theta" in [q.strip() for q in quantities.split(",")])
         return
@@ -882,6 +939,63 @@ def _arch_gram(path: Path, inputs: Optional[Path], out: Optional[Path], fmt: Num
         typer.echo(f"NNGP (shape {nngp.shape}):\n{nngp}\nNTK:\n{ntk}")
     if out is not None:
         typer.echo(f"wrote {out}")
+
+
+def _arch_validate_widths(path: Path, widths: str, samples: int, seed: int, z_max: float, fmt: NumFormat,
+                          quantities: str) -> None:
+    """derive validate --arch --widths: the finite-width maps against sampled networks, fitted in 1/n."""
+    from derive.arch_finite_width_check import CHECKED, check_finite_width
+
+    try:
+        ws = [int(w) for w in widths.split(",") if w.strip()]
+    except ValueError:
+        fail(f"--widths '{widths}': expected comma-separated integers")
+    names = [q.strip() for q in quantities.split(",") if q.strip()]
+    if names == ["K", "Theta"]:  # the default of --quantities
+        names = list(CHECKED)
+    unknown = [q for q in names if q not in CHECKED]
+    if unknown:
+        fail(f"validate --arch --widths checks {', '.join(CHECKED)}; not {', '.join(unknown)} "
+             "(Theta is checked at one --width)")
+    net = _load_arch(path)
+    if fmt is NumFormat.text:
+        from rich.progress import Progress
+
+        with Progress(transient=True) as bar:
+            task = bar.add_task("sampling networks", total=samples * len(ws))
+            report = check_finite_width(net, ws, samples=samples, seed=seed, z_max=z_max, quantities=names,
+                                        progress=lambda done, total: bar.update(task, completed=done))
+    else:
+        report = check_finite_width(net, ws, samples=samples, seed=seed, z_max=z_max, quantities=names)
+    if fmt is NumFormat.json:
+        typer.echo(json.dumps(report.as_dict()))
+        raise typer.Exit(0 if report.passed else 1)
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    console.print(f"[bold]{net.name or path.name}[/bold]: widths {', '.join(map(str, ws))}, {samples} networks "
+                  f"each, seed {seed}; one input, fits a + b/n (K: a, G1: b; V: a of n Var(K_hat) - 2 E[K_hat]^2)")
+    table = Table("quantity", "output", "theory", "fit", "+- error", "z", "detects", box=box.SIMPLE, pad_edge=False)
+    for r in report.rows:
+        z = r["z"]
+        z_text = "-" if z is None else f"{z:.2f}"
+        if z is not None and not abs(z) < z_max:
+            z_text = f"[bold red]{z_text}[/bold red]"
+        detects = f"{r['detectable']:.2g}" + (" [yellow](weak)[/yellow]" if r["weak"] else "")
+        table.add_row(r["quantity"], r["layer"], f"{r['theory']:.5g}", f"{r['estimate']:.5g}", f"{r['stderr']:.2g}",
+                      z_text, detects)
+    console.print(table)
+    console.print(f"detects: the smallest deviation this run would flag ({z_max:g} standard errors); weak: a "
+                  "deviation as large as the value itself would pass (raise --samples)")
+    worst = report.worst
+    if report.passed:
+        console.print(f"[green]passed[/green]: every |z| < {z_max:g}" + (f" (largest {abs(worst['z']):.3g})" if worst else ""))
+    else:
+        console.print(f"[bold red]failed[/bold red]: |z| = {abs(worst['z']):.3g} >= {z_max:g} for "
+                      f"{worst['quantity']} at {worst['layer']}")
+    raise typer.Exit(0 if report.passed else 1)
 
 
 def _arch_validate(path: Path, width: int, samples: int, seed: int, inputs: Optional[Path], z_max: float,

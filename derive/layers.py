@@ -94,6 +94,32 @@ class logit_response(StructuralOperator):
     nargs = 2
 
 
+class mean(sp.Function):
+    """The mean over the channels of a function of one channel (finite-width tables)."""
+
+    nargs = 1
+
+
+class act(sp.Function):
+    """act(k, d, u): the d-th almost-everywhere derivative of the k-th activation at u (finite-width
+    tables write ``sigma(u)``; differentiation raises d)."""
+
+    nargs = 3
+
+    def fdiff(self, argindex=3):
+        if argindex != 3:
+            raise sp.ArgumentIndexError(self, argindex)
+        k, d, u = self.args
+        return act(k, d + 1, u)
+
+
+#: One channel of the layer's input and the branch output in ``[finite_width]`` formulas.
+FW_INPUT = sp.Symbol("h", real=True)
+FW_BRANCH = sp.Symbol("b", real=True)
+#: The forms a ``[finite_width]`` table may take (module docstring of :mod:`derive.arch_finite_width`).
+FW_KINDS = ("variance", "elementwise", "combine")
+_FW_FUNCTIONS = {"mean": (mean, 1, 1), "sigma": (lambda u: act(0, 0, u), 1, 1)}
+
 OPERATORS = {cls.__name__: cls for cls in (patch, pool, spatial_mean, diagonal_mean, attend, mean_attend,
                                            logit_response)}
 
@@ -136,6 +162,12 @@ class LayerRule:
     description: str = ""
     source: str = ""
     path: str = ""
+    finite_width_table: tuple[tuple[str, sp.Expr], ...] = ()
+
+    @property
+    def finite_width(self) -> dict[str, sp.Expr]:
+        """The ``[finite_width]`` statement (one of FW_KINDS), empty when the rule has none."""
+        return dict(self.finite_width_table)
 
     @property
     def param_names(self) -> list[str]:
@@ -187,6 +219,10 @@ def _load_layer(path: Path) -> LayerRule:
         maps = data["maps"]
         kernel = parse_expression(maps["kernel"], table, functions=_FUNCTIONS, where=f"{where} maps.kernel")
         ntk = parse_expression(maps["ntk"], table, functions=_FUNCTIONS, where=f"{where} maps.ntk")
+        fw_table = {**table, "h": FW_INPUT, "b": FW_BRANCH}
+        finite_width = tuple((key, parse_expression(str(text), fw_table, functions=_FW_FUNCTIONS,
+                                                    where=f"{where} finite_width.{key}"))
+                             for key, text in data.get("finite_width", {}).items())
     except KeyError as exc:
         raise RuleError(f"{where}: missing key {exc}") from None
     rule = LayerRule(name=name, kernel=kernel, ntk=ntk, params=tuple(params), options=options,
@@ -195,12 +231,44 @@ def _load_layer(path: Path) -> LayerRule:
                      combinator=data.get("combinator", ""), requires=data.get("requires", ""),
                      output=data.get("output", "same"), aliases=tuple(data.get("aliases", [])),
                      description=data.get("description", ""), source=data.get("source", ""),
-                     path=str(path))
+                     path=str(path), finite_width_table=finite_width)
     _check_rule(rule, where)
     return rule
 
 
+def _check_finite_width(rule: LayerRule, where: str) -> None:
+    fw = rule.finite_width
+    if not fw:
+        return
+    if len(fw) != 1 or next(iter(fw)) not in FW_KINDS:
+        raise RuleError(f"{where}: [finite_width] takes one of {', '.join(FW_KINDS)}, got {', '.join(fw)}")
+    kind, expr = next(iter(fw.items()))
+    params = {s for s, _, _ in rule.params}
+    allowed = {FW_INPUT} | params | ({FW_BRANCH} if kind == "combine" else set())
+    stray = expr.free_symbols - allowed
+    if stray:
+        raise RuleError(f"{where}: finite_width.{kind} may use h{', b' if kind == 'combine' else ''} and the "
+                        f"parameters, not {', '.join(sorted(s.name for s in stray))}")
+    if kind == "variance" and not rule.fresh_weights:
+        raise RuleError(f"{where}: finite_width.variance states a conditionally Gaussian output, which needs "
+                        "fresh_weights = true")
+    if kind == "combine":
+        if rule.combinator != "branch":
+            raise RuleError(f"{where}: finite_width.combine is for combinators (combinator = \"branch\")")
+        if expr.has(mean) or expr.has(act) or any(sp.diff(expr, s, 2) != 0 for s in (FW_INPUT, FW_BRANCH)) \
+                or sp.diff(expr, FW_INPUT, FW_BRANCH) != 0 or expr.xreplace({FW_INPUT: 0, FW_BRANCH: 0}) != 0:
+            raise RuleError(f"{where}: finite_width.combine must be linear in h and b (a*h + c*b)")
+    elif kind == "elementwise" or kind == "variance":
+        for node in expr.atoms(mean):
+            if node.args[0].free_symbols - {FW_INPUT} - params:
+                raise RuleError(f"{where}: finite_width.{kind}: mean(...) takes a function of h")
+        outside = expr.xreplace({m: sp.Integer(0) for m in expr.atoms(mean)})
+        if kind == "variance" and FW_INPUT in outside.free_symbols:
+            raise RuleError(f"{where}: finite_width.variance may use h only inside mean(...)")
+
+
 def _check_rule(rule: LayerRule, where: str) -> None:
+    _check_finite_width(rule, where)
     if rule.requires not in ("", "gaussian"):
         raise RuleError(f"{where}: requires must be \"gaussian\" or absent, got {rule.requires!r}")
     if rule.output not in ("gaussian", "non-gaussian", "same"):
@@ -311,5 +379,5 @@ def derive_maps(rule: LayerRule, values: dict[sp.Symbol, sp.Expr], act_sigma: sp
     return LayerMaps(two[0], two[1], one[0], one[1])
 
 
-__all__ = ["BK12", "BTheta12", "E", "LayerMaps", "LayerRule", "OPERATORS", "SHAPE_PRESERVING", "StructuralOperator",
+__all__ = ["BK12", "BTheta12", "E", "FW_BRANCH", "FW_INPUT", "FW_KINDS", "act", "mean", "LayerMaps", "LayerRule", "OPERATORS", "SHAPE_PRESERVING", "StructuralOperator",
            "derive_maps", "find_layer_rule", "layer_names", "layer_rules"]

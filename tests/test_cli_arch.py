@@ -84,8 +84,11 @@ def test_validate_arch_json_and_exit_code(tmp_path):
     (["kernel"], "give --activation or --arch"),
     (["kernel", "--activation", "relu", "--arch", "x.toml"], "not both"),
     (["gram", "--arch", "examples/architectures/cnn.toml", "--depth", "3"], "sets the depth"),
-    (["finite-width", "--arch", "examples/architectures/cnn.toml"], "'conv' has no finite-width rules yet"),
-    (["finite-width", "--arch", "examples/architectures/residual_mlp.toml"], "'residual' has no finite-width"),
+    (["finite-width", "--arch", "examples/architectures/cnn.toml"], "(conv): the layer rule has no [finite_width]"),
+    (["finite-width", "--arch", "examples/architectures/pre_ln_transformer.toml"], "(attention): the layer rule"),
+    (["finite-width", "--arch", "examples/architectures/residual_mlp.toml", "--k1", "2"], "--widths and --k1"),
+    (["validate", "--arch", "examples/architectures/residual_mlp.toml", "--widths", "32,64", "-q", "Theta"],
+     "checks K, V, G1"),
     (["validate", "--arch", "examples/architectures/cnn.toml"], "--width"),
     (["criticality", "--arch", "examples/architectures/cnn.toml"], "spatial"),
 ])
@@ -124,3 +127,31 @@ def test_finite_width_of_a_dense_architecture_equals_the_activation_form(tmp_pat
     ja, jb = json.loads(a.stdout), json.loads(b.stdout)
     for q in ("K", "V", "G1", "Theta", "A", "B", "D", "F"):
         assert ja[q] == jb[q], q
+
+
+def test_finite_width_of_a_residual_architecture(tmp_path):
+    res = run("finite-width", "--arch", "examples/architectures/residual_mlp.toml", "--width", "128", "--format", "json")
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert len(out["labels"]) == 21 and out["width"] == 128
+    # xi^2 = 3/4, gamma^2 = 1/4, C_W1 C_W2 = 2: V grows by gamma^2 (4 xi^2 + 7 gamma^2) = 1.1875 per block
+    np.testing.assert_allclose(out["V"], 1.1875 * np.arange(21), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(out["V_over_nK2"], 1.1875 * np.arange(21) / 128, rtol=1e-12, atol=1e-14)
+    text = run("finite-width", "--arch", "examples/architectures/residual_mlp.toml", "--width", "128",
+               "--out", str(tmp_path / "fw.png"))
+    assert text.returncode == 0 and (tmp_path / "fw.png").stat().st_size > 0, text.stderr
+
+
+def test_validate_architecture_over_widths(tmp_path):
+    path = tmp_path / "res.toml"
+    path.write_text("[[layers]]\ntype = 'dense'\n[[layers]]\ntype = 'residual'\ngamma = 0.8\n"
+                    "  [[layers.branch]]\n  type = 'dense'\n  C_W = 2\n"
+                    "  [[layers.branch]]\n  type = 'activation'\n  activation = 'relu'\n"
+                    "  [[layers.branch]]\n  type = 'dense'\n")
+    res = run("validate", "--arch", str(path), "--widths", "16,32,64", "--samples", "300", "--format", "json")
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert out["passed"] and {r["quantity"] for r in out["results"]} == {"K", "V", "G1"}
+    assert all("detectable" in r for r in out["results"])
+    text = run("validate", "--arch", str(path), "--widths", "16,32,64", "--samples", "300")
+    assert text.returncode == 0 and "detects" in text.stdout, text.stderr

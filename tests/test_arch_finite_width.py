@@ -1,0 +1,251 @@
+"""Finite-width maps of architectures from the layer rules' [finite_width] tables.
+
+Checked against: the dense-network engine (derive.finite_width, to 1e-12), the generated
+infinite-width kernels of derive.arch_kernels, recursions derived by hand for residual blocks and
+LayerNorm and evaluated with mpmath, and sampled networks at three widths after a fit in 1/n
+(a deliberately wrong map is rejected with the same samples).
+"""
+
+import mpmath as mp
+import numpy as np
+import pytest
+
+import derive.arch_finite_width as afw
+from derive import arch
+from derive.activations import resolve
+from derive.arch_finite_width import arch_finite_width
+from derive.arch_finite_width_check import compare_finite_width, sample_kernel_estimates
+from derive.errors import DeriveError
+from derive.finite_width import finite_width_maps, iterate
+
+
+def _relative(a, b):
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    return np.max(np.abs(a - b) / np.maximum(np.abs(b), 1e-300 + 1e-12 * np.max(np.abs(b))))
+
+
+# ------------------------------------------------------------------------------------------------
+# The dense network through the layer rules is the dense engine
+
+
+@pytest.mark.parametrize("name,cw,cb", [("relu", 2.0, 0.0), ("tanh", 1.5, 0.1), ("gelu", 1.98, 0.17),
+                                        ("erf", 1.2, 0.05), ("swish", 1.8, 0.1), ("linear", 0.9, 0.2)])
+def test_dense_network_equals_dense_engine(name, cw, cb):
+    depth = 7
+    fw = arch_finite_width(arch.mlp(depth, name, cw, cb))
+    profile = iterate(finite_width_maps(resolve(name)), depth, cw, cb)
+    for q in ("K", "V", "G1", "Theta"):
+        assert _relative(fw.values[q], profile.values[q]) < 1e-12, q
+
+
+def test_dense_per_layer_variances_and_widths():
+    cws, cbs, widths = [1.0, 1.7, 1.2, 2.1, 1.5], [0.0, 0.1, 0.3, 0.05, 0.2], [64, 128, 32, 96, 48]
+    items = [arch.dense(cws[0], cbs[0], width=widths[0])]
+    for cw, cb, n in zip(cws[1:], cbs[1:], widths[1:]):
+        items += [arch.activation("tanh"), arch.dense(cw, cb, width=n)]
+    fw = arch_finite_width(arch.serial(*items))  # records every layer: the dense ones are even
+    profile = iterate(finite_width_maps(resolve("tanh")), 5, cws, cbs, widths=widths)
+    for q in ("K", "V", "G1", "Theta"):
+        assert _relative(fw.values[q][::2], profile.values[q]) < 1e-12, q
+
+
+# ------------------------------------------------------------------------------------------------
+# Infinite width: the same K and Theta as the generated kernels
+
+
+def _residual(act, xi, gamma, cw1=1.0, cw2=1.0, cb=0.0):
+    return arch.residual(arch.dense(cw1, cb), arch.activation(act), arch.dense(cw2, cb), xi=xi, gamma=gamma)
+
+
+NETWORKS = {
+    "residual tanh": arch.serial(arch.dense(1.0), arch.repeat(3, _residual("tanh", 0.8, 0.9, cb=0.05))),
+    "residual relu": arch.serial(arch.dense(1.0), arch.repeat(3, _residual("relu", 0.6**0.5, 0.4**0.5, 2.0, 1.0))),
+    "residual relu, large branch": arch.serial(arch.dense(1.0), arch.repeat(3, _residual("relu", 0.5, 1.2, 2.0, 1.0))),
+    "residual tanh, small branch": arch.serial(arch.dense(1.0), arch.repeat(3, _residual("tanh", 1.0, 0.6, 1.5, 1.0))),
+    "layernorm stack": arch.serial(arch.dense(1.0), arch.repeat(3, arch.layer_norm(), arch.activation("tanh"),
+                                                                  arch.dense(1.5, 0.1))),
+    "pre-LN residual gelu": arch.serial(arch.dense(1.0), arch.repeat(3, arch.residual(
+        arch.layer_norm(), arch.dense(1.0), arch.activation("gelu"), arch.dense(1.6), xi=1.0, gamma=0.7))),
+}
+
+
+@pytest.mark.parametrize("name", sorted(NETWORKS))
+def test_infinite_width_agrees_with_arch_kernels(name):
+    from derive.arch_kernels import arch_kernels
+
+    net = NETWORKS[name]
+    fw = arch_finite_width(net)
+    theory = arch_kernels(net, np.ones((1, 8)))
+    K = [float(np.asarray(k).reshape(-1)[0]) for k in theory.nngp]
+    gaussian = [i for i, v in enumerate(fw.values["V"]) if v is not None]
+    assert _relative([fw.values["K"][i] for i in gaussian], [K[i] for i in gaussian]) < 1e-10
+    assert abs(fw.values["Theta"][-1] - float(np.asarray(theory.ntk[-1]).reshape(-1)[0])) < 1e-10 * fw.values["Theta"][-1]
+
+
+# ------------------------------------------------------------------------------------------------
+# Recursions derived by hand, evaluated with mpmath (independent of the engine's code)
+
+
+def _gauss(f, K):
+    K = mp.mpf(K)
+    return mp.quad(lambda t: f(t) * mp.exp(-t * t / (2 * K)), [-mp.inf, 0, mp.inf]) / mp.sqrt(2 * mp.pi * K)
+
+
+def _residual_by_hand(act, xi, gamma, cw1, cw2, cb, blocks):
+    """z' = xi z + gamma b, b = W2 act(u) + b2, u = W1 z + b1 (uniform width n, V and G1 per 1/n).
+
+    u reads z through mean(z^2): K_u = C_b + C_W1 K, n Var(G_u) = C_W1^2 (2K^2 + V), G1_u = C_W1 G1 and
+    X_u = n Cov(z_i^2, G_u) = C_W1 (2K^2 + V). The second dense is PDLT's (4.90), (4.115) with
+    chi = C_W2 d<act^2>/dK, and X_b = chi X_u. Given z, b_i ~ N(0, G_b) independently, so
+    K' = xi^2 K + gamma^2 K_b, V' = xi^4 V + 2 xi^2 gamma^2 X_b + gamma^4 V_b, G1' = xi^2 G1 + gamma^2 G1_b.
+    """
+    f = {"tanh": mp.tanh, "relu": lambda t: max(t, 0)}[act]
+    s2 = lambda k: _gauss(lambda t: f(t) ** 2, k)  # noqa: E731
+    s4 = lambda k: _gauss(lambda t: f(t) ** 4, k)  # noqa: E731
+    K, V, G1 = mp.mpf(1), mp.mpf(0), mp.mpf(0)  # after the first dense (C_W = 1, x.x/n_0 = 1)
+    out = [(K, V, G1)]
+    for _ in range(blocks):
+        Ku, Vu, Gu, Xu = cb + cw1 * K, cw1**2 * (2 * K**2 + V), cw1 * G1, cw1 * (2 * K**2 + V)
+        d1, d2 = mp.diff(s2, Ku), mp.diff(s2, Ku, 2)
+        Kb = cb + cw2 * s2(Ku)
+        Vb = cw2**2 * (s4(Ku) - s2(Ku) ** 2) + (cw2 * d1) ** 2 * Vu
+        Gb = cw2 * (d1 * Gu + d2 / 2 * Vu)
+        Xb = cw2 * d1 * Xu
+        K, V, G1 = (xi**2 * K + gamma**2 * Kb, xi**4 * V + 2 * xi**2 * gamma**2 * Xb + gamma**4 * Vb,
+                    xi**2 * G1 + gamma**2 * Gb)
+        out.append((K, V, G1))
+    return [[float(v[i]) for v in out] for i in range(3)]
+
+
+@pytest.mark.parametrize("act,xi,gamma,cw1,cw2,cb", [("tanh", 0.8, 0.9, 1.0, 1.0, 0.05),
+                                                     ("tanh", 1.0, 0.6, 1.5, 1.0, 0.0),
+                                                     ("relu", 0.6**0.5, 0.4**0.5, 2.0, 1.0, 0.0)])
+def test_residual_block_against_hand_derivation(act, xi, gamma, cw1, cw2, cb):
+    mp.mp.dps = 30
+    net = arch.serial(arch.dense(1.0), arch.repeat(3, _residual(act, xi, gamma, cw1, cw2, cb)))
+    fw = arch_finite_width(net)
+    K, V, G1 = _residual_by_hand(act, xi, gamma, cw1, cw2, cb, 3)
+    assert _relative(fw.values["K"], K) < 1e-10
+    assert _relative(fw.values["V"][1:], V[1:]) < 1e-9
+    assert np.max(np.abs(np.array(fw.values["G1"]) - G1)) < 1e-9 * max(1.0, np.max(np.abs(G1)))
+
+
+@pytest.mark.parametrize("xi2", [0.25, 0.5, 0.75, 0.9])
+def test_scale_invariant_residual_vertex_grows_linearly(xi2):
+    """ReLU blocks xi z + gamma W2 relu(W1 z) with C_W1 C_W2 = 2, C_b = 0, xi^2 + gamma^2 = 1 keep K
+    fixed and add gamma^2 (4 xi^2 + 7 gamma^2) K^2 to V per block (the hand derivation above with
+    <relu^2> = K/2, Var(relu^2) = 5K^2/4): V^(l)/(n K^2) grows linearly in the number of blocks, with
+    slope 7 at xi = 0 (a two-layer MLP per block: 5 from the relu layer, 2 from the linear one) falling
+    to 0 as the skip takes over, gamma^2/xi^2 -> 0."""
+    gamma2 = 1 - xi2
+    blocks = 12
+    net = arch.serial(arch.dense(1.0), arch.repeat(blocks, _residual("relu", xi2**0.5, gamma2**0.5, 2.0, 1.0)))
+    fw = arch_finite_width(net, width=100)
+    slope = gamma2 * (4 * xi2 + 7 * gamma2)
+    assert np.allclose(fw.values["K"], 1.0, rtol=1e-13)
+    assert np.allclose(fw.values["V"], slope * np.arange(blocks + 1), rtol=1e-12, atol=1e-12)
+    assert np.allclose(fw.values["G1"], 0.0, atol=1e-12)
+    assert np.allclose(fw.normalised()["V_over_nK2"], slope * np.arange(blocks + 1) / 100, rtol=1e-12, atol=1e-14)
+
+
+def test_layernorm_then_activation_by_hand():
+    """dense -> LayerNorm -> tanh -> dense(C_W, C_b): with w = z/sqrt(K) ~ N(0, 1) and psi = tanh^2 the
+    next layer's variance moves, to first order, as mean_j iota(z_j) with iota = C_W [psi(w) -
+    (w^2/2) <psi'(w) w>] (the LayerNorm statistics' fluctuation folded in; the channel mean enters at
+    second order). d<iota>/dK = 0, so V' = C_W^2 Var(psi(w) - (w^2/2) <psi'(w) w>), whatever V was:
+    LayerNorm stops the vertex from accumulating (for eps -> 0; here eps = 1e-12)."""
+    mp.mp.dps = 30
+    cw, cb = 1.5, 0.1
+    psi = lambda t: mp.tanh(t) ** 2  # noqa: E731
+    slope = _gauss(lambda t: mp.diff(psi, t) * t, 1)
+    iota = lambda t: psi(t) - t * t / 2 * slope  # noqa: E731
+    V_hand = float(cw**2 * (_gauss(lambda t: iota(t) ** 2, 1) - _gauss(iota, 1) ** 2))
+    K_hand = float(cb + cw * _gauss(psi, 1))
+    fw = arch_finite_width(NETWORKS["layernorm stack"])
+    for i in (1, 2, 3):
+        assert abs(fw.values["V"][i] - V_hand) < 1e-9 * V_hand
+        assert abs(fw.values["K"][i] - K_hand) < 1e-10 * K_hand
+
+
+# ------------------------------------------------------------------------------------------------
+# What is refused, and why
+
+
+@pytest.mark.parametrize("act", ["tanh", "relu"])
+def test_branch_reading_the_skip_through_an_activation_is_refused(act):
+    net = arch.serial(arch.dense(1.0), arch.residual(arch.activation(act), arch.dense(1.0), xi=1.0, gamma=0.5))
+    with pytest.raises(DeriveError, match="self-interaction"):
+        arch_finite_width(net)
+
+
+@pytest.mark.parametrize("net,match", [
+    (arch.serial(arch.conv(filter=(3,)), arch.activation("relu"), arch.global_avg_pool(), arch.dense(1.0)),
+     "no \\[finite_width\\] table"),
+    (arch.serial(arch.dense(1.0), arch.residual(arch.layer_norm(), arch.attention(heads=2))),
+     "no \\[finite_width\\] table"),
+    (arch.serial(arch.dense(1.0), arch.residual(arch.dense(1.0), arch.residual(arch.dense(1.0)), arch.dense(1.0))),
+     "inside a residual branch"),
+    (arch.serial(arch.dense(1.0), arch.activation("relu"), arch.residual(arch.dense(1.0))),
+     "skip carries the output of an activation"),
+])
+def test_refused_with_the_reason(net, match):
+    with pytest.raises(DeriveError, match=match):
+        arch_finite_width(net)
+
+
+def test_outputs_that_are_not_gaussian_points_have_no_vertex():
+    fw = arch_finite_width(arch.serial(arch.dense(1.0), arch.activation("relu"), arch.dense(2.0)))
+    assert fw.values["V"][1] is None and fw.values["K"][1] == pytest.approx(0.5, rel=1e-14)
+    assert fw.values["V"][2] == pytest.approx(4 * 5 / 4, rel=1e-13)  # C_W^2 Var(relu^2) = 4 * 5K^2/4
+
+
+# ------------------------------------------------------------------------------------------------
+# Sampled networks (three widths, fit in 1/n); a dropped term is rejected with the same samples
+
+WIDTHS = (32, 64, 128)
+SAMPLES = 4000
+
+
+def _without_cross_term(net):
+    original = afw._combine
+    try:
+        afw._combine = lambda a2, c2, skip, branch, cross: original(a2, c2, skip, branch, 0.0)
+        return arch_finite_width(net)
+    finally:
+        afw._combine = original
+
+
+def _without_layernorm_fluctuation(net):
+    """The map that treats LayerNorm's statistics as fixed at their infinite-width values (the
+    influence of the inner means dropped)."""
+    original = afw._Collective.iota
+
+    def iota(self, m):
+        return self._iota.setdefault(m, self.bar(m.args[0]))
+
+    try:
+        afw._Collective.iota = iota
+        afw._dense_maps.cache_clear()
+        return arch_finite_width(net)
+    finally:
+        afw._Collective.iota = original
+        afw._dense_maps.cache_clear()
+
+
+#: Where V is small against the 2 K^2 noise of the estimator (LayerNorm keeps it at about 0.07 K^2;
+#: a small branch adds little per block), more networks for the same relative power.
+SAMPLES_FOR = {"layernorm stack": 20000, "residual tanh, small branch": 16000}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(NETWORKS))
+def test_sampled_networks_agree_and_a_dropped_term_is_rejected(name):
+    net = NETWORKS[name]
+    estimates = sample_kernel_estimates(net, WIDTHS, samples=SAMPLES_FOR.get(name, SAMPLES), seed=11)
+    check = compare_finite_width(arch_finite_width(net), estimates)
+    assert check.passed, check.worst
+    assert len(check.rows) == 3 * 4  # K, V, G1 at the first dense and after each of 3 blocks
+    # V has power wherever it is non-zero: a deviation as large as V itself would be flagged
+    assert not any(r["weak"] for r in check.rows if r["quantity"] == "V")
+    wrong = _without_layernorm_fluctuation(net) if "layernorm" in name or "LN" in name else _without_cross_term(net)
+    assert not compare_finite_width(wrong, estimates).passed
