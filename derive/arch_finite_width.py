@@ -12,26 +12,10 @@ built from its input ``h`` (one channel) and from means over the channels, ``mea
 The engine derives the maps from these statements alone. A *Gaussian point* is the output z of a
 dense layer (or of a residual block, see below) of width n, with E[z_i z_j] = delta_ij (K + G1/n)
 and Cov(z_i^2, z_j^2) = V/n for i != j (PDLT ch. 4). The layers after it up to the next dense make
-the next dense's conditional variance a function of channel means of functions of z,
-G_hat = F(mean g_1(z), ..., mean g_k(z)), the means possibly nested (LayerNorm's statistics inside
-a mean). To order 1/n (the delta method on the empirical measure of z):
-
-    n Cov(mean f, mean g) = Cov_K(f, g) + r V d<f>/dK d<g>/dK
-    n (E mean f - <f>_K)  = r (G1 d<f>/dK + (V/2) d^2<f>/dK^2)
-
-with <.>_K the Gaussian expectation at variance K, derivatives at a fixed function (by Hermite
-weights: d<f>/dK = <f (z^2 - K)>/(2K^2), d^2<f>/dK^2 = <f (z^4 - 6Kz^2 + 3K^2)>/(4K^4)) and
-r = n / n_prev (n_prev the width V and G1 of z are normalised by). A nested mean enters through its
-influence function: the first-order change of F is mean iota(z) - <iota> with
-iota = sum_a dF/dm_a iota_a and, for m = mean g(z; inner means m'), iota_m = g + sum <dg/dm'> iota_m'.
-Then the next Gaussian point has
-
-    K' = F(<g>),  V' = n Var(G_hat) = Var_K(iota) + r V (d<iota>/dK)^2,
-    G1' = n (E G_hat - K') = sum_a dF/dm_a B_a + (1/2) sum_ab d^2F/dm_a dm_b n Cov(m_a, m_b),
-
-B_m = n (E m - <g>) from the two lines above plus the cross terms of inner means. For a dense
-layer after sigma this is exactly PDLT's V' = C_W^2 Var(sigma^2) + r chi_par^2 V (eq. 4.90) and
-G1' = r [chi_par G1 + (C_W/8K^4) <sigma^2 (z^4 - 6Kz^2 + 3K^2)> V] (eq. 4.115).
+the next dense's conditional variance a function of channel means of functions of z (nested for
+LayerNorm's statistics), and :mod:`derive.collective` (the delta method on the channel means)
+gives the next Gaussian point's K, V and G1 from it; for a dense layer after sigma these are PDLT's
+eqs. (4.90) and (4.115).
 
 A residual block z' = a z + c b (``combine``) whose branch ends in a dense layer: given z, b_i are
 independent Gaussians of variance G_b, so with X = n Cov(z_i^2, G_b)
@@ -56,164 +40,20 @@ are refused with the reason.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
 
 import numpy as np
 import sympy as sp
 
 from . import symbols as S
 from .arch import Layer, Repeat, Serial, check_derivable, layer_maps
+from .collective import G1, K, V, activation_table, quadratic, r, segment_maps, z
 from .errors import DeriveError
-from .expectations import gaussian_expectation, tidy
-from .layers import BK, BTheta, FW_BRANCH, FW_INPUT, act, mean
+from .layers import BK, BTheta, FW_BRANCH, FW_INPUT, act
 from .numeric import evaluate
-from .quadrature import DEFAULT_TOL, GaussianExpectation
-
-z, K, V, G1 = S.z, S.K, S.V, S.G1
-r = sp.Symbol("r", positive=True)
+from .quadrature import DEFAULT_TOL
 
 #: The per-layer quantities reported (JSON keys).
 QUANTITIES = ("K", "V", "G1", "Theta")
-
-
-# ------------------------------------------------------------------------------------------------
-# Gaussian expectations at variance K of functions of one channel z
-
-
-@lru_cache(maxsize=4096)
-def _E(f: sp.Expr, tol: float) -> sp.Expr:
-    if not f.has(z):
-        return f
-    # Coefficients that are expectations already (quadrature nodes) are constants here.
-    held = {node: sp.Dummy("c", real=True) for node in f.atoms(GaussianExpectation)}
-    # A K inside f (LayerNorm's statistics at their infinite-width values) is a parameter of the
-    # integrand; the quadrature order is chosen with it at 1 (the integrand is then at unit scale).
-    out = gaussian_expectation(sp.expand(f.xreplace(held)), (z,), tol=tol, numeric_subs={K: sp.Integer(1)})
-    return tidy(out.xreplace({d: node for node, d in held.items()}))
-
-
-def _dE(f: sp.Expr, tol: float) -> sp.Expr:
-    """d<f>_K/dK at fixed f (a K inside f is a parameter), by the Hermite weight."""
-    return _E(f * (z**2 - K), tol) / (2 * K**2)
-
-
-def _d2E(f: sp.Expr, tol: float) -> sp.Expr:
-    return _E(f * (z**4 - 6 * K * z**2 + 3 * K**2), tol) / (4 * K**4)
-
-
-def _cov(f: sp.Expr, g: sp.Expr, tol: float) -> sp.Expr:
-    return _E(f * g, tol) - _E(f, tol) * _E(g, tol)
-
-
-# ------------------------------------------------------------------------------------------------
-# The delta method over nested channel means
-
-
-def _top_means(expr: sp.Expr) -> list[sp.Expr]:
-    """mean(...) nodes of ``expr`` not inside another mean, in a fixed order."""
-    found: list[sp.Expr] = []
-
-    def walk(e):
-        if isinstance(e, mean):
-            if e not in found:
-                found.append(e)
-            return
-        for a in e.args:
-            walk(a)
-
-    walk(expr)
-    return found
-
-
-def _diff(expr: sp.Expr, *means) -> sp.Expr:
-    """Partial derivative of ``expr`` with respect to some of its top-level means, the others held."""
-    dummies = {m: sp.Dummy(f"m{i}") for i, m in enumerate(_top_means(expr))}
-    out = sp.diff(expr.xreplace(dummies), *(dummies[m] for m in means))
-    return out.xreplace({d: m for m, d in dummies.items()})
-
-
-class _Collective:
-    """Values, influence functions and biases of the means in one collective expression."""
-
-    def __init__(self, activations: tuple, tol: float):
-        self.activations, self.tol = activations, tol
-        self._bar: dict = {}
-        self._iota: dict = {}
-        self._bias: dict = {}
-
-    # activations: act(k, d, u) is the d-th almost-everywhere derivative of activation k at u
-    def bind(self, e: sp.Expr) -> sp.Expr:
-        def sub(node):
-            k, d, u = node.args
-            return self.activations[int(k)][int(d)].xreplace({z: u})
-
-        return e.replace(lambda x: isinstance(x, act), sub)
-
-    def bar(self, e: sp.Expr) -> sp.Expr:
-        """``e`` with every mean replaced by its infinite-width value, activations bound."""
-        means = _top_means(e)
-        return self.bind(e.xreplace({m: self.mean_value(m) for m in means}))
-
-    def mean_value(self, m) -> sp.Expr:
-        if m not in self._bar:
-            self._bar[m] = _E(self.bar(m.args[0]), self.tol)
-        return self._bar[m]
-
-    def iota(self, m) -> sp.Expr:
-        """Influence function of the mean ``m`` = mean g(z; inner): g + sum <dg/dm'> iota_m'."""
-        if m not in self._iota:
-            g = m.args[0]
-            out = self.bar(g)
-            for inner in _top_means(g):
-                out += _E(self.bar(_diff(g, inner)), self.tol) * self.iota(inner)
-            self._iota[m] = out
-        return self._iota[m]
-
-    def ncov(self, f: sp.Expr, g: sp.Expr) -> sp.Expr:
-        """n Cov(mean f, mean g) for fixed functions f, g of z."""
-        return _cov(f, g, self.tol) + r * V * _dE(f, self.tol) * _dE(g, self.tol)
-
-    def bias(self, m) -> sp.Expr:
-        """n (E m - <g>) for the mean m = mean g(z; inner means)."""
-        if m not in self._bias:
-            g = m.args[0]
-            gbar = self.bar(g)
-            out = r * (G1 * _dE(gbar, self.tol) + V / 2 * _d2E(gbar, self.tol))
-            inner = _top_means(g)
-            for a in inner:
-                dg = _diff(g, a)
-                out += _E(self.bar(dg), self.tol) * self.bias(a) + self.ncov(self.bar(dg), self.iota(a))
-                for b in inner:
-                    d2 = _E(self.bar(_diff(g, a, b)), self.tol)
-                    if d2 != 0:
-                        out += d2 / 2 * self.ncov(self.iota(a), self.iota(b))
-            self._bias[m] = out
-        return self._bias[m]
-
-    def collective(self, F: sp.Expr) -> dict:
-        """K' = F(<g>), the influence function, n Var and n (E - K') of F(means)."""
-        means = _top_means(F)
-        value = self.bar(F)
-        iota = sp.Integer(0)
-        g1 = sp.Integer(0)
-        for a in means:
-            dF = self.bar(_diff(F, a))
-            iota += dF * self.iota(a)
-            g1 += dF * self.bias(a)
-            for b in means:
-                d2 = self.bar(_diff(F, a, b))
-                if d2 != 0:
-                    g1 += d2 / 2 * self.ncov(self.iota(a), self.iota(b))
-        iota = sp.expand(iota)
-        return {"K": value, "iota": iota, "V": self.ncov(iota, iota), "G1": g1}
-
-
-def _activation_table(layer: Layer) -> tuple:
-    """sigma and its almost-everywhere derivatives of orders 1 and 2, in z."""
-    a = layer.resolved_activation()
-    s, ds = a.sigma_numeric, a.derivative(numeric=True)
-    d2s = sp.diff(ds, z).replace(lambda e: isinstance(e, sp.DiracDelta), lambda e: sp.Integer(0))
-    return (s, ds, d2s)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -280,7 +120,7 @@ class _Walker:
 
     def dense(self, p: _Point, layer: Layer, where: str, cross: float | None = None) -> tuple[_Point, float | None]:
         F = layer.rule.finite_width["variance"].xreplace(layer.values())
-        maps = _dense_maps(F.xreplace({FW_INPUT: p.run}), p.activations, self.tol, cross is not None)
+        maps = segment_maps(F.xreplace({FW_INPUT: p.run}), p.activations, self.tol, cross is not None)
         values = {K: p.K, V: p.V, G1: p.G1, r: p.width / p.norm}
         Kn = float(evaluate(maps["K"], values))
         Vn = float(evaluate(maps["V"], values))
@@ -292,7 +132,7 @@ class _Walker:
         if cross is None:
             return out, None
         if cross == "start":  # first dense of a residual branch: X from the skip
-            if not _quadratic(maps["iota"]):
+            if not quadratic(maps["iota"]):
                 raise DeriveError(
                     f"{where}: the residual branch reads its input z through {sp.sstr(maps['iota'])} per "
                     "channel, which is not quadratic in z: each channel's own increment then depends on that "
@@ -305,7 +145,7 @@ class _Walker:
         fw = layer.rule.finite_width["elementwise"].xreplace(layer.values())
         activations = p.activations
         if fw.has(act):
-            activations = activations + (_activation_table(layer),)
+            activations = activations + (activation_table(layer.resolved_activation()),)
             k = len(activations) - 1
             fw = fw.replace(lambda e: isinstance(e, act), lambda e: act(k, e.args[1], e.args[2]))
         base_K = p.K if p.run_K is None else p.run_K
@@ -365,26 +205,6 @@ def _expand(net: Serial):
 
 def _substitute_input(expr: sp.Expr, run: sp.Expr) -> sp.Expr:
     return expr.xreplace({FW_INPUT: run})
-
-
-def _quadratic(iota: sp.Expr) -> bool:
-    try:
-        poly = sp.Poly(sp.expand(iota), z)
-    except sp.PolynomialError:
-        return False
-    return all(d[0] in (0, 2) for d in poly.monoms())
-
-
-@lru_cache(maxsize=512)
-def _dense_maps(F: sp.Expr, activations: tuple, tol: float, cross: bool) -> dict:
-    """K', V', G1' (and for branches X, the cross with the skip, and J = dK'/dK) of a dense layer
-    whose conditional variance is F, in K, V, G1, r."""
-    c = _Collective(activations, tol)
-    out = c.collective(F)
-    if cross:
-        out["X"] = _cov(z**2, out["iota"], tol) + r * V * _dE(out["iota"], tol)
-        out["J"] = _dE(out["iota"], tol)
-    return out
 
 
 def arch_finite_width(net: Serial, *, width: int | None = None, input_norm: float = 1.0,

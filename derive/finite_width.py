@@ -97,7 +97,13 @@ def _expectations(sigma: sp.Expr, dsigma: sp.Expr, tol: float) -> dict:
 
 
 def finite_width_maps(activation: Activation, tol: float = DEFAULT_TOL) -> FiniteWidthMaps:
-    """Derive the single-input finite-width maps for ``activation`` (parameters at their values)."""
+    """Derive the single-input finite-width maps for ``activation`` (parameters at their values).
+
+    K, V and G1 come from the dense layer rule (rules/layers/dense.toml, ``[finite_width]``) through
+    the delta method of :mod:`derive.collective`, the one derivation every architecture uses; the
+    NTK and dNTK maps are derived here."""
+    from .collective import dense_after_activation
+
     sigma = activation.sigma_numeric
     dsigma = activation.derivative(numeric=True)
     e = _expectations(sigma, dsigma, tol)
@@ -109,10 +115,11 @@ def finite_width_maps(activation: Activation, tol: float = DEFAULT_TOL) -> Finit
     cov_s2_omega = lW * (e["s4"] - e["s2"] ** 2) + C_W * Th * (e["s2d2"] - e["s2"] * e["d2"])
     var_omega = (lW**2 * (e["s4"] - e["s2"] ** 2) + 2 * lW * C_W * Th * (e["s2d2"] - e["s2"] * e["d2"])
                  + C_W**2 * Th**2 * (e["d4"] - e["d2"] ** 2))
+    dense = dense_after_activation(activation, tol)
     rec = {
-        "K": C_b + C_W * e["s2"],
-        "V": C_W**2 * (e["s4"] - e["s2"] ** 2) + r * chi_par**2 * V,
-        "G1": r * (chi_par * G1 + C_W / (8 * K**4) * e["s2_h4"] * V),
+        "K": dense["K"],
+        "V": dense["V"],
+        "G1": dense["G1"],
         "Theta": lb + lW * e["s2"] + chi_perp * Th,
         "B": C_W**2 * e["d4"] * Th**2 + r * chi_perp**2 * B_,
         "F": C_W**2 * e["s2d2"] * Th + r * chi_par**2 * F_,

@@ -1,6 +1,7 @@
 """Finite-width maps of architectures from the layer rules' [finite_width] tables.
 
-Checked against: the dense-network engine (derive.finite_width, to 1e-12), the generated
+Checked against: PDLT's dense recursions evaluated with mpmath, the dense-network engine
+(derive.finite_width, whose V and G1 come from the same rule, to 1e-12), the generated
 infinite-width kernels of derive.arch_kernels, recursions derived by hand for residual blocks and
 LayerNorm and evaluated with mpmath, and sampled networks at three widths after a fit in 1/n
 (a deliberately wrong map is rejected with the same samples).
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 
 import derive.arch_finite_width as afw
+import derive.collective as collective
 from derive import arch
 from derive.activations import resolve
 from derive.arch_finite_width import arch_finite_width
@@ -36,6 +38,32 @@ def test_dense_network_equals_dense_engine(name, cw, cb):
     profile = iterate(finite_width_maps(resolve(name)), depth, cw, cb)
     for q in ("K", "V", "G1", "Theta"):
         assert _relative(fw.values[q], profile.values[q]) < 1e-12, q
+
+
+@pytest.mark.parametrize("name", ["tanh", "gelu", "relu", "swish"])
+@pytest.mark.parametrize("K,V,G1,r", [(0.4, 0.3, -0.2, 1.0), (1.9, 2.5, 0.7, 0.5)])
+def test_dense_rule_gives_pdlt_recursions(name, K, V, G1, r):
+    """The maps derived from rules/layers/dense.toml against PDLT (4.90) and (4.115) with mpmath:
+    V' = C_W^2 (<s^4> - <s^2>^2) + r chi^2 V, G1' = r [chi G1 + C_W/(8K^4) <s^2 (z^4 - 6Kz^2 + 3K^2)> V],
+    chi = C_W d<s^2>/dK by numerical differentiation of the quadrature."""
+    from derive import symbols as S
+    from derive.collective import dense_after_activation, r as r_symbol
+    from derive.numeric import evaluate
+
+    mp.mp.dps = 30
+    f = {"tanh": mp.tanh, "relu": lambda t: max(t, 0), "gelu": lambda t: t * (1 + mp.erf(t / mp.sqrt(2))) / 2,
+         "swish": lambda t: t / (1 + mp.exp(-t))}[name]
+    cw, cb = 1.7, 0.2
+    s2 = lambda k: _gauss(lambda t: f(t) ** 2, k)  # noqa: E731
+    chi = cw * mp.diff(s2, K)
+    h4 = _gauss(lambda t: f(t) ** 2 * (t**4 - 6 * K * t**2 + 3 * K**2), K)
+    V_ref = cw**2 * (_gauss(lambda t: f(t) ** 4, K) - s2(K) ** 2) + r * chi**2 * V
+    G1_ref = r * (chi * G1 + cw / (8 * K**4) * h4 * V)
+    maps = dense_after_activation(resolve(name), 1e-11)
+    values = {S.K: K, S.V: V, S.G1: G1, r_symbol: r, S.C_W: cw, S.C_b: cb}
+    assert float(evaluate(maps["K"], values)) == pytest.approx(float(cb + cw * s2(K)), rel=1e-11)
+    assert float(evaluate(maps["V"], values)) == pytest.approx(float(V_ref), rel=1e-10)
+    assert float(evaluate(maps["G1"], values)) == pytest.approx(float(G1_ref), rel=1e-9, abs=1e-12)
 
 
 def test_dense_per_layer_variances_and_widths():
@@ -218,18 +246,18 @@ def _without_cross_term(net):
 def _without_layernorm_fluctuation(net):
     """The map that treats LayerNorm's statistics as fixed at their infinite-width values (the
     influence of the inner means dropped)."""
-    original = afw._Collective.iota
+    original = collective._Collective.iota
 
     def iota(self, m):
         return self._iota.setdefault(m, self.bar(m.args[0]))
 
     try:
-        afw._Collective.iota = iota
-        afw._dense_maps.cache_clear()
+        collective._Collective.iota = iota
+        collective.segment_maps.cache_clear()
         return arch_finite_width(net)
     finally:
-        afw._Collective.iota = original
-        afw._dense_maps.cache_clear()
+        collective._Collective.iota = original
+        collective.segment_maps.cache_clear()
 
 
 #: Where V is small against the 2 K^2 noise of the estimator (LayerNorm keeps it at about 0.07 K^2;
