@@ -952,11 +952,11 @@ def _arch_validate_widths(path: Path, widths: str, samples: int, seed: int, z_ma
         fail(f"--widths '{widths}': expected comma-separated integers")
     names = [q.strip() for q in quantities.split(",") if q.strip()]
     if names == ["K", "Theta"]:  # the default of --quantities
-        names = list(CHECKED)
+        names = ["K", "V", "G1"]
     unknown = [q for q in names if q not in CHECKED]
     if unknown:
         fail(f"validate --arch --widths checks {', '.join(CHECKED)}; not {', '.join(unknown)} "
-             "(Theta is checked at one --width)")
+             "(the NTK fluctuations are derived for dense networks: use --activation)")
     net = _load_arch(path)
     if fmt is NumFormat.text:
         from rich.progress import Progress

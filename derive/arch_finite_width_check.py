@@ -11,7 +11,9 @@ networks of the empirical kernel K_hat = (1/n) sum_i z_i^2. To order 1/n
 weighted fit a + b/n over the widths (:func:`derive.estimators.fit_inverse_width`) compares its
 intercept with K and its slope with G1, and the intercept of the second line with V. Standard
 errors: s/sqrt(S) for the mean; for the V estimate the delta method with the sample third moment
-(Cov(mean, s^2) = mu_3 / S). Every row also states the smallest deviation the run could detect,
+(Cov(mean, s^2) = mu_3 / S). With ``Theta`` the output NTK of each network is sampled too (one
+vector-Jacobian product per network) and the intercept of its mean is compared with the
+infinite-width NTK. Every row also states the smallest deviation the run could detect,
 z_max standard errors, so that a check without power is visible as one.
 """
 
@@ -28,8 +30,8 @@ from .arch_sampler import sample_arch
 from .errors import DeriveError
 from .estimators import Moments, fit_inverse_width, z_score
 
-#: Quantities this check compares.
-CHECKED = ("K", "V", "G1")
+#: Quantities this check compares (Theta: the output NTK's mean, against its infinite-width value).
+CHECKED = ("K", "V", "G1", "Theta")
 
 
 def kernel_moments(m: Moments, width: int) -> dict:
@@ -78,9 +80,10 @@ def _seed(seed: int, width: int) -> int:
 
 
 def sample_kernel_estimates(net: Serial, widths, *, samples: int = 4000, seed: int = 0, input_dim: int = 8,
-                            progress: Callable[[int, int], None] | None = None) -> dict:
+                            ntk: bool = False, progress: Callable[[int, int], None] | None = None) -> dict:
     """{width: [kernel_moments of every recorded output]} from ``samples`` networks per width (one
-    input with x.x/n_0 = 1; the seed of width n is derived from (seed, n))."""
+    input with x.x/n_0 = 1; the seed of width n is derived from (seed, n)); with ``ntk`` the entry
+    ``("ntk", width)`` holds (mean, standard error) of the output NTK."""
     ws = tuple(int(w) for w in widths)
     if len(ws) < 2 or len(set(ws)) != len(ws) or min(ws) < 1:
         raise DeriveError(f"give at least two distinct positive widths for the 1/n fit, got {list(widths)}")
@@ -90,19 +93,23 @@ def sample_kernel_estimates(net: Serial, widths, *, samples: int = 4000, seed: i
     estimates = {}
     for k, w in enumerate(ws):
         cb = None if progress is None else (lambda done, k=k: progress(k * samples + done, len(ws) * samples))
-        mc = sample_arch(net, x, w, n_networks=samples, seed=_seed(seed, w), ntk=False, progress=cb)
+        mc = sample_arch(net, x, w, n_networks=samples, seed=_seed(seed, w), ntk=ntk, progress=cb)
         estimates[w] = [kernel_moments(m, w) for m in mc.nngp]
+        if ntk:
+            estimates["ntk", w] = (float(mc.ntk.mean.reshape(-1)[0]), float(mc.ntk.mean_stderr.reshape(-1)[0]))
     return estimates
 
 
-def compare_finite_width(theory, estimates: dict, *, quantities=CHECKED, z_max: float = 5.0, samples: int = 0,
+def compare_finite_width(theory, estimates: dict, *, quantities=("K", "V", "G1"), z_max: float = 5.0, samples: int = 0,
                          seed: int = 0) -> FiniteWidthCheck:
     """Fit the estimates of :func:`sample_kernel_estimates` in 1/n and score ``theory`` (an
     :class:`~derive.arch_finite_width.ArchFiniteWidth`) against them (module docstring)."""
     unknown = set(quantities) - set(CHECKED)
     if unknown:
         raise DeriveError(f"unknown quantity {', '.join(sorted(unknown))}; known: {', '.join(CHECKED)}")
-    ws = tuple(sorted(estimates))
+    ws = tuple(sorted(w for w in estimates if isinstance(w, int)))
+    if "Theta" in quantities and not all(("ntk", w) in estimates for w in ws):
+        raise DeriveError("Theta needs the sampled NTK (sample_kernel_estimates(..., ntk=True))")
     rows, per_width = [], []
     W = np.array(ws, dtype=float)
     for i, label in enumerate(theory.labels):
@@ -114,7 +121,13 @@ def compare_finite_width(theory, estimates: dict, *, quantities=CHECKED, z_max: 
         fit_v = fit_inverse_width(W, [e["V"] for e in est], [e["V_stderr"] for e in est])
         found = {"K": (fit_k.intercept, fit_k.intercept_stderr), "G1": (fit_k.slope, fit_k.slope_stderr),
                  "V": (fit_v.intercept, fit_v.intercept_stderr)}
+        last = i == len(theory.labels) - 1
+        if last and "Theta" in quantities:
+            fit_t = fit_inverse_width(W, [estimates["ntk", w][0] for w in ws], [estimates["ntk", w][1] for w in ws])
+            found["Theta"] = (fit_t.intercept, fit_t.intercept_stderr)
         for q in quantities:
+            if q not in found:  # Theta: the sampler records the NTK of the output only
+                continue
             value, stderr = found[q]
             t = float(theory.values[q][i])
             detectable = z_max * stderr
@@ -125,13 +138,15 @@ def compare_finite_width(theory, estimates: dict, *, quantities=CHECKED, z_max: 
 
 
 def check_finite_width(net: Serial, widths, *, samples: int = 4000, seed: int = 0, z_max: float = 5.0,
-                       quantities=CHECKED, input_dim: int = 8,
+                       quantities=("K", "V", "G1"), input_dim: int = 8,
                        progress: Callable[[int, int], None] | None = None) -> FiniteWidthCheck:
     """Sample ``samples`` networks of ``net`` at each of ``widths`` and compare K, V and G1 of every
     Gaussian-point output with :func:`~derive.arch_finite_width.arch_finite_width` after a fit in 1/n."""
     theory = arch_finite_width(net)
+    if theory.values["V"][-1] is None and "Theta" in quantities:
+        raise DeriveError("Theta is checked at the output, which here is not a dense or residual output")
     estimates = sample_kernel_estimates(net, widths, samples=samples, seed=seed, input_dim=input_dim,
-                                        progress=progress)
+                                        ntk="Theta" in quantities, progress=progress)
     return compare_finite_width(theory, estimates, quantities=quantities, z_max=z_max, samples=samples, seed=seed)
 
 

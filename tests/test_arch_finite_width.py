@@ -277,3 +277,14 @@ def test_sampled_networks_agree_and_a_dropped_term_is_rejected(name):
     assert not any(r["weak"] for r in check.rows if r["quantity"] == "V")
     wrong = _without_layernorm_fluctuation(net) if "layernorm" in name or "LN" in name else _without_cross_term(net)
     assert not compare_finite_width(wrong, estimates).passed
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["residual tanh", "pre-LN residual gelu", "layernorm stack"])
+def test_sampled_output_ntk_extrapolates_to_the_infinite_width_ntk(name):
+    net = NETWORKS[name]
+    estimates = sample_kernel_estimates(net, WIDTHS, samples=1000, seed=5, ntk=True)
+    check = compare_finite_width(arch_finite_width(net), estimates, quantities=("Theta",))
+    (row,) = check.rows
+    assert check.passed, row
+    assert not row["weak"] and row["detectable"] < 0.1 * row["theory"]

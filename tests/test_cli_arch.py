@@ -87,8 +87,8 @@ def test_validate_arch_json_and_exit_code(tmp_path):
     (["finite-width", "--arch", "examples/architectures/cnn.toml"], "(conv): the layer rule has no [finite_width]"),
     (["finite-width", "--arch", "examples/architectures/pre_ln_transformer.toml"], "(attention): the layer rule"),
     (["finite-width", "--arch", "examples/architectures/residual_mlp.toml", "--k1", "2"], "--widths and --k1"),
-    (["validate", "--arch", "examples/architectures/residual_mlp.toml", "--widths", "32,64", "-q", "Theta"],
-     "checks K, V, G1"),
+    (["validate", "--arch", "examples/architectures/residual_mlp.toml", "--widths", "32,64", "-q", "Theta_var"],
+     "checks K, V, G1, Theta"),
     (["validate", "--arch", "examples/architectures/cnn.toml"], "--width"),
     (["criticality", "--arch", "examples/architectures/cnn.toml"], "spatial"),
 ])
@@ -148,10 +148,12 @@ def test_validate_architecture_over_widths(tmp_path):
                     "  [[layers.branch]]\n  type = 'dense'\n  C_W = 2\n"
                     "  [[layers.branch]]\n  type = 'activation'\n  activation = 'relu'\n"
                     "  [[layers.branch]]\n  type = 'dense'\n")
-    res = run("validate", "--arch", str(path), "--widths", "16,32,64", "--samples", "300", "--format", "json")
+    res = run("validate", "--arch", str(path), "--widths", "16,32,64", "--samples", "300", "--format", "json",
+              "--quantities", "K,Theta,V,G1")
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout)
-    assert out["passed"] and {r["quantity"] for r in out["results"]} == {"K", "V", "G1"}
+    assert out["passed"] and {r["quantity"] for r in out["results"]} == {"K", "V", "G1", "Theta"}
+    assert [r["layer"] for r in out["results"] if r["quantity"] == "Theta"] == ["2:residual"]
     assert all("detectable" in r for r in out["results"])
     text = run("validate", "--arch", str(path), "--widths", "16,32,64", "--samples", "300")
     assert text.returncode == 0 and "detects" in text.stdout, text.stderr
