@@ -373,7 +373,8 @@ def finite_width(
     param: Optional[List[str]] = typer.Option(None, "--param", "-p", help=PARAM_HELP),
     fmt: Format = typer.Option(Format.text, "--format", "-f", help="Output format."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Plot the normalised fluctuations against depth (.png)."),
-    arch: Optional[Path] = typer.Option(None, "--arch", help="Architecture file instead of --activation, --cw, --cb, --depth. A dense network (dense, then activation and dense repeated; per-layer variances allowed) gets every quantity; other architectures of dense, activation, layernorm and residual layers get K, V, G1 and Theta per layer and block (the rules' [finite_width] tables). Conv, pooling and attention have no finite-width rules yet and are refused with the reason."),
+    inputs: Optional[Path] = typer.Option(None, "--inputs", help="With --arch: inputs (N, d) or (N, positions..., d) as .npy for the tensor form of V and G1 over every input and position. Default: one input (of 6 positions in d = 4 when the architecture uses positions)."),
+    arch: Optional[Path] = typer.Option(None, "--arch", help="Architecture file instead of --activation, --cw, --cb, --depth. A dense network (dense, then activation and dense repeated; per-layer variances allowed) gets every quantity; other architectures of dense, activation, layernorm and residual layers get K, V, G1 and Theta per layer and block (the rules' [finite_width] tables); conv, pooling and flatten get the tensor form over positions. Attention has no finite-width rules yet and is refused with the reason."),
 ) -> None:
     """Finite-width corrections at order 1/n: four-point vertex V, NLO kernel G1, NTK mean and
     fluctuations (A, B, D, F) and the dNTK-preactivation correlations (P, Q; PDLT ch. 11), layer by
@@ -395,16 +396,21 @@ def finite_width(
         if cw is not None or depth is not None or lambda_w is not None or lambda_b is not None or param:
             fail("finite-width --arch: the architecture file sets the depth, variances and activation")
         dense = as_dense_network(net)
-        if isinstance(dense, str):
+        if isinstance(dense, str) or inputs is not None:
             if widths is not None or k1 is not None:
                 fail("finite-width --arch: --widths and --k1 apply to dense networks; layers set their own "
                      "width in the file, --width sets the rest")
-            _arch_finite_width(net, arch, width, fmt, out)
+            if inputs is not None or _uses_positions(net):
+                _arch_finite_width_tensor(net, arch, inputs, width, fmt)
+            else:
+                _arch_finite_width(net, arch, width, fmt, out)
             return
         activation, param = dense.activation, [f"{k}={v}" for k, v in dense.activation_params]
         depth = dense.depth
         cw, cb = dense.hyperparameter("C_W"), dense.hyperparameter("C_b")
         lambda_w, lambda_b = dense.hyperparameter("lambda_W"), dense.hyperparameter("lambda_b")
+    elif inputs is not None:
+        fail("finite-width: --inputs is for --arch (dense networks take --k1)")
     if cw is None or depth is None:
         fail("finite-width: --cw and --depth are required")
     from derive import api
@@ -528,6 +534,57 @@ def _arch_finite_width(net, path: Path, width: Optional[int], fmt: Format, out: 
                   "enter the next dense layer")
     if out is not None:
         console.print(f"wrote {out}")
+
+
+def _uses_positions(net) -> bool:
+    return any(l.rule.structural for l in net.distinct_layers())
+
+
+def _finite_width_inputs(net, inputs: Optional[Path]):
+    import numpy as np
+
+    if inputs is not None:
+        return _load_npy(inputs, "--inputs")
+    return np.random.default_rng(0).standard_normal((1, 6, 4) if _uses_positions(net) else (1, 8))
+
+
+def _arch_finite_width_tensor(net, path: Path, inputs: Optional[Path], width: Optional[int], fmt: Format) -> None:
+    """derive finite-width --arch over positions (and inputs): the tensor form."""
+    import numpy as np
+
+    from derive.arch_finite_width_tensor import arch_finite_width_tensor
+
+    if width is not None and width < 1:
+        fail("--width must be >= 1")
+    if fmt is Format.latex:
+        fail("finite-width --arch: --format latex is not available for architectures (use text or json)")
+    x = _finite_width_inputs(net, inputs)
+    result = arch_finite_width_tensor(net, x)
+    if fmt is Format.json:
+        out = result.as_dict()
+        out["width"] = width
+        typer.echo(json.dumps(out, default=_json_number))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    console.print(f"[bold]{net.name or path.name}[/bold]: {x.shape[0]} input(s) of shape {tuple(x.shape[1:])}; "
+                  "means over the sites (input, position) s of K_ss, V_(ss)(ss), G1_ss"
+                  + (f", width {width}" if width else " (V and G1 per 1/n)") + "; --format json for every entry")
+    columns = ["output", "sites", "K", "V", "G1"] + (["max V/(n K^2)"] if width else [])
+    table = Table(*columns)
+    for label, K, V, G in zip(result.labels, result.values["K"], result.values["V"], result.values["G1"]):
+        if K is None:
+            table.add_row(label, "-", "-", "-", "-", *(["-"] if width else []))
+            continue
+        diag_v = np.einsum("ssss->s", V)
+        row = [label, str(K.shape[0]), f"{np.mean(np.diag(K)):.6g}", f"{np.mean(diag_v):.6g}", f"{np.mean(np.diag(G)):.6g}"]
+        if width:
+            row.append(f"{np.max(diag_v / np.diag(K) ** 2) / width:.4g}")
+        table.add_row(*row)
+    console.print(table)
+    console.print("'-': the output of an activation or pooling of one is not a Gaussian point")
 
 
 def np_atleast(x):
@@ -768,7 +825,7 @@ def validate(
         if widths is not None:
             if width is not None:
                 fail("give --width or --widths, not both")
-            _arch_validate_widths(arch, widths, samples, seed, z_max, fmt, quantities)
+            _arch_validate_widths(arch, widths, samples, seed, z_max, fmt, quantities, inputs)
             return
         if width is None:
             fail("validate --arch: give --width N (kernels and NTK of a batch) or --widths n1,n2,n3 "
@@ -942,7 +999,7 @@ def _arch_gram(path: Path, inputs: Optional[Path], out: Optional[Path], fmt: Num
 
 
 def _arch_validate_widths(path: Path, widths: str, samples: int, seed: int, z_max: float, fmt: NumFormat,
-                          quantities: str) -> None:
+                          quantities: str, inputs: Optional[Path] = None) -> None:
     """derive validate --arch --widths: the finite-width maps against sampled networks, fitted in 1/n."""
     from derive.arch_finite_width_check import CHECKED, check_finite_width
 
@@ -958,15 +1015,16 @@ def _arch_validate_widths(path: Path, widths: str, samples: int, seed: int, z_ma
         fail(f"validate --arch --widths checks {', '.join(CHECKED)}; not {', '.join(unknown)} "
              "(the NTK fluctuations are derived for dense networks: use --activation)")
     net = _load_arch(path)
+    x = _finite_width_inputs(net, inputs) if inputs is not None or _uses_positions(net) else None
     if fmt is NumFormat.text:
         from rich.progress import Progress
 
         with Progress(transient=True) as bar:
             task = bar.add_task("sampling networks", total=samples * len(ws))
             report = check_finite_width(net, ws, samples=samples, seed=seed, z_max=z_max, quantities=names,
-                                        progress=lambda done, total: bar.update(task, completed=done))
+                                        inputs=x, progress=lambda done, total: bar.update(task, completed=done))
     else:
-        report = check_finite_width(net, ws, samples=samples, seed=seed, z_max=z_max, quantities=names)
+        report = check_finite_width(net, ws, samples=samples, seed=seed, z_max=z_max, quantities=names, inputs=x)
     if fmt is NumFormat.json:
         typer.echo(json.dumps(report.as_dict()))
         raise typer.Exit(0 if report.passed else 1)
@@ -977,15 +1035,16 @@ def _arch_validate_widths(path: Path, widths: str, samples: int, seed: int, z_ma
     console = Console()
     console.print(f"[bold]{net.name or path.name}[/bold]: widths {', '.join(map(str, ws))}, {samples} networks "
                   f"each, seed {seed}; one input, fits a + b/n (K: a, G1: b; V: a of n Var(K_hat) - 2 E[K_hat]^2)")
-    table = Table("quantity", "output", "theory", "fit", "+- error", "z", "detects", box=box.SIMPLE, pad_edge=False)
+    table = Table("quantity", "output", "entry", "theory", "fit", "+- error", "z", "detects", box=box.SIMPLE,
+                  pad_edge=False)
     for r in report.rows:
         z = r["z"]
         z_text = "-" if z is None else f"{z:.2f}"
         if z is not None and not abs(z) < z_max:
             z_text = f"[bold red]{z_text}[/bold red]"
         detects = f"{r['detectable']:.2g}" + (" [yellow](weak)[/yellow]" if r["weak"] else "")
-        table.add_row(r["quantity"], r["layer"], f"{r['theory']:.5g}", f"{r['estimate']:.5g}", f"{r['stderr']:.2g}",
-                      z_text, detects)
+        table.add_row(r["quantity"], r["layer"], "{},{}".format(*r["entry"]), f"{r['theory']:.5g}",
+                      f"{r['estimate']:.5g}", f"{r['stderr']:.2g}", z_text, detects)
     console.print(table)
     console.print(f"detects: the smallest deviation this run would flag ({z_max:g} standard errors); weak: a "
                   "deviation as large as the value itself would pass (raise --samples)")

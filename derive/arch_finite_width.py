@@ -48,7 +48,7 @@ from . import symbols as S
 from .arch import Layer, Repeat, Serial, check_derivable, layer_maps
 from .collective import G1, K, V, activation_table, quadratic, r, segment_maps, z
 from .errors import DeriveError
-from .layers import BK, BTheta, FW_BRANCH, FW_INPUT, act
+from .layers import BK, BTheta, FW_BRANCH, FW_INPUT, FW_SITES, StructuralOperator, act
 from .numeric import evaluate
 from .quadrature import DEFAULT_TOL
 
@@ -120,6 +120,10 @@ class _Walker:
 
     def dense(self, p: _Point, layer: Layer, where: str, cross: float | None = None) -> tuple[_Point, float | None]:
         F = layer.rule.finite_width["variance"].xreplace(layer.values())
+        if F.atoms(StructuralOperator):
+            raise DeriveError(f"{where} ({layer.type}): a layer over positions; its finite-width maps are the "
+                              "tensor form (derive.arch_finite_width_tensor, or --inputs with positions)")
+        F = F.xreplace({s: FW_INPUT for s in FW_SITES})
         maps = segment_maps(F.xreplace({FW_INPUT: p.run}), p.activations, self.tol, cross is not None)
         values = {K: p.K, V: p.V, G1: p.G1, r: p.width / p.norm}
         Kn = float(evaluate(maps["K"], values))
@@ -183,6 +187,9 @@ class _Walker:
                               "are not derived yet)")
         if "variance" in fw:
             return self.dense(p, layer, where, cross)
+        if "means" in fw:
+            raise DeriveError(f"{where} ({layer.type}): a layer over positions; its finite-width maps are the "
+                              "tensor form (derive.arch_finite_width_tensor, or --inputs with positions)")
         if "elementwise" in fw:
             return self.elementwise(p, layer), cross
         return self.residual(p, layer, where), cross
@@ -223,6 +230,10 @@ def arch_finite_width(net: Serial, *, width: int | None = None, input_norm: floa
     check_derivable(net)
     if not np.isfinite(input_norm) or input_norm <= 0:
         raise DeriveError(f"input_norm must be finite and > 0, got {input_norm}")
+    for layer in net.distinct_layers():
+        if any(e.atoms(StructuralOperator) for e in layer.rule.finite_width.values()):
+            raise DeriveError(f"layer '{layer.type}' acts over positions; its finite-width maps are the tensor "
+                              "form (derive.arch_finite_width_tensor, or --inputs with positions)")
     walker = _Walker(tol)
     labels = [label for label, _ in net.top_level()]
     values = {q: [] for q in QUANTITIES}

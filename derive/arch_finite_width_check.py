@@ -1,13 +1,16 @@
 """The finite-width maps of an architecture against sampled networks at several widths.
 
-For one input and each recorded output that is a Gaussian point (:mod:`derive.arch_finite_width`),
-the sampler (:mod:`derive.arch_sampler`) gives, at width n, the mean and the variance over
-networks of the empirical kernel K_hat = (1/n) sum_i z_i^2. To order 1/n
+For each recorded output that is a Gaussian point (:mod:`derive.arch_finite_width`, and with
+positions or several inputs :mod:`derive.arch_finite_width_tensor`), the sampler
+(:mod:`derive.arch_sampler`) gives, at width n, the mean and the variance over networks of every
+entry of the empirical kernel K_hat_st = (1/n) sum_i z_is z_it (sites s, t: input and position).
+To order 1/n
 
-    E[K_hat]                       = K + G1/n
-    n Var(K_hat) - 2 E[K_hat]^2    = V + O(1/n)
+    E[K_hat_st]                                          = K_st + G1_st/n
+    n Var(K_hat_st) - (E K_hat_ss E K_hat_tt + E[K_hat_st]^2) = V_(st)(st) + O(1/n)
 
-(n Var(K_hat) = Var(z_i^2) + (n - 1) Cov(z_i^2, z_j^2) with Var(z_i^2) = 2 E[z^2]^2 + 3V/n), so a
+(n Var(K_hat_st) = Var(z_s z_t) + (n - 1) Cov(z_is z_it, z_js z_jt); for one site,
+Var(z^2) = 2 E[z^2]^2 + 3V/n), so a
 weighted fit a + b/n over the widths (:func:`derive.estimators.fit_inverse_width`) compares its
 intercept with K and its slope with G1, and the intercept of the second line with V. Standard
 errors: s/sqrt(S) for the mean; for the V estimate the delta method with the sample third moment
@@ -35,15 +38,22 @@ CHECKED = ("K", "V", "G1", "Theta")
 
 
 def kernel_moments(m: Moments, width: int) -> dict:
-    """Estimates of E[K_hat] and of V at one width, with standard errors (module docstring)."""
+    """Estimates of E[K_hat] and of V_(st)(st) for every entry at one width, with standard errors
+    (arrays of shape (M, M); module docstring)."""
     S = m.count
-    mean, se = float(m.mean.reshape(-1)[0]), float(m.mean_stderr.reshape(-1)[0])
-    var, var_se = float(m.var.reshape(-1)[0]), float(m.var_stderr.reshape(-1)[0])
-    mu3 = float(m.m3.reshape(-1)[0]) / S
-    v = width * var - 2 * mean**2
-    # Var(n s^2 - 2 mean^2) = n^2 Var(s^2) + 16 mean^2 Var(mean) - 8 n mean Cov(mean, s^2)
-    v_var = width**2 * var_se**2 + 16 * mean**2 * se**2 - 8 * width * mean * mu3 / S
-    return {"mean": mean, "mean_stderr": se, "V": v, "V_stderr": float(np.sqrt(max(v_var, 0.0)))}
+    M = int(round(np.sqrt(m.mean.size)))
+    mean, se = m.mean.reshape(M, M), m.mean_stderr.reshape(M, M)
+    var, var_se = m.var.reshape(M, M), m.var_stderr.reshape(M, M)
+    d, dse = np.diag(mean), np.diag(se)
+    v = width * var - (d[:, None] * d[None, :] + mean**2)
+    # the products of means enter with their own errors; on the diagonal (2 E[K_hat]^2) with the
+    # covariance of the mean and the variance, mu_3 / S, as well
+    v_var = (width**2 * var_se**2 + (d[None, :] * dse[:, None]) ** 2 + (d[:, None] * dse[None, :]) ** 2
+             + (2 * mean * se) ** 2)
+    diag = np.arange(M)
+    mu3 = np.diag(m.m3.reshape(M, M)) / S
+    v_var[diag, diag] = width**2 * np.diag(var_se) ** 2 + 16 * d**2 * dse**2 - 8 * width * d * mu3 / S
+    return {"mean": mean, "mean_stderr": se, "V": v, "V_stderr": np.sqrt(np.maximum(v_var, 0.0))}
 
 
 @dataclass
@@ -79,31 +89,47 @@ def _seed(seed: int, width: int) -> int:
     return int(np.random.SeedSequence([seed, width]).generate_state(1, np.uint32)[0])
 
 
-def sample_kernel_estimates(net: Serial, widths, *, samples: int = 4000, seed: int = 0, input_dim: int = 8,
-                            ntk: bool = False, progress: Callable[[int, int], None] | None = None) -> dict:
-    """{width: [kernel_moments of every recorded output]} from ``samples`` networks per width (one
-    input with x.x/n_0 = 1; the seed of width n is derived from (seed, n)); with ``ntk`` the entry
-    ``("ntk", width)`` holds (mean, standard error) of the output NTK."""
+def sample_kernel_estimates(net: Serial, widths, *, samples: int = 4000, seed: int = 0, inputs=None,
+                            input_dim: int = 8, ntk: bool = False,
+                            progress: Callable[[int, int], None] | None = None) -> dict:
+    """{width: [kernel_moments of every recorded output]} from ``samples`` networks per width (the seed
+    of width n is derived from (seed, n)); ``inputs`` (N, *positions, d), default one input with
+    x.x/n_0 = 1 in ``input_dim`` dimensions. With ``ntk`` the entry ``("ntk", width)`` holds (mean,
+    standard error) of the output NTK, (M, M) arrays."""
     ws = tuple(int(w) for w in widths)
     if len(ws) < 2 or len(set(ws)) != len(ws) or min(ws) < 1:
         raise DeriveError(f"give at least two distinct positive widths for the 1/n fit, got {list(widths)}")
     if samples < 3:
         raise DeriveError(f"samples must be at least 3, got {samples}")
-    x = np.ones((1, int(input_dim)))
+    x = np.ones((1, int(input_dim))) if inputs is None else np.asarray(inputs, dtype=float)
     estimates = {}
     for k, w in enumerate(ws):
         cb = None if progress is None else (lambda done, k=k: progress(k * samples + done, len(ws) * samples))
         mc = sample_arch(net, x, w, n_networks=samples, seed=_seed(seed, w), ntk=ntk, progress=cb)
         estimates[w] = [kernel_moments(m, w) for m in mc.nngp]
         if ntk:
-            estimates["ntk", w] = (float(mc.ntk.mean.reshape(-1)[0]), float(mc.ntk.mean_stderr.reshape(-1)[0]))
+            M = int(round(np.sqrt(mc.ntk.mean.size)))
+            estimates["ntk", w] = (mc.ntk.mean.reshape(M, M), mc.ntk.mean_stderr.reshape(M, M))
     return estimates
 
 
-def compare_finite_width(theory, estimates: dict, *, quantities=("K", "V", "G1"), z_max: float = 5.0, samples: int = 0,
-                         seed: int = 0) -> FiniteWidthCheck:
-    """Fit the estimates of :func:`sample_kernel_estimates` in 1/n and score ``theory`` (an
-    :class:`~derive.arch_finite_width.ArchFiniteWidth`) against them (module docstring)."""
+def _as_matrix(x) -> np.ndarray:
+    return np.atleast_2d(np.asarray(x, dtype=float))
+
+
+def _vertex_diagonal(V) -> np.ndarray:
+    """V_(st)(st) of a (M, M, M, M) vertex (a number for one site)."""
+    V = np.asarray(V, dtype=float)
+    if V.ndim == 0:
+        return V.reshape(1, 1)
+    return np.einsum("stst->st", V)
+
+
+def compare_finite_width(theory, estimates: dict, *, quantities=("K", "V", "G1"), z_max: float = 5.0,
+                         samples: int = 0, seed: int = 0) -> FiniteWidthCheck:
+    """Fit the estimates of :func:`sample_kernel_estimates` in 1/n and score ``theory`` (the result of
+    :func:`~derive.arch_finite_width.arch_finite_width` or of
+    :func:`~derive.arch_finite_width_tensor.arch_finite_width_tensor`) entry by entry (module docstring)."""
     unknown = set(quantities) - set(CHECKED)
     if unknown:
         raise DeriveError(f"unknown quantity {', '.join(sorted(unknown))}; known: {', '.join(CHECKED)}")
@@ -116,37 +142,54 @@ def compare_finite_width(theory, estimates: dict, *, quantities=("K", "V", "G1")
         if theory.values["V"][i] is None:
             continue
         est = [estimates[w][i] for w in ws]
-        per_width.extend({"layer": label, "index": i + 1, "width": w, **e} for w, e in zip(ws, est))
-        fit_k = fit_inverse_width(W, [e["mean"] for e in est], [e["mean_stderr"] for e in est])
-        fit_v = fit_inverse_width(W, [e["V"] for e in est], [e["V_stderr"] for e in est])
-        found = {"K": (fit_k.intercept, fit_k.intercept_stderr), "G1": (fit_k.slope, fit_k.slope_stderr),
-                 "V": (fit_v.intercept, fit_v.intercept_stderr)}
-        last = i == len(theory.labels) - 1
-        if last and "Theta" in quantities:
-            fit_t = fit_inverse_width(W, [estimates["ntk", w][0] for w in ws], [estimates["ntk", w][1] for w in ws])
-            found["Theta"] = (fit_t.intercept, fit_t.intercept_stderr)
-        for q in quantities:
-            if q not in found:  # Theta: the sampler records the NTK of the output only
-                continue
-            value, stderr = found[q]
-            t = float(theory.values[q][i])
-            detectable = z_max * stderr
-            rows.append({"quantity": q, "layer": label, "index": i + 1, "theory": t, "estimate": value,
-                         "stderr": stderr, "z": z_score(value, stderr, t), "detectable": detectable,
-                         "weak": bool(detectable >= abs(t)) if t != 0 else None})
+        values = {"K": _as_matrix(theory.values["K"][i]), "G1": _as_matrix(theory.values["G1"][i]),
+                  "V": _vertex_diagonal(theory.values["V"][i])}
+        if i == len(theory.labels) - 1 and "Theta" in quantities:  # the sampler's NTK is the output's
+            values["Theta"] = _as_matrix(theory.values["Theta"][i])
+        M = values["K"].shape[0]
+        for s_ in range(M):
+            for t in range(s_, M):
+                entry = [s_, t]
+                per_width.extend({"layer": label, "index": i + 1, "entry": entry, "width": w,
+                                  **{k: float(e[k][s_, t]) for k in ("mean", "mean_stderr", "V", "V_stderr")}}
+                                 for w, e in zip(ws, est))
+                fit_k = fit_inverse_width(W, [e["mean"][s_, t] for e in est], [e["mean_stderr"][s_, t] for e in est])
+                fit_v = fit_inverse_width(W, [e["V"][s_, t] for e in est], [e["V_stderr"][s_, t] for e in est])
+                found = {"K": (fit_k.intercept, fit_k.intercept_stderr), "G1": (fit_k.slope, fit_k.slope_stderr),
+                         "V": (fit_v.intercept, fit_v.intercept_stderr)}
+                if "Theta" in values:
+                    fit_t = fit_inverse_width(W, [estimates["ntk", w][0][s_, t] for w in ws],
+                                              [estimates["ntk", w][1][s_, t] for w in ws])
+                    found["Theta"] = (fit_t.intercept, fit_t.intercept_stderr)
+                for q in quantities:
+                    if q not in values:
+                        continue
+                    value, stderr = found[q]
+                    th = float(values[q][s_, t])
+                    detectable = z_max * stderr
+                    rows.append({"quantity": q, "layer": label, "index": i + 1, "entry": entry, "theory": th,
+                                 "estimate": value, "stderr": stderr, "z": z_score(value, stderr, th),
+                                 "detectable": detectable, "weak": bool(detectable >= abs(th)) if th != 0 else None})
     return FiniteWidthCheck(theory.name, ws, int(samples), int(seed), float(z_max), rows, per_width)
 
 
 def check_finite_width(net: Serial, widths, *, samples: int = 4000, seed: int = 0, z_max: float = 5.0,
-                       quantities=("K", "V", "G1"), input_dim: int = 8,
+                       quantities=("K", "V", "G1"), inputs=None, input_dim: int = 8,
                        progress: Callable[[int, int], None] | None = None) -> FiniteWidthCheck:
     """Sample ``samples`` networks of ``net`` at each of ``widths`` and compare K, V and G1 of every
-    Gaussian-point output with :func:`~derive.arch_finite_width.arch_finite_width` after a fit in 1/n."""
-    theory = arch_finite_width(net)
+    Gaussian-point output (and with ``Theta`` in ``quantities`` the output NTK) with the theory after
+    a fit in 1/n: one input without positions by default (:func:`~derive.arch_finite_width.arch_finite_width`),
+    else every entry of ``inputs`` (:func:`~derive.arch_finite_width_tensor.arch_finite_width_tensor`)."""
+    if inputs is None:
+        theory = arch_finite_width(net)
+    else:
+        from .arch_finite_width_tensor import arch_finite_width_tensor
+
+        theory = arch_finite_width_tensor(net, inputs)
     if theory.values["V"][-1] is None and "Theta" in quantities:
         raise DeriveError("Theta is checked at the output, which here is not a dense or residual output")
-    estimates = sample_kernel_estimates(net, widths, samples=samples, seed=seed, input_dim=input_dim,
-                                        ntk="Theta" in quantities, progress=progress)
+    estimates = sample_kernel_estimates(net, widths, samples=samples, seed=seed, inputs=inputs,
+                                        input_dim=input_dim, ntk="Theta" in quantities, progress=progress)
     return compare_finite_width(theory, estimates, quantities=quantities, z_max=z_max, samples=samples, seed=seed)
 
 

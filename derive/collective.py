@@ -35,7 +35,7 @@ import sympy as sp
 
 from . import symbols as S
 from .expectations import gaussian_expectation, tidy
-from .layers import FW_INPUT, act, find_layer_rule, mean
+from .layers import FW_SITES, act, find_layer_rule, mean
 from .quadrature import GaussianExpectation
 
 z, K, V, G1 = S.z, S.K, S.V, S.G1
@@ -216,7 +216,7 @@ def activation_table(activation) -> tuple:
 def dense_after_activation(activation, tol: float) -> dict:
     """K', V', G1' of the dense rule after ``activation`` on a Gaussian point, in K, V, G1, r, C_W, C_b:
     the single-input dense-network recursions, derived from rules/layers/dense.toml."""
-    F = find_layer_rule("dense").finite_width["variance"].xreplace({FW_INPUT: act(0, 0, z)})
+    F = find_layer_rule("dense").finite_width["variance"].xreplace({h: act(0, 0, z) for h in FW_SITES})
     return segment_maps(F, (activation_table(activation),), tol, False)
 
 

@@ -113,11 +113,14 @@ class act(sp.Function):
         return act(k, d + 1, u)
 
 
-#: One channel of the layer's input and the branch output in ``[finite_width]`` formulas.
+#: One channel of the layer's input (at the two sites of a Gram entry: h1, h2) and the branch output
+#: in ``[finite_width]`` formulas.
 FW_INPUT = sp.Symbol("h", real=True)
+FW_SITES = (sp.Symbol("h1", real=True), sp.Symbol("h2", real=True))
 FW_BRANCH = sp.Symbol("b", real=True)
-#: The forms a ``[finite_width]`` table may take (module docstring of :mod:`derive.arch_finite_width`).
-FW_KINDS = ("variance", "elementwise", "combine")
+#: The forms a ``[finite_width]`` table may take (module docstrings of :mod:`derive.arch_finite_width`
+#: and :mod:`derive.arch_finite_width_tensor`).
+FW_KINDS = ("variance", "means", "elementwise", "combine")
 _FW_FUNCTIONS = {"mean": (mean, 1, 1), "sigma": (lambda u: act(0, 0, u), 1, 1)}
 
 OPERATORS = {cls.__name__: cls for cls in (patch, pool, spatial_mean, diagonal_mean, attend, mean_attend,
@@ -219,8 +222,10 @@ def _load_layer(path: Path) -> LayerRule:
         maps = data["maps"]
         kernel = parse_expression(maps["kernel"], table, functions=_FUNCTIONS, where=f"{where} maps.kernel")
         ntk = parse_expression(maps["ntk"], table, functions=_FUNCTIONS, where=f"{where} maps.ntk")
-        fw_table = {**table, "h": FW_INPUT, "b": FW_BRANCH}
-        finite_width = tuple((key, parse_expression(str(text), fw_table, functions=_FW_FUNCTIONS,
+        fw_table = {**table, "h": FW_INPUT, "h1": FW_SITES[0], "h2": FW_SITES[1], "b": FW_BRANCH}
+        fw_functions = {**_FW_FUNCTIONS, **{name: (cls, 1, 1) for name, cls in OPERATORS.items()
+                                            if name != "logit_response"}}
+        finite_width = tuple((key, parse_expression(str(text), fw_table, functions=fw_functions,
                                                     where=f"{where} finite_width.{key}"))
                              for key, text in data.get("finite_width", {}).items())
     except KeyError as exc:
@@ -244,27 +249,35 @@ def _check_finite_width(rule: LayerRule, where: str) -> None:
         raise RuleError(f"{where}: [finite_width] takes one of {', '.join(FW_KINDS)}, got {', '.join(fw)}")
     kind, expr = next(iter(fw.items()))
     params = {s for s, _, _ in rule.params}
-    allowed = {FW_INPUT} | params | ({FW_BRANCH} if kind == "combine" else set())
-    stray = expr.free_symbols - allowed
+    channel = {"variance": set(FW_SITES), "means": set(FW_SITES), "elementwise": {FW_INPUT},
+               "combine": {FW_INPUT, FW_BRANCH}}[kind]
+    stray = expr.free_symbols - channel - params
     if stray:
-        raise RuleError(f"{where}: finite_width.{kind} may use h{', b' if kind == 'combine' else ''} and the "
-                        f"parameters, not {', '.join(sorted(s.name for s in stray))}")
-    if kind == "variance" and not rule.fresh_weights:
-        raise RuleError(f"{where}: finite_width.variance states a conditionally Gaussian output, which needs "
-                        "fresh_weights = true")
+        raise RuleError(f"{where}: finite_width.{kind} may use {', '.join(sorted(s.name for s in channel))} and "
+                        f"the parameters, not {', '.join(sorted(s.name for s in stray))}")
+    operators = expr.atoms(StructuralOperator)
+    if kind in ("variance", "means"):
+        if expr.atoms(mean) != {mean(FW_SITES[0] * FW_SITES[1])} or len(operators) > 1 or any(
+                op.args[0] != mean(FW_SITES[0] * FW_SITES[1]) for op in operators):
+            raise RuleError(f"{where}: finite_width.{kind} is affine in mean(h1*h2), or in one structural "
+                            "operator of it (patch(mean(h1*h2)))")
+        if kind == "variance" and not rule.fresh_weights:
+            raise RuleError(f"{where}: finite_width.variance states a conditionally Gaussian output, which "
+                            "needs fresh_weights = true")
+        if kind == "means" and (operators and expr != next(iter(operators)) or not operators):
+            raise RuleError(f"{where}: finite_width.means is one structural operator of mean(h1*h2)")
+    elif operators:
+        raise RuleError(f"{where}: finite_width.{kind} acts per channel and position: no structural operators")
     if kind == "combine":
         if rule.combinator != "branch":
             raise RuleError(f"{where}: finite_width.combine is for combinators (combinator = \"branch\")")
         if expr.has(mean) or expr.has(act) or any(sp.diff(expr, s, 2) != 0 for s in (FW_INPUT, FW_BRANCH)) \
                 or sp.diff(expr, FW_INPUT, FW_BRANCH) != 0 or expr.xreplace({FW_INPUT: 0, FW_BRANCH: 0}) != 0:
             raise RuleError(f"{where}: finite_width.combine must be linear in h and b (a*h + c*b)")
-    elif kind == "elementwise" or kind == "variance":
+    if kind == "elementwise":
         for node in expr.atoms(mean):
             if node.args[0].free_symbols - {FW_INPUT} - params:
-                raise RuleError(f"{where}: finite_width.{kind}: mean(...) takes a function of h")
-        outside = expr.xreplace({m: sp.Integer(0) for m in expr.atoms(mean)})
-        if kind == "variance" and FW_INPUT in outside.free_symbols:
-            raise RuleError(f"{where}: finite_width.variance may use h only inside mean(...)")
+                raise RuleError(f"{where}: finite_width.elementwise: mean(...) takes a function of h")
 
 
 def _check_rule(rule: LayerRule, where: str) -> None:
@@ -379,5 +392,5 @@ def derive_maps(rule: LayerRule, values: dict[sp.Symbol, sp.Expr], act_sigma: sp
     return LayerMaps(two[0], two[1], one[0], one[1])
 
 
-__all__ = ["BK12", "BTheta12", "E", "FW_BRANCH", "FW_INPUT", "FW_KINDS", "act", "mean", "LayerMaps", "LayerRule", "OPERATORS", "SHAPE_PRESERVING", "StructuralOperator",
+__all__ = ["BK12", "BTheta12", "E", "FW_BRANCH", "FW_INPUT", "FW_KINDS", "FW_SITES", "act", "mean", "LayerMaps", "LayerRule", "OPERATORS", "SHAPE_PRESERVING", "StructuralOperator",
            "derive_maps", "find_layer_rule", "layer_names", "layer_rules"]

@@ -17,6 +17,7 @@ from derive import arch
 from derive.activations import resolve
 from derive.arch_finite_width import arch_finite_width
 from derive.arch_finite_width_check import compare_finite_width, sample_kernel_estimates
+from derive.arch_finite_width_tensor import arch_finite_width_tensor
 from derive.errors import DeriveError
 from derive.finite_width import finite_width_maps, iterate
 
@@ -208,7 +209,7 @@ def test_branch_reading_the_skip_through_an_activation_is_refused(act):
 
 @pytest.mark.parametrize("net,match", [
     (arch.serial(arch.conv(filter=(3,)), arch.activation("relu"), arch.global_avg_pool(), arch.dense(1.0)),
-     "no \\[finite_width\\] table"),
+     "tensor form"),
     (arch.serial(arch.dense(1.0), arch.residual(arch.layer_norm(), arch.attention(heads=2))),
      "no \\[finite_width\\] table"),
     (arch.serial(arch.dense(1.0), arch.residual(arch.dense(1.0), arch.residual(arch.dense(1.0)), arch.dense(1.0))),
@@ -288,3 +289,92 @@ def test_sampled_output_ntk_extrapolates_to_the_infinite_width_ntk(name):
     (row,) = check.rows
     assert check.passed, row
     assert not row["weak"] and row["detectable"] < 0.1 * row["theory"]
+
+
+
+# ------------------------------------------------------------------------------------------------
+# The tensor form: several inputs and positions
+
+
+@pytest.mark.parametrize("name", ["tanh", "relu"])
+def test_tensor_form_of_a_batch_equals_iterate_batch(name):
+    from derive.finite_width import iterate_batch
+
+    x = np.random.default_rng(0).standard_normal((3, 5))
+    tf = arch_finite_width_tensor(arch.mlp(4, name, 1.5, 0.1), x)
+    ref = iterate_batch(resolve(name), x, 4, 1.5, 0.1)
+    got = {q: [v for v in tf.values[q] if v is not None] for q in ("K", "V", "G1")}
+    for q, want in (("K", ref.K), ("V", ref.V), ("G1", ref.G1)):
+        for a, b in zip(got[q], want):
+            assert np.max(np.abs(a - b)) <= 1e-12 * max(1.0, np.max(np.abs(b))), q
+
+
+def test_tensor_form_of_one_input_is_the_single_input_form():
+    net = NETWORKS["layernorm stack"].items[0], arch.repeat(3, arch.activation("gelu"), arch.dense(1.7, 0.2))
+    net = arch.serial(*net)
+    tf = arch_finite_width_tensor(net, np.ones((1, 8)))
+    single = arch_finite_width(net)
+    for q in ("K", "V", "G1"):
+        for a, b in zip(tf.values[q], single.values[q]):
+            assert (a is None) == (b is None)
+            if a is not None:
+                assert abs(float(np.ravel(a)[0]) - b) <= 1e-12 * max(1.0, abs(b)), q
+
+
+def test_pooling_a_gaussian_point_is_linear():
+    """avg_pool before the activation maps K, V, G1 of each channel linearly: pooling positions 0, 1 of
+    a two-position conv output with window 2 gives K = mean of the 2x2 block, V the mean of its 2^4."""
+    x = np.random.default_rng(2).standard_normal((1, 3, 4))
+    conv = [arch.conv(filter=(2,), padding="VALID", C_W=1.3), arch.activation("tanh"), arch.conv(filter=(1,), C_W=1.1)]
+    base = arch_finite_width_tensor(arch.serial(*conv), x)
+    pooled = arch_finite_width_tensor(arch.serial(*conv, arch.avg_pool(window=(2,))), x)
+    K, V, G = (base.values[q][-1] for q in ("K", "V", "G1"))
+    assert pooled.values["K"][-1][0, 0] == pytest.approx(K.mean(), rel=1e-13)
+    assert pooled.values["V"][-1][0, 0, 0, 0] == pytest.approx(V.mean(), rel=1e-13)
+    assert pooled.values["G1"][-1][0, 0] == pytest.approx(G.mean(), rel=1e-12, abs=1e-15)
+
+
+@pytest.mark.parametrize("net,match", [
+    (arch.serial(arch.conv(filter=(2,)), arch.layer_norm(), arch.activation("relu"), arch.conv(filter=(2,))),
+     "LayerNorm with positions"),
+    (arch.serial(arch.conv(filter=(2,)), arch.residual(arch.conv(filter=(2,)))), "residual blocks with positions"),
+])
+def test_tensor_form_refuses_with_the_reason(net, match):
+    with pytest.raises(DeriveError, match=match):
+        arch_finite_width_tensor(net, np.ones((1, 4, 3)))
+
+
+CNNS = {
+    "1-d CNN (examples/architectures/cnn.toml)": lambda: arch.load_arch("examples/architectures/cnn.toml"),
+    "CNN, pooling before tanh, global pooling": lambda: arch.serial(
+        arch.conv(filter=(3,), C_W=1.5, C_b=0.1), arch.avg_pool(window=(2,)), arch.activation("tanh"),
+        arch.conv(filter=(2,), C_W=1.6), arch.activation("relu"), arch.global_avg_pool(), arch.dense(2.0)),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(CNNS))
+def test_sampled_cnns_agree_and_a_dropped_term_is_rejected(name):
+    import derive.arch_finite_width_tensor as tensor
+
+    net = CNNS[name]()
+    x = np.random.default_rng(1).standard_normal((1, 6, 4))
+    theory = arch_finite_width_tensor(net, x)
+    estimates = sample_kernel_estimates(net, WIDTHS, samples=SAMPLES, seed=3, inputs=x)
+    check = compare_finite_width(theory, estimates)
+    assert check.passed, check.worst
+    assert not any(r["weak"] for r in check.rows if r["quantity"] == "V")
+    original = tensor._on_vertex
+
+    def uncorrelated_positions(name, layer, V, N, spatial):  # only the entries with one site s = t = u = v
+        one = np.zeros_like(V)
+        s = np.arange(V.shape[0])
+        one[s, s, s, s] = V[s, s, s, s]
+        return original(name, layer, one, N, spatial)
+
+    try:  # the vertex mapped as if the positions fluctuated independently
+        tensor._on_vertex = uncorrelated_positions
+        wrong = arch_finite_width_tensor(net, x)
+    finally:
+        tensor._on_vertex = original
+    assert not compare_finite_width(wrong, estimates).passed

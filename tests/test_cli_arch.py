@@ -84,8 +84,8 @@ def test_validate_arch_json_and_exit_code(tmp_path):
     (["kernel"], "give --activation or --arch"),
     (["kernel", "--activation", "relu", "--arch", "x.toml"], "not both"),
     (["gram", "--arch", "examples/architectures/cnn.toml", "--depth", "3"], "sets the depth"),
-    (["finite-width", "--arch", "examples/architectures/cnn.toml"], "(conv): the layer rule has no [finite_width]"),
-    (["finite-width", "--arch", "examples/architectures/pre_ln_transformer.toml"], "(attention): the layer rule"),
+    (["finite-width", "--activation", "relu", "--cw", "2", "--depth", "3", "--inputs", "x.npy"], "--inputs is for --arch"),
+    (["finite-width", "--arch", "examples/architectures/pre_ln_transformer.toml"], "residual blocks with positions"),
     (["finite-width", "--arch", "examples/architectures/residual_mlp.toml", "--k1", "2"], "--widths and --k1"),
     (["validate", "--arch", "examples/architectures/residual_mlp.toml", "--widths", "32,64", "-q", "Theta_var"],
      "checks K, V, G1, Theta"),
@@ -157,3 +157,18 @@ def test_validate_architecture_over_widths(tmp_path):
     assert all("detectable" in r for r in out["results"])
     text = run("validate", "--arch", str(path), "--widths", "16,32,64", "--samples", "300")
     assert text.returncode == 0 and "detects" in text.stdout, text.stderr
+
+
+def test_finite_width_and_validate_of_a_cnn():
+    res = run("finite-width", "--arch", "examples/architectures/cnn.toml", "--format", "json")
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert out["spatial"][0] == [6] and np.asarray(out["V"][2]).shape == (3, 3, 3, 3)
+    assert out["V"][1] is None and np.asarray(out["K"][-1]).shape == (1, 1)
+    text = run("finite-width", "--arch", "examples/architectures/cnn.toml", "--width", "64")
+    assert text.returncode == 0 and "max V/(n K^2)" in text.stdout, text.stderr
+    check = run("validate", "--arch", "examples/architectures/cnn.toml", "--widths", "16,32,64", "--samples", "300",
+                "--format", "json")
+    assert check.returncode == 0, check.stderr
+    rows = json.loads(check.stdout)["results"]
+    assert {tuple(r["entry"]) for r in rows if r["layer"] == "3:conv"} == {(a, b) for a in range(3) for b in range(a, 3)}
