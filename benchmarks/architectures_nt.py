@@ -28,8 +28,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from derive import arch as A  # noqa: E402
-from derive.arch import Layer, Repeat, Serial  # noqa: E402
-from derive.arch_kernels import arch_kernels  # noqa: E402
+from derive.arch.description import Layer, Repeat, Serial  # noqa: E402
+from derive.kernels.arch import arch_kernels  # noqa: E402
 
 NT_ACTIVATIONS = {"relu": "Relu()", "erf": "Erf()", "gelu": "Gelu()", "abs": "Abs()", "linear": "Identity()"}
 

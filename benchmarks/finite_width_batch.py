@@ -1,8 +1,8 @@
 """Speed and agreement of the generated-JAX batch iteration of V and G1 against the NumPy one.
 
 For each activation, N inputs of dimension d = 8 (standard normal, fixed seed), depth L, C_W = 1.7,
-C_b = 0.1 and widths (32, 64, 48, ...), it times :func:`derive.finite_width.iterate_batch` (NumPy)
-and :func:`derive.finite_width_batch.iterate_batch_jax` (generated JAX, one jitted ``lax.scan``).
+C_b = 0.1 and widths (32, 64, 48, ...), it times :func:`derive.finite.batch.iterate_batch` (NumPy)
+and :func:`derive.finite.batch_jax.iterate_batch_jax` (generated JAX, one jitted ``lax.scan``).
 The SymPy derivation is done once beforehand and is cached, so neither time includes it. The JAX
 compilation is reported separately (first call minus a warm call); the times are the median of
 ``--repeats`` warm calls, each ended by converting the result to NumPy. Agreement is the largest
@@ -19,9 +19,9 @@ import time
 
 import numpy as np
 
-from derive.activations import resolve
-from derive.finite_width import iterate_batch
-from derive.finite_width_batch import iterate_batch_jax
+from derive.finite.batch import iterate_batch
+from derive.finite.batch_jax import iterate_batch_jax
+from derive.rules.activations import resolve
 
 
 def _timed(fn, repeats: int) -> tuple[float, object]:

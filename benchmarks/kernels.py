@@ -3,7 +3,7 @@
 For each case (activation, N inputs of dimension d = 100, depth L dense layers) it times, on the
 same inputs and in float64:
 
-- **derive**: :func:`derive.evaluate.gram_matrices` on the derived expressions (the tiled method);
+- **derive**: :func:`derive.kernels.gram.gram_matrices` on the derived expressions (the tiled method);
 - **jnp**: a plain ``jax.numpy`` recursion written here, jitted, one ``lax.scan`` over the layers,
   whole N x N matrices per layer (arccos/sqrt straight formula for ReLU, arcsin for erf, a
   two-dimensional Gauss-Hermite rule for tanh);
@@ -239,7 +239,7 @@ def run_nt(nt_python: str, case, x: np.ndarray, repeats: int, workdir: str):
 def run_case(case, args, workdir: str, expressions: dict) -> dict:
     import jax.numpy as jnp
 
-    from derive.evaluate import gram_matrices, plan_summary
+    from derive.kernels.gram import gram_matrices, plan_summary
 
     e, de = expressions[case["activation"]]
     x = inputs_for(case)
@@ -381,7 +381,8 @@ def main(argv=None) -> int:
     if args.nt_worker:
         return nt_worker(args.nt_worker)
 
-    from derive.api import kernel, numeric_kernel_expressions
+    from derive.api import kernel
+    from derive.symbolic.recursions import numeric_kernel_expressions
 
     cases = CASES if not args.cases else [c for c in CASES if c["name"] in args.cases.split(",")]
     names = {c["activation"] for c in cases}

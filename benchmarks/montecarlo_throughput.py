@@ -1,7 +1,7 @@
 """Throughput of the Monte Carlo sampler's forward statistics against the machine's matmul peak.
 
 For dense networks of depth L, N inputs of dimension d and uniform width n (n_0 = d), one network's
-forward statistics (``derive.montecarlo.sample_kernels`` with ``ntk=False``: K_hat^(l) and G_hat^(l) of
+forward statistics (``derive.sampling.dense.sample_kernels`` with ``ntk=False``: K_hat^(l) and G_hat^(l) of
 every layer) take two kinds of matmul:
 
 - the forward pass, W^(l) times the N preactivations: 2 N n_{l-1} n_l FLOPs per layer ("fwd");
@@ -45,7 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from derive import montecarlo as mc
+from derive.sampling import dense as mc
 
 TARGET = 0.5  # fraction of the jnp.dot peak
 TARGET_MIN_WIDTH = 512

@@ -8,8 +8,9 @@ Run: python examples/dntk.py        (about half a minute on two cores)
 import numpy as np
 
 from derive import api
-from derive.dntk_sampling import sample_dntk
-from derive.finite_width import closed_forms_in_depth, finite_width_maps, iterate
+from derive.backends.codegen import jax_activation
+from derive.finite.single import closed_forms_in_depth, finite_width_maps, iterate
+from derive.sampling.dntk import sample_dntk
 
 # ReLU at criticality: P vanishes and Q grows like l^3, so (P + 2Q) / (n Theta^2) grows like l / n.
 relu = api.activation("relu")
@@ -24,7 +25,7 @@ print("closed forms in l:  P(l) =", closed["P"], "   Q(l) =", closed["Q"])
 depth, cw, cb = 3, 1.5, 0.1
 tanh = api.activation("tanh")
 theory = iterate(finite_width_maps(tanh), depth, cw, cb)
-sigma = api.jax_activation(tanh)
+sigma = jax_activation(tanh)
 widths = (16, 32, 64)
 runs = [sample_dntk(sigma, depth, n, cw, cb, n_networks=800, seed=k) for k, n in enumerate(widths)]
 for q in ("P", "Q"):

@@ -14,8 +14,8 @@ import argparse
 import numpy as np
 
 from derive import arch
-from derive.arch_finite_width import arch_finite_width
-from derive.arch_finite_width_check import check_finite_width
+from derive.finite.arch import arch_finite_width
+from derive.validation.arch import check_finite_width
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--out", help="figure of V/(n K^2) against depth for several skip weights (.png, .pdf, .svg)")

@@ -33,8 +33,8 @@ from pathlib import Path
 import numpy as np
 
 from derive import arch
-from derive.arch_kernels import arch_kernels
-from derive.arch_sampler import sample_arch
+from derive.kernels.arch import arch_kernels
+from derive.sampling.arch import sample_arch
 
 HERE = Path(__file__).resolve().parent
 FILES = {"dot-product": "pre_ln_transformer_dot_product.toml", "tied": "pre_ln_transformer.toml"}

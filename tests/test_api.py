@@ -8,13 +8,14 @@ import numpy as np
 import pytest
 
 import derive
-from derive import symbols as S
-from derive.numeric import evaluate
+from derive.core import symbols as S
+from derive.symbolic.numeric import evaluate
+from derive.symbolic.recursions import numeric_kernel_expressions
 
 
 def _numpy_recursion(d, x, depth, C_W, C_b):
     """K^(L), Theta^(L) by a plain loop over entries and layers with NumPy evaluation."""
-    e, de = derive.api.numeric_kernel_expressions(d)
+    e, de = numeric_kernel_expressions(d)
     n = len(x)
     K = C_b + C_W * x @ x.T / x.shape[1]
     T = C_b + C_W * x @ x.T / x.shape[1]

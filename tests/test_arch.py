@@ -1,5 +1,5 @@
 """Architectures: description and files, derived kernels against independent references, and the
-sampler against the theory (derive.arch, derive.layers, derive.arch_kernels, derive.arch_sampler)."""
+sampler against the theory (derive.arch, derive.rules.layers, derive.kernels.arch, derive.sampling.arch)."""
 
 from __future__ import annotations
 
@@ -15,10 +15,11 @@ import pytest
 
 from derive import arch as A
 from derive.api import gram
-from derive.arch_kernels import arch_kernels, layer_maps
-from derive.arch_sampler import sample_arch
-from derive.errors import DeriveError
-from derive.layers import layer_names
+from derive.core.errors import DeriveError
+from derive.kernels.arch import arch_kernels
+from derive.rules.layers import layer_names
+from derive.sampling.arch import sample_arch
+from derive.symbolic.maps import layer_maps
 
 ROOT = Path(__file__).resolve().parent.parent
 RNG = np.random.default_rng(3)
@@ -270,7 +271,8 @@ def test_single_input_maps_are_derived():
     layer = A.activation("relu")
     maps = layer_maps(layer)
     import sympy as sp
-    from derive import symbols as S
+
+    from derive.core import symbols as S
 
     assert sp.simplify(maps.single_kernel - S.K / 2) == 0
     assert sp.simplify(maps.single_ntk - S.Theta / 2) == 0
@@ -326,7 +328,7 @@ import sys
 import numpy as np
 import jax
 from derive import arch as A
-from derive.arch_sampler import sample_arch
+from derive.sampling.arch import sample_arch
 x = np.array({x})
 net = A.serial(A.dense(), A.residual(A.layer_norm(), A.attention(heads=2)),
                A.residual(A.layer_norm(), A.dot_product_attention(heads=2)), A.global_avg_pool())
@@ -350,7 +352,7 @@ def test_chunk_sizes_give_identical_numbers_and_four_devices_the_same_to_roundin
         assert np.array_equal(runs[0].nngp[-1].mean, one.nngp[-1].mean)
         assert np.array_equal(runs[0].nngp[-1].m4, one.nngp[-1].m4)
         assert np.array_equal(runs[0].ntk.m2, one.ntk.m2)
-    # device counts: to rounding (derive.arch_sampler docstring)
+    # device counts: to rounding (derive.sampling.arch docstring)
     np.testing.assert_allclose(four["mean"], runs[0].nngp[-1].mean, rtol=1e-13, atol=0)
     np.testing.assert_allclose(four["m4"], runs[0].nngp[-1].m4, rtol=1e-11, atol=0)
     np.testing.assert_allclose(four["ntk"], runs[0].ntk.m2, rtol=1e-11, atol=0)

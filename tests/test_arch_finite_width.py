@@ -1,8 +1,8 @@
 """Finite-width maps of architectures from the layer rules' [finite_width] tables.
 
 Checked against: PDLT's dense recursions evaluated with mpmath, the dense-network engine
-(derive.finite_width, whose V and G1 come from the same rule, to 1e-12), the generated
-infinite-width kernels of derive.arch_kernels, recursions derived by hand for residual blocks and
+(derive.finite.single, whose V and G1 come from the same rule, to 1e-12), the generated
+infinite-width kernels of derive.kernels.arch, recursions derived by hand for residual blocks and
 LayerNorm and evaluated with mpmath, and sampled networks at three widths after a fit in 1/n
 (a deliberately wrong map is rejected with the same samples).
 """
@@ -11,15 +11,15 @@ import mpmath as mp
 import numpy as np
 import pytest
 
-import derive.arch_finite_width as afw
-import derive.collective as collective
+import derive.finite.arch as afw
+import derive.finite.collective as collective
 from derive import arch
-from derive.activations import resolve
-from derive.arch_finite_width import arch_finite_width
-from derive.arch_finite_width_check import compare_finite_width, sample_kernel_estimates
-from derive.arch_finite_width_tensor import arch_finite_width_tensor
-from derive.errors import DeriveError
-from derive.finite_width import finite_width_maps, iterate
+from derive.core.errors import DeriveError
+from derive.finite.arch import arch_finite_width
+from derive.finite.single import finite_width_maps, iterate
+from derive.finite.tensor import arch_finite_width_tensor
+from derive.rules.activations import resolve
+from derive.validation.arch import compare_finite_width, sample_kernel_estimates
 
 
 def _relative(a, b):
@@ -47,9 +47,10 @@ def test_dense_rule_gives_pdlt_recursions(name, K, V, G1, r):
     """The maps derived from rules/layers/dense.toml against PDLT (4.90) and (4.115) with mpmath:
     V' = C_W^2 (<s^4> - <s^2>^2) + r chi^2 V, G1' = r [chi G1 + C_W/(8K^4) <s^2 (z^4 - 6Kz^2 + 3K^2)> V],
     chi = C_W d<s^2>/dK by numerical differentiation of the quadrature."""
-    from derive import symbols as S
-    from derive.collective import dense_after_activation, r as r_symbol
-    from derive.numeric import evaluate
+    from derive.core import symbols as S
+    from derive.finite.collective import dense_after_activation
+    from derive.finite.collective import r as r_symbol
+    from derive.symbolic.numeric import evaluate
 
     mp.mp.dps = 30
     f = {"tanh": mp.tanh, "relu": lambda t: max(t, 0), "gelu": lambda t: t * (1 + mp.erf(t / mp.sqrt(2))) / 2,
@@ -100,7 +101,7 @@ NETWORKS = {
 
 @pytest.mark.parametrize("name", sorted(NETWORKS))
 def test_infinite_width_agrees_with_arch_kernels(name):
-    from derive.arch_kernels import arch_kernels
+    from derive.kernels.arch import arch_kernels
 
     net = NETWORKS[name]
     fw = arch_finite_width(net)
@@ -298,7 +299,7 @@ def test_sampled_output_ntk_extrapolates_to_the_infinite_width_ntk(name):
 
 @pytest.mark.parametrize("name", ["tanh", "relu"])
 def test_tensor_form_of_a_batch_equals_iterate_batch(name):
-    from derive.finite_width import iterate_batch
+    from derive.finite.batch import iterate_batch
 
     x = np.random.default_rng(0).standard_normal((3, 5))
     tf = arch_finite_width_tensor(arch.mlp(4, name, 1.5, 0.1), x)
@@ -355,7 +356,7 @@ CNNS = {
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(CNNS))
 def test_sampled_cnns_agree_and_a_dropped_term_is_rejected(name):
-    import derive.arch_finite_width_tensor as tensor
+    import derive.finite.tensor as tensor
 
     net = CNNS[name]()
     x = np.random.default_rng(1).standard_normal((1, 6, 4))

@@ -1,4 +1,4 @@
-"""Scaled dot-product attention with Gaussian logits (derive/attention.py, rules/layers/dot_product_attention.toml).
+"""Scaled dot-product attention with Gaussian logits (derive/kernels/attention.py, rules/layers/dot_product_attention.toml).
 
 The quasi-Monte Carlo expectations are checked against two independent quadratures (mpmath for two
 tokens, where softmax is a sigmoid of one logit difference; a tensor trapezoid rule with Gaussian
@@ -15,14 +15,13 @@ import jax.numpy as jnp
 import mpmath as mp
 import numpy as np
 import pytest
+from reference import expect2
 
 from derive import arch
-from derive.arch_kernels import arch_kernels
-from derive.arch_sampler import sample_arch
-from derive.attention import attention_statistics, check_points
-from derive.errors import DeriveError
-
-from reference import expect2
+from derive.core.errors import DeriveError
+from derive.kernels.arch import arch_kernels
+from derive.kernels.attention import attention_statistics, check_points
+from derive.sampling.arch import sample_arch
 
 
 def _kernels(rng, rows: int, dim: int = 5):

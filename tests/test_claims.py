@@ -20,9 +20,12 @@ import sympy as sp
 
 import cli
 import derive
-from derive import api, claims
-from derive import symbols as S
-from derive.errors import DeriveError, ParseError
+from derive.claims import check as claim_check
+from derive.claims import claim, empirical, numeric, quantities, report, symbolic
+from derive.claims import latex as latex_claims
+from derive.core import symbols as S
+from derive.core.errors import DeriveError, ParseError
+from derive.symbolic import recursions
 
 RELU_THETA = r"\frac{\sqrt{K_{11}K_{22}}}{2\pi}\left(\sin\theta + (\pi-\theta)\cos\theta\right)"
 THETA_DEF = r"\theta = \arccos\left(\frac{K_{12}}{\sqrt{K_{11}K_{22}}}\right)"
@@ -58,7 +61,7 @@ def test_equivalent_forms_are_equal(activation, quantity, claim):
     rep = derive.check(activation, quantity, claim)
     assert verdicts(rep) == ("equal", "equal", "equal"), rep.to_text()
     assert rep.counterexample is None and rep.hint is None
-    assert rep.methods["numeric"]["max_rel_error"] <= claims.RTOL_EXACT
+    assert rep.methods["numeric"]["max_rel_error"] <= numeric.RTOL_EXACT
 
 
 def test_latex_claim_with_theta_definition_and_builtin_theta():
@@ -74,39 +77,39 @@ def test_latex_names_map_to_documented_symbols():
            r"\left(\sin\theta + (\pi-\theta)\cos\theta\right)"
            r" + C_{W}\,\Theta_{12}\,\frac{\pi - \theta}{2\pi}")
     assert derive.check("relu", "ntk_recursion", latex=tex).verdict == "equal"
-    q = claims.quantity("single_input")
+    q = quantities.quantity("single_input")
     act = derive.activation("erf")
     tex = r"\sigma_b^2 + \sigma_w^2\,\frac{2}{\pi}\arcsin\frac{2K}{1+2K}"
-    got = claims.parse_claim(tex, q, act, syntax="latex")
+    got = claim.parse_claim(tex, q, act, syntax="latex")
     assert got.expr == S.C_b + 2 * S.C_W * sp.asin(2 * S.K / (2 * S.K + 1)) / sp.pi
     tex = r"\operatorname{erf}(K) + \mathrm{erf}(K) - 2\erf(K) + e^{0}"
-    erf = claims.parse_claim(tex, q, act, syntax="latex")
+    erf = claim.parse_claim(tex, q, act, syntax="latex")
     assert erf.expr == 1
 
 
 def test_latex_as_pasted_from_a_paper():
-    q = claims.quantity("expectation")
+    q = quantities.quantity("expectation")
     act = derive.activation("relu")
     tex = r"$$ \left|K_{12}\right| \cdot \Big( \tfrac{1}{2} \Big) $$"
-    got = claims.parse_claim(tex, q, act, syntax="latex")
+    got = claim.parse_claim(tex, q, act, syntax="latex")
     assert got.expr == sp.Abs(S.K12) / 2
 
 
 def test_symbolic_time_budget_gives_undecided_not_a_hang():
-    q = claims.quantity("expectation")
-    eng = claims.derivation(derive.activation("gelu"), "expectation")
+    q = quantities.quantity("expectation")
+    eng = quantities.derivation(derive.activation("gelu"), "expectation")
     claim = eng.replace(lambda e: isinstance(e, sp.asin), lambda e: sp.pi / 2 - sp.acos(e.args[0])) + S.K12**2
-    out = claims.symbolic_verdict(claim, eng, q, budget=1e-3)
+    out = symbolic.symbolic_verdict(claim, eng, q, budget=1e-3)
     assert out["result"] == "undecided" and "time budget" in out["detail"]
 
 
 def test_symbolic_alone_proves_an_identity_the_numbers_cannot_see_apart():
-    q = claims.quantity("expectation")
-    eng = claims.derivation(derive.activation("relu"), "expectation")
+    q = quantities.quantity("expectation")
+    eng = quantities.derivation(derive.activation("relu"), "expectation")
     theta = sp.acos(S.K12 / sp.sqrt(S.K11 * S.K22))
     form = sp.sqrt(S.K11 * S.K22) / (2 * sp.pi) * (sp.sin(theta) + (sp.pi - theta) * sp.cos(theta))
-    assert claims.symbolic_verdict(form, eng, q)["result"] == "equal"
-    off = claims.symbolic_verdict(form + sp.Rational(1, 10**40) * S.K12**3, eng, q)
+    assert symbolic.symbolic_verdict(form, eng, q)["result"] == "equal"
+    off = symbolic.symbolic_verdict(form + sp.Rational(1, 10**40) * S.K12**3, eng, q)
     assert off["result"] == "not-equal"  # below any numeric tolerance, still not identically 0
 
 
@@ -159,7 +162,7 @@ def test_claim_undefined_at_a_point_is_judged_elsewhere():
 def test_quadrature_derivation_is_compared_numerically():
     rep = derive.check("tanh", "single_input", "C_b + C_W*K")
     assert rep.methods["symbolic"]["result"] == "undecided"
-    assert rep.verdict == "not-equal" and rep.methods["numeric"]["tolerance"] == claims.RTOL_QUADRATURE
+    assert rep.verdict == "not-equal" and rep.methods["numeric"]["tolerance"] == numeric.RTOL_QUADRATURE
 
 
 # ----------------------------------------------------------------------------------------------
@@ -169,7 +172,7 @@ def test_quadrature_derivation_is_compared_numerically():
 def test_empirical_agrees_with_a_right_claim():
     rep = derive.check("relu", "expectation", latex=RELU_THETA, empirical=True)
     emp = rep.methods["empirical"]
-    assert emp["result"] == "equal" and emp["max_abs_z"] <= claims.Z_MAX
+    assert emp["result"] == "equal" and emp["max_abs_z"] <= empirical.Z_MAX
     assert all(p["stderr"] > 0 for p in emp["points"])
 
 
@@ -177,7 +180,7 @@ def test_empirical_catches_a_wrong_claim_the_engine_also_gets_wrong(monkeypatch)
     """Replace the engine's kernel by the wrong formula: symbolic and numeric now agree with the wrong
     claim, and only the empirical verdict (sampled Gaussians) says not-equal."""
     wrong = "sqrt(K11*K22)/(2*pi)*(pi - theta)*cos(theta)"  # the sin(theta) term dropped
-    real = api.kernel
+    real = recursions.derive_kernel
 
     def broken_kernel(spec, *args, **kwargs):
         d = real(spec, *args, **kwargs)
@@ -185,13 +188,13 @@ def test_empirical_catches_a_wrong_claim_the_engine_also_gets_wrong(monkeypatch)
         bad = sp.sqrt(S.K11 * S.K22) / (2 * sp.pi) * (sp.pi - theta) * sp.cos(theta)
         return dataclasses.replace(d, expectation=bad)
 
-    monkeypatch.setattr(api, "kernel", broken_kernel)
+    monkeypatch.setattr(recursions, "derive_kernel", broken_kernel)
     rep = derive.check("relu", "expectation", wrong, empirical=True)
     assert rep.methods["symbolic"]["result"] == "equal"
     assert rep.methods["numeric"]["result"] == "equal"
     assert rep.methods["empirical"]["result"] == "not-equal"
     assert rep.verdict == "not-equal"
-    assert abs(rep.values["z"]) > claims.Z_MAX and "sampl" in rep.hint
+    assert abs(rep.values["z"]) > empirical.Z_MAX and "sampl" in rep.hint
     # the same wrong formula, now as a layer map checked against sampled two-layer networks
     rec = derive.check("relu", "recursion", f"C_b + C_W*({wrong})", empirical=True)
     assert rec.methods["numeric"]["result"] == "equal"
@@ -217,8 +220,8 @@ def nothing_runs(monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("a refused claim reached the engine")
 
-    monkeypatch.setattr(claims, "derivation", boom)
-    monkeypatch.setattr(claims, "judge", boom)
+    monkeypatch.setattr(report, "derivation", boom)
+    monkeypatch.setattr(claim_check, "judge", boom)
 
 
 @pytest.mark.parametrize("text", [
@@ -272,7 +275,7 @@ def test_lexically_refused_latex_never_reaches_the_parser(monkeypatch):
     monkeypatch.setattr(latex, "parse_latex", boom)
     for text in (r"\input{/etc/passwd}", r"\def\a{1}", r"\catcode`\^=13", "K_{11}\x00"):
         with pytest.raises(ParseError):
-            claims.parse_latex_claim(text, {"K11": S.K11})
+            latex_claims.parse_latex_claim(text, {"K11": S.K11})
 
 
 def test_bad_requests_are_one_line_errors():

@@ -9,9 +9,9 @@ import sys
 import numpy as np
 import pytest
 
-from derive import symbols as S
-from derive.numeric import evaluate
-from derive.parse import parse_expression
+from derive.core import symbols as S
+from derive.core.parse import parse_expression
+from derive.symbolic.numeric import evaluate
 
 
 def run(*args: str, cwd=None) -> subprocess.CompletedProcess:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from derive import arch as A
-from derive.arch_kernels import arch_kernels
+from derive.kernels.arch import arch_kernels
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples" / "architectures"

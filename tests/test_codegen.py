@@ -1,6 +1,6 @@
-"""derive.codegen and derive.safe: generated JAX against independent evaluations of the same trees.
+"""derive.backends.codegen and derive.backends.safe: generated JAX against independent evaluations of the same trees.
 
-References: mpmath (SymPy's evalf at 30 digits) for closed forms; derive.quadrature's NumPy
+References: mpmath (SymPy's evalf at 30 digits) for closed forms; derive.symbolic.quadrature's NumPy
 quadrature for GaussianExpectation nodes; limits derived by hand (Price's theorem) for gradients at
 rho = +-1.
 """
@@ -19,10 +19,10 @@ import numpy as np
 import pytest
 import sympy as sp
 
-from derive import safe
-from derive.codegen import JAX_TABLE, to_jax, to_source, stabilise
-from derive.quadrature import GaussianExpectation, expect_numpy, gaussian_quadrature
-from derive.symbols import K, K11, K12, K22, z, z1, z2
+from derive.backends import safe
+from derive.backends.codegen import JAX_TABLE, stabilise, to_jax, to_source
+from derive.core.symbols import K11, K12, K22, K, z, z1, z2
+from derive.symbolic.quadrature import GaussianExpectation, expect_numpy, gaussian_quadrature
 
 x, y = sp.symbols("x y", real=True)
 a = sp.Symbol("a", positive=True)
@@ -144,7 +144,7 @@ def test_diagonal_and_antipodal_are_exact():
 
 # Points with rho = +-1 exactly in floating point (sqrt(K11 K22) == |K12| exactly). Evaluated
 # eagerly: under jax.jit, XLA's rsqrt and fused-multiply-add rewrites perturb the last bit at the
-# boundary (see to_jax's docstring); derive.evaluate's jitted boundary is tested in test_evaluate.py.
+# boundary (see to_jax's docstring); derive.kernels.gram's jitted boundary is tested in test_evaluate.py.
 BOUNDARY = [(1.7, 1.7, 1.7), (1.0, 2.0, 4.0), (0.25, 0.75, 2.25), (3.0, 3.0, 3.0)]
 
 

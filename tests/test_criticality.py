@@ -11,8 +11,8 @@ import mpmath as mp
 import numpy as np
 import pytest
 
-from derive.activations import resolve
-from derive.critical import analyse
+from derive.rules.activations import resolve
+from derive.symbolic.critical import analyse
 
 mp.mp.dps = 30
 SQ2 = mp.sqrt(2)

@@ -28,9 +28,10 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from derive import estimators as est
-from derive import montecarlo as mc
-from derive.errors import DeriveError
+from derive.core.errors import DeriveError
+from derive.sampling import dense as mc
+from derive.sampling import estimators as est
+from derive.validation import quantities as registry
 
 # ----------------------------------------------------------------------------------------------
 # Moments and their standard errors
@@ -163,29 +164,29 @@ def test_estimators_from_samples():
 def test_registry_rows_without_a_theory_have_null_z():
     rng = np.random.default_rng(4)
     res = _fake_result(rng)
-    setup = est.Setup(res.widths, 1.0, 0.1, 1.0, 0.1, np.ones((2, 4)), kernel=np.ones((2, 2, 2)),
+    setup = registry.Setup(res.widths, 1.0, 0.1, 1.0, 0.1, np.ones((2, 4)), kernel=np.ones((2, 2, 2)),
                       ntk=np.ones((2, 2, 2)))
-    bare = {name: replace(q, theory=None) for name, q in est.QUANTITIES.items()}
-    rows = est.quantity_rows(bare["V"], res, setup)
+    bare = {name: replace(q, theory=None) for name, q in registry.QUANTITIES.items()}
+    rows = registry.quantity_rows(bare["V"], res, setup)
     assert [(r["layer"], r["inputs"]) for r in rows] == [(2, [0]), (2, [1])]
     assert all(r["theory"] is None and r["z"] is None and r["stderr"] > 0 for r in rows)
-    rows = est.quantity_rows(bare["G1"], res, setup)
+    rows = registry.quantity_rows(bare["G1"], res, setup)
     assert len(rows) == 2 and all(r["z"] is None for r in rows)
-    rows = est.quantity_rows(est.QUANTITIES["K"], res, setup)
+    rows = registry.quantity_rows(registry.QUANTITIES["K"], res, setup)
     assert len(rows) == 2 * 3 and all(r["z"] is not None for r in rows)
-    rows = est.quantity_rows(est.QUANTITIES["Theta"], res, setup)
+    rows = registry.quantity_rows(registry.QUANTITIES["Theta"], res, setup)
     assert {r["layer"] for r in rows} == {2} and len(rows) == 3
 
 
 def test_register_theory_plugs_in_and_rejects_unknown_names():
-    saved = est.QUANTITIES["G1"]
+    saved = registry.QUANTITIES["G1"]
     try:
-        est.register_theory("G1", lambda setup: np.zeros((setup.depth, setup.inputs.shape[0])))
-        assert est.QUANTITIES["G1"].theory is not saved.theory
+        registry.register_theory("G1", lambda setup: np.zeros((setup.depth, setup.inputs.shape[0])))
+        assert registry.QUANTITIES["G1"].theory is not saved.theory
     finally:
-        est.QUANTITIES["G1"] = saved
+        registry.QUANTITIES["G1"] = saved
     with pytest.raises(DeriveError):
-        est.register_theory("nonsense", lambda setup: None)
+        registry.register_theory("nonsense", lambda setup: None)
 
 
 # ----------------------------------------------------------------------------------------------

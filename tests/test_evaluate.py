@@ -1,4 +1,4 @@
-"""derive.evaluate: NNGP / NTK Gram matrices against a plain NumPy loop over entries and layers.
+"""derive.kernels.gram: NNGP / NTK Gram matrices against a plain NumPy loop over entries and layers.
 
 The reference implements the recursions of the effective-theory sheet (sec. 2) entry by entry with
 the closed forms written out by hand in ``math`` (Cho & Saul arc-cosine kernel for ReLU, Williams'
@@ -21,11 +21,11 @@ import numpy as np
 import pytest
 import sympy as sp
 
-from derive.errors import DeriveError
-from derive.evaluate import gram_matrices, gram_profile
-from derive.numeric import evaluate
-from derive.quadrature import GaussianExpectation
-from derive.symbols import C_W, K11, K12, K22, z1, z2
+from derive.core.errors import DeriveError
+from derive.core.symbols import C_W, K11, K12, K22, z1, z2
+from derive.kernels.gram import gram_matrices, gram_profile
+from derive.symbolic.numeric import evaluate
+from derive.symbolic.quadrature import GaussianExpectation
 
 RELU = (sp.sqrt(K11 * K22 - K12**2) + K12 * (sp.pi - sp.acos(K12 / sp.sqrt(K11 * K22)))) / (2 * sp.pi)
 RELU_D = (sp.pi - sp.acos(K12 / sp.sqrt(K11 * K22))) / (2 * sp.pi)
@@ -35,7 +35,10 @@ TANH = GaussianExpectation(sp.Lambda((z1, z2), sp.tanh(z1) * sp.tanh(z2)), K11, 
 TANH_D = GaussianExpectation(sp.Lambda((z1, z2), (1 - sp.tanh(z1) ** 2) * (1 - sp.tanh(z2) ** 2)),
                              K11, K12, K22, 49)
 
-gram = importlib.import_module("derive.evaluate")
+gram = importlib.import_module("derive.kernels.gram")
+direct_method = importlib.import_module("derive.kernels.direct")
+planner = importlib.import_module("derive.kernels.plan")
+structure = importlib.import_module("derive.kernels.structure")
 
 FLOOR = np.finfo(np.float64).tiny ** 0.25
 
@@ -146,10 +149,10 @@ def test_quadrature_nodes_through_depth():
 def test_row_blocks_match_whole_matrix(monkeypatch):
     x = batch(n_random=5, d=3, seed=3)
     whole = gram_matrices(TANH, TANH_D, x, 2, 1.2, 0.2, method="direct")
-    monkeypatch.setattr(gram, "MAX_GRID_ELEMENTS", 3 * len(x) * 49 * 49)  # three rows per block
-    gram._recursion.cache_clear()
+    monkeypatch.setattr(direct_method, "MAX_GRID_ELEMENTS", 3 * len(x) * 49 * 49)  # three rows per block
+    direct_method._recursion.cache_clear()
     blocked = gram_matrices(TANH, TANH_D, x, 2, 1.2, 0.2, method="direct")
-    gram._recursion.cache_clear()
+    direct_method._recursion.cache_clear()
     for w, b in zip(whole, blocked):
         np.testing.assert_allclose(b, w, rtol=1e-14, atol=1e-16)
 
@@ -172,12 +175,12 @@ def test_hyperparameters_do_not_recompile():
     x = batch(seed=5)
     key = (RELU, RELU_D)
     gram_matrices(RELU, RELU_D, x, 3, 2.0, 0.1)
-    before = gram.TRACES[key]
+    before = direct_method.TRACES[key]
     for c_w, c_b, lam in ((1.5, 0.0, None), (2.5, 0.4, 0.3), (2.0, 0.1, 1.0)):
         gram_matrices(RELU, RELU_D, x + c_b, 3, c_w, c_b, lambda_W=lam, lambda_b=lam)
-    assert gram.TRACES[key] == before
+    assert direct_method.TRACES[key] == before
     gram_matrices(RELU, RELU_D, x[:5], 3, 2.0, 0.1)  # a new shape compiles once more
-    assert gram.TRACES[key] == before + 1
+    assert direct_method.TRACES[key] == before + 1
 
 
 def test_float32_on_request():
@@ -224,7 +227,8 @@ def test_bad_input():
 
 
 def derived(name):
-    from derive.api import kernel, numeric_kernel_expressions
+    from derive.api import kernel
+    from derive.symbolic.recursions import numeric_kernel_expressions
 
     return numeric_kernel_expressions(kernel(name))
 
@@ -292,25 +296,25 @@ def test_tiled_matches_numpy_loop_with_learning_rates():
 def test_plans_are_read_off_the_derivation():
     # Homogeneity is detected from the expression, whatever it is called: a multiple of the
     # arc-cosine kernel plus a linear term, and its square (degree 2).
-    assert gram._plan(3 * RELU + 2 * K12, 3 * RELU_D + 2).kind == "homogeneous"
+    assert planner._plan(3 * RELU + 2 * K12, 3 * RELU_D + 2).kind == "homogeneous"
     assert "E = (K11 K22)^(1) e(rho)" in gram.plan_summary(RELU**2, 2 * RELU * RELU_D)
     # ... and rejected when a variance enters on its own.
-    assert gram._plan(RELU + K11, RELU_D).kind == "general"
+    assert planner._plan(RELU + K11, RELU_D).kind == "general"
     for name in ("relu", "leaky_relu", "abs", "linear", "step"):
-        assert gram._plan(*derived(name)).kind == "homogeneous", name
-    erf = gram._plan(*derived("erf"))
+        assert planner._plan(*derived(name)).kind == "homogeneous", name
+    erf = planner._plan(*derived("erf"))
     assert erf.kind == "general" and "per-row 1/sqrt(2*K11 + 1)" in erf.description
-    tanh = gram._plan(*derived("tanh"))
+    tanh = planner._plan(*derived("tanh"))
     assert tanh.kind == "mehler" and tanh.parities == (-1, 1)  # tanh odd, tanh^2 even
 
 
 def test_homogeneous_form_of_relu():
-    h = gram._homogeneous(RELU)
+    h = structure._homogeneous(RELU)
     assert h.degree == 1
     rho = np.linspace(-1, 1, 9)
     expected = (np.sqrt(1 - rho**2) + rho * (np.pi - np.arccos(rho))) / (2 * np.pi)
-    np.testing.assert_allclose(evaluate(h.form, {gram._RHO: rho}), expected, rtol=1e-14, atol=1e-16)
-    assert gram._homogeneous(RELU_D).degree == 0
+    np.testing.assert_allclose(evaluate(h.form, {structure._RHO: rho}), expected, rtol=1e-14, atol=1e-16)
+    assert structure._homogeneous(RELU_D).degree == 0
 
 
 def test_mehler_matches_direct_quadrature():
@@ -344,7 +348,7 @@ def test_mehler_against_mpmath():
     lambda_W = 0, lambda_b = 1) at three covariances, against mpmath to 1e-8 relative."""
     import mpmath
 
-    from derive.api import inputs_from_kernel
+    from derive.core.inputs import inputs_from_kernel
 
     k1 = np.array([[0.8, 0.3, -0.5], [0.3, 1.2, 0.9], [-0.5, 0.9, 2.5]])
     x = inputs_from_kernel(k1)
@@ -386,8 +390,9 @@ import os
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
 import numpy as np
 import jax
-from derive.api import kernel, numeric_kernel_expressions
-from derive.evaluate import gram_matrices
+from derive.api import kernel
+from derive.symbolic.recursions import numeric_kernel_expressions
+from derive.kernels.gram import gram_matrices
 
 assert len(jax.devices()) == 4
 x = np.random.default_rng(0).normal(size=(21, 5))
@@ -417,8 +422,13 @@ def test_sharded_tiles_are_identical():
 def test_fast_inverse_cosine_and_sine():
     import mpmath
 
-    from derive.safe import (ASIN_COEFFICIENTS, SQRT_ONE_MINUS_COEFFICIENTS, fast_arccos, fast_arcsin,
-                             fast_sqrt_one_minus_square)
+    from derive.backends.safe import (
+        ASIN_COEFFICIENTS,
+        SQRT_ONE_MINUS_COEFFICIENTS,
+        fast_arccos,
+        fast_arcsin,
+        fast_sqrt_one_minus_square,
+    )
 
     # The coefficients are the Chebyshev interpolants they claim to be.
     mpmath.mp.dps = 50
@@ -458,9 +468,9 @@ def test_tiled_hyperparameters_do_not_recompile():
     x = batch(seed=13)
     key = (expectation, derivative)
     gram_matrices(expectation, derivative, x, 3, 1.2, 0.1)
-    before = gram.TRACES[key]
+    before = direct_method.TRACES[key]
     gram_matrices(expectation, derivative, x, 3, 1.2, 0.12)  # same Mehler orders: no new trace
-    assert gram.TRACES[key] == before
+    assert direct_method.TRACES[key] == before
 
 
 def test_forms_specialised_at_the_boundary():
@@ -469,7 +479,7 @@ def test_forms_specialised_at_the_boundary():
     x = batch(n_random=4, seed=14)
     shifted = RELU + (K11 + K22) / 10
     for expectation, derivative in ((shifted, RELU_D + 0.05), (shifted, ERF_D)):
-        assert gram._plan(expectation, derivative).kind == "general"
+        assert planner._plan(expectation, derivative).kind == "general"
         for c_b in (0.0, 0.3):
             tiled = gram_matrices(expectation, derivative, x, 4, 1.3, c_b, method="tiled", tile=3)
             direct = gram_matrices(expectation, derivative, x, 4, 1.3, c_b, method="direct")
@@ -479,8 +489,8 @@ def test_forms_specialised_at_the_boundary():
 def test_boundary_values_selected_when_the_form_is_not_exact_there(monkeypatch):
     """The homogeneous path selects e(+-1) next to the boundary when the compiled form would not
     reproduce it (forced here for ReLU, whose form is exact at +-1)."""
-    monkeypatch.setattr(gram, "_exact_at_boundary", lambda compiled, ends: False)
-    gram._plan.cache_clear()
+    monkeypatch.setattr(planner, "_exact_at_boundary", lambda compiled, ends: False)
+    planner._plan.cache_clear()
     try:
         x = batch(seed=15)
         for c_b in (0.0, 0.3):
@@ -488,4 +498,4 @@ def test_boundary_values_selected_when_the_form_is_not_exact_there(monkeypatch):
             ref = reference(relu_pair, x, 4, 2.0, c_b, 2.0, c_b)
             assert_close_to(tiled, ref)
     finally:
-        gram._plan.cache_clear()
+        planner._plan.cache_clear()

@@ -1,15 +1,15 @@
 """The expectation engine and the kernel derivations against an independent mpmath reference.
 
 Every shipped activation (default parameters, and one other parameter set for a few), and a handful
-of user expressions, is derived by :func:`derive.recursions.derive_kernel`; the four expectations it
-returns are evaluated with :func:`derive.numeric.evaluate` and compared with tests/reference.py,
+of user expressions, is derived by :func:`derive.symbolic.recursions.derive_kernel`; the four expectations it
+returns are evaluated with :func:`derive.symbolic.numeric.evaluate` and compared with tests/reference.py,
 which integrates sigma (the rule's formula, SymPy -> mpmath) numerically at 25 digits, in polar
 coordinates when sigma has kinks and on a Cartesian trapezoidal grid when it is smooth; it shares
 no code with the engine. sigma' for the reference is SymPy's derivative of sigma with the Dirac
 deltas dropped (the almost-everywhere derivative the NTK uses), checked against mpmath's numerical
 differentiation away from the kinks.
 
-Direct :func:`derive.expectations.gaussian_expectation` calls cover each rewrite: Stein's lemma,
+Direct :func:`derive.symbolic.expectations.gaussian_expectation` calls cover each rewrite: Stein's lemma,
 Wick/Isserlis, the characteristic function, exponential tilting, the erf-squared and shifted-step
 single-input forms and conditioning on a Dirac delta.
 """
@@ -22,14 +22,14 @@ from functools import lru_cache
 import mpmath as mp
 import pytest
 import sympy as sp
-
-from derive import symbols as S
-from derive.activations import resolve
-from derive.expectations import gaussian_expectation
-from derive.numeric import evaluate
-from derive.recursions import derive_kernel
-from derive.rules import activation_names
 from reference import expect1, expect2
+
+from derive.core import symbols as S
+from derive.rules.activations import resolve
+from derive.rules.files import activation_names
+from derive.symbolic.expectations import gaussian_expectation
+from derive.symbolic.numeric import evaluate
+from derive.symbolic.recursions import derive_kernel
 
 #: Agreement required between the engine and the reference (see ``assert_close``).
 RTOL = 1e-10
@@ -367,7 +367,7 @@ def test_direct_two_input(name, cov):
 
 def test_direct_two_input_closed_forms_are_closed():
     """The rewrites close these integrands: no quadrature node is left."""
-    from derive.quadrature import GaussianExpectation
+    from derive.symbolic.quadrature import GaussianExpectation
 
     for name, (expr, _, _) in DIRECT_TWO.items():
         assert not gaussian_expectation(expr, (z1, z2)).has(GaussianExpectation), name

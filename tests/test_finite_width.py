@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 
 from derive import api
-from derive import symbols as S
-from derive.activations import resolve
-from derive.finite_width import (QUANTITIES, closed_forms_in_depth, finite_width_maps, iterate,
-                                 iterate_jax)
-from derive.numeric import evaluate
+from derive.backends.codegen import jax_activation
+from derive.core import symbols as S
+from derive.finite.single import QUANTITIES, closed_forms_in_depth, finite_width_maps, iterate, iterate_jax
+from derive.rules.activations import resolve
+from derive.symbolic.numeric import evaluate
 
 mp.mp.dps = 25
 
@@ -147,8 +147,8 @@ def test_ntk_fluctuations_against_sampled_networks(name, cw, cb):
     theory = iterate(maps, depth, cw, cb)
     A, B, D, F = (theory.values[q][-1] for q in ("A", "B", "D", "F"))
     x = np.ones((1, 4))
-    sigma = api.jax_activation(act)
-    from derive.montecarlo import sample_kernels
+    sigma = jax_activation(act)
+    from derive.sampling.dense import sample_kernels
 
     ns, var_y, var_se, cov_y, cov_se = [], [], [], [], []
     for k, n in enumerate((48, 96, 192)):
@@ -177,8 +177,8 @@ def test_nlo_kernel_against_sampled_networks(name, cw, cb):
     theory = iterate(finite_width_maps(act), depth, cw, cb)
     K, G1 = theory.values["K"][-1], theory.values["G1"][-1]
     x = np.ones((1, 4))
-    sigma = api.jax_activation(act)
-    from derive.montecarlo import sample_kernels
+    sigma = jax_activation(act)
+    from derive.sampling.dense import sample_kernels
 
     ns, ys, ses = [], [], []
     for k, n in enumerate((16, 32, 64)):
@@ -201,12 +201,12 @@ def test_dntk_against_sampled_networks(name, cw, cb, lam_w, lam_b):
     NTK deterministic): checked at width 32. At layer 3, where the B and F correlations of layer 2
     enter, widths 16, 32, 64 are extrapolated in 1/n. Tolerance: 5 standard errors.
     """
-    from derive.dntk_sampling import sample_dntk
+    from derive.sampling.dntk import sample_dntk
 
     depth = 3
     act = resolve(name)
     theory = iterate(finite_width_maps(act), depth, cw, cb, lam_w, lam_b)
-    sigma = api.jax_activation(act)
+    sigma = jax_activation(act)
     ns, est = (16, 32, 64), {"P": [], "Q": []}
     for k, n in enumerate(ns):
         res = sample_dntk(sigma, depth, n, cw, cb, lam_w, lam_b, n_networks=1500, seed=300 + k)
@@ -229,7 +229,7 @@ X2 = np.array([[1.0, 0.0, 0.0, 0.0], [0.6, 0.8, 0.0, 0.0]]) * 2.0
 
 @pytest.mark.parametrize("name", ["relu", "tanh", "gelu"])
 def test_batch_tensors_reduce_to_single_input_on_the_diagonal(name):
-    from derive.finite_width import iterate_batch
+    from derive.finite.batch import iterate_batch
 
     act = resolve(name)
     bp = iterate_batch(act, X2, 4, 1.8, 0.1)
@@ -249,9 +249,9 @@ def _sampled_ghat(name, x, depth, n, cw, cb, S_net, seed):
     import jax
     import jax.numpy as jnp
 
-    from derive.montecarlo import forward, init_network, layer_widths
+    from derive.sampling.dense import forward, init_network, layer_widths
 
-    sig = api.jax_activation(resolve(name))
+    sig = jax_activation(resolve(name))
     widths = layer_widths(x.shape[1], depth, n, 1)
     xj = jnp.asarray(x)
 
@@ -267,7 +267,7 @@ def _sampled_ghat(name, x, depth, n, cw, cb, S_net, seed):
 def test_batch_vertex_and_nlo_kernel_against_sampled_networks(name, cw, cb):
     """V_{(ab)(cd)} = n Cov(G_hat_ab, G_hat_cd) and G1_ab = n (E G_hat_ab - K_ab) for two inputs at
     depth 3, extrapolated in 1/n from widths 32 and 64 (6000 networks each), within 5 sigma."""
-    from derive.finite_width import iterate_batch
+    from derive.finite.batch import iterate_batch
 
     depth = 3
     bp = iterate_batch(resolve(name), X2, depth, cw, cb)
@@ -290,9 +290,9 @@ def test_batch_vertex_and_nlo_kernel_against_sampled_networks(name, cw, cb):
 
 
 def test_sampled_dntk_does_not_depend_on_the_chunk_size():
-    from derive.dntk_sampling import sample_dntk
+    from derive.sampling.dntk import sample_dntk
 
-    sigma = api.jax_activation(resolve("tanh"))
+    sigma = jax_activation(resolve("tanh"))
     a = sample_dntk(sigma, 3, 8, 1.5, 0.1, n_networks=7, seed=4, chunk=3).samples
     b = sample_dntk(sigma, 3, 8, 1.5, 0.1, n_networks=7, seed=4, chunk=5).samples
     assert a.shape == (7, 2, 3)

@@ -7,11 +7,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from derive import finite_width_batch as fwb
-from derive.activations import resolve
-from derive.errors import DeriveError
-from derive.finite_width import finite_width_maps, iterate, iterate_batch
-from derive.finite_width_batch import iterate_batch_jax
+from derive.core.errors import DeriveError
+from derive.finite import batch_jax as fwb
+from derive.finite.batch import iterate_batch
+from derive.finite.batch_jax import iterate_batch_jax
+from derive.finite.single import finite_width_maps, iterate
+from derive.rules.activations import resolve
 
 #: Four inputs of dimension 5: every four-point function kind occurs (one to four distinct inputs),
 #: with correlations of both signs (K^(1) has K_23 ~ 0.03 and K_24 ~ -0.9).
@@ -109,12 +110,6 @@ def test_compiles_once_per_shape():
     assert fwb.TRACES[key] == before + 1
     iterate_batch_jax(act, X4[:3], 5, 1.9, 0.0, quad_order=20)
     assert fwb.TRACES[key] == before + 2
-
-
-def test_exported_from_finite_width():
-    from derive.finite_width import iterate_batch_jax as exported
-
-    assert exported is iterate_batch_jax
 
 
 @pytest.mark.parametrize("kwargs", [dict(depth=0), dict(depth=2.5), dict(quad_order=0),

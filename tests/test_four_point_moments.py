@@ -1,5 +1,5 @@
 """Four-point functions <prod_i sigma(z_i)^p_i>_K on three or four distinct inputs
-(:func:`derive.finite_width.distinct_moment`) against independent references.
+(:func:`derive.finite.moments.distinct_moment`) against independent references.
 
 * Exact values in mpmath (30 digits), from identities that share no code with the engine:
   ReLU, leaky ReLU, |z| and the step are sums of E[prod z_i^k_i prod_{i in S} H(z_i)], reduced by
@@ -25,10 +25,11 @@ import numpy as np
 import pytest
 from scipy import special as sps
 
-from derive import finite_width as fw
-from derive.activations import resolve
-from derive.errors import DeriveError
-from derive.finite_width import MomentRule, distinct_moment, iterate_batch, moment_rule
+from derive.core.errors import DeriveError
+from derive.finite import moments as fw
+from derive.finite.batch import iterate_batch
+from derive.finite.moments import MomentRule, distinct_moment, moment_rule
+from derive.rules.activations import resolve
 
 mp.mp.dps = 30
 

@@ -32,9 +32,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from derive import montecarlo as mc
-from derive.errors import DeriveError
-from derive.estimators import Moments
+from derive.core.errors import DeriveError
+from derive.sampling import dense as mc
+from derive.sampling.estimators import Moments
 
 X = np.array([[1.0, 0.5, -0.3, 0.8], [0.2, -1.0, 0.7, 0.4], [1.2, 0.3, 0.1, 0.9]])
 DEPTH = 3
@@ -422,7 +422,7 @@ def test_rejects_bad_widths(kwargs):
 _DEVICE_SCRIPT = """
 import sys
 import jax, jax.numpy as jnp, numpy as np
-from derive import montecarlo as mc
+from derive.sampling import dense as mc
 X = np.array({X})
 chunk = None if sys.argv[2] == "None" else int(sys.argv[2])
 out = dict(devices=len(jax.devices()))

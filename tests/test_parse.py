@@ -7,11 +7,12 @@ import os
 
 import pytest
 import sympy as sp
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from derive import symbols as S
-from derive.errors import ParseError
-from derive.parse import MAX_LENGTH, parse_expression
+from derive.core import symbols as S
+from derive.core.errors import ParseError
+from derive.core.parse import MAX_LENGTH, parse_expression
 
 Z = {"z": S.z}
 

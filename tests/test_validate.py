@@ -15,19 +15,20 @@ Chunk-size and device-count independence of the sampler are tested in tests/test
 
 from __future__ import annotations
 
-from dataclasses import replace
 import json
 import subprocess
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
 from derive import api
-from derive.errors import DeriveError
-from derive.estimators import QUANTITIES
-from derive.evaluate import gram_profile
-from derive.validate import EXTRAPOLATED, default_inputs, validate
+from derive.core.errors import DeriveError
+from derive.kernels.gram import gram_profile
+from derive.symbolic.recursions import numeric_kernel_expressions
+from derive.validation.quantities import QUANTITIES
+from derive.validation.validate import EXTRAPOLATED, default_inputs, validate
 
 CASES = {"relu": (2.0, 0.1), "tanh": (1.5, 0.05), "swish": (1.8, 0.1)}
 DEPTH, WIDTH, SAMPLES, SEED = 3, 128, 400, 1
@@ -43,7 +44,7 @@ def reports():
 def _theory(name, C_W, lambda_W):
     """Per-layer K^(l) and Theta^(l) of the default inputs, as the engine derives them."""
     _, C_b = CASES[name]
-    e, d = api.numeric_kernel_expressions(api.kernel(name))
+    e, d = numeric_kernel_expressions(api.kernel(name))
     K, T = gram_profile(e, d, default_inputs(), DEPTH, C_W, C_b, lambda_W, C_b)
     return np.asarray(K), np.asarray(T)
 

@@ -1,0 +1,140 @@
+"""The ``derive`` command's application: output formats, shared option help, one-line errors, atomic writes."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from enum import Enum
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(
+    name="derive",
+    help=(
+        "Derive the statistics of deep networks at initialisation: kernels (NNGP), NTKs and their "
+        "recursions, for any activation, with generated JAX code and Monte Carlo checks.\n\n"
+        "Example: derive kernel --activation relu"
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+class Format(str, Enum):
+    text = "text"
+    latex = "latex"
+    json = "json"
+
+
+class NumFormat(str, Enum):
+    text = "text"
+    json = "json"
+
+
+class DType(str, Enum):
+    float64 = "float64"
+    float32 = "float32"
+
+
+ACTIVATION_HELP = (
+    "Activation: a rule name (relu, leaky_relu, tanh, gelu, ...; see 'derive activations') or an "
+    "expression in z such as 'z*erf(z)' or 'relu(z) + 0.1*z'."
+)
+
+
+PARAM_HELP = "Activation parameter NAME=VALUE, repeatable, e.g. --param a=0.2 for leaky_relu."
+
+
+RULES_HELP = "Extra folder of rule files (activations/*.toml, identities/*.toml), searched first."
+
+
+ARCH_HELP = ("Architecture file (TOML: [[layers]] of dense, activation, layernorm, residual, conv, avg_pool, "
+             "global_avg_pool, flatten, attention, repeat; see examples/architectures/) instead of --activation.")
+
+
+def activation_or_arch(activation, arch, command: str, arch_ok: bool = True) -> None:
+    if activation is not None and arch is not None:
+        fail(f"{command}: give --activation or --arch, not both")
+    if activation is None and arch is None:
+        fail(f"{command}: give --activation" + (" or --arch" if arch_ok else ""))
+
+
+def load_arch_file(path: Path):
+    from derive.arch.description import load_arch
+
+    return load_arch(path)
+
+
+def fail(message: str, code: int = 2) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def jsonable(expr) -> str:
+    return str(expr)
+
+
+def write_atomic(path: Path, write) -> None:
+    """Write through a temporary file in the same folder, renamed into place when complete."""
+    path = path.expanduser()
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        fail(f"cannot write '{path}': folder '{folder}' does not exist")
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".derive-", suffix=path.suffix)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def json_number(x):
+    return None if x != x else float(x)
+
+
+def check_png(out: Path) -> None:
+    if out.suffix.lower() not in (".png", ".pdf", ".svg"):
+        fail(f"--out '{out}': give a .png, .pdf or .svg file name")
+    folder = out.expanduser().parent
+    if not folder.is_dir():
+        fail(f"cannot write '{out}': folder '{folder}' does not exist")
+
+
+def np_atleast(x):
+    return x if isinstance(x, list) else [x]
+
+
+def load_npy(path: Path, option: str):
+    import numpy as np
+
+    if not path.is_file():
+        fail(f"{option}: no such file '{path}'")
+    try:
+        return np.load(path, allow_pickle=False)
+    except Exception as exc:  # numpy raises several types for bad files
+        fail(f"{option}: cannot read '{path}' as a .npy array ({type(exc).__name__})")
+
+
+def default_arch_inputs(net):
+    import numpy as np
+
+    needs_positions = any(l.rule.structural for l in net.distinct_layers())
+    shape = (3, 6, 4) if needs_positions else (4, 8)
+    return np.random.default_rng(0).standard_normal(shape)
+
+
+def uses_positions(net) -> bool:
+    return any(l.rule.structural for l in net.distinct_layers())
+
+
+def finite_width_inputs(net, inputs: Optional[Path]):
+    import numpy as np
+
+    if inputs is not None:
+        return load_npy(inputs, "--inputs")
+    return np.random.default_rng(0).standard_normal((1, 6, 4) if uses_positions(net) else (1, 8))

@@ -1,0 +1,273 @@
+"""Finite-width corrections at order 1/n of an architecture, single input, from its layer rules.
+
+Each layer rule (``rules/layers/*.toml``) states in a ``[finite_width]`` table how its output is
+built from its input ``h`` (one channel) and from means over the channels, ``mean(...)``:
+
+    variance = "C_b + C_W*mean(h^2)"      dense: given its input, each output channel is an
+                                          independent zero-mean Gaussian with this variance
+    elementwise = "sigma(h)"              activation; layernorm:
+                                          "(h - mean(h))/sqrt(mean(h^2) - mean(h)^2 + eps)"
+    combine = "xi*h + gamma*b"            residual: the skip h and the branch output b
+
+The engine derives the maps from these statements alone. A *Gaussian point* is the output z of a
+dense layer (or of a residual block, see below) of width n, with E[z_i z_j] = delta_ij (K + G1/n)
+and Cov(z_i^2, z_j^2) = V/n for i != j (PDLT ch. 4). The layers after it up to the next dense make
+the next dense's conditional variance a function of channel means of functions of z (nested for
+LayerNorm's statistics), and :mod:`derive.finite.collective` (the delta method on the channel means)
+gives the next Gaussian point's K, V and G1 from it; for a dense layer after sigma these are PDLT's
+eqs. (4.90) and (4.115).
+
+A residual block z' = a z + c b (``combine``) whose branch ends in a dense layer: given z, b_i are
+independent Gaussians of variance G_b, so with X = n Cov(z_i^2, G_b)
+
+    K' = a^2 K + c^2 K_b,  V' = a^4 V + 2 a^2 c^2 X + c^4 V_b,  G1' = a^2 G1 + c^2 G1_b,
+
+where (K_b, V_b, G1_b) is the branch output iterated from z, X = Cov_K(z^2, iota_1) + r V
+d<iota_1>/dK at the branch's first dense (iota_1 its influence function over z) and X' = X dK'/dK
+at each later one (the branch reads z only through its first layer). This closes in (K, V, G1) when
+the branch reads the skip through a quadratic statistic: iota_1 in span{1, z^2}, as for a branch
+that starts with a dense layer or LayerNorm. A branch that starts with an activation of the skip
+(z + W sigma(z)) makes each channel's own increment variance depend on that channel through
+sigma(z_i)^2 / n, an O(1/n) self-interaction (the stream becomes skewed: E z^3 = O(1/n)) that K, V,
+G1 do not carry; it is refused with that reason.
+
+Also carried, at infinite width: the NTK mean Theta from the rules' ``[maps]``. The NTK
+fluctuations (A, B, D, F) and the dNTK (P, Q) are derived for dense networks
+(:mod:`derive.finite.single`); layers without a ``[finite_width]`` table (conv, pooling, attention)
+are refused with the reason.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import sympy as sp
+
+from derive.arch.description import Layer, Repeat, Serial, check_derivable
+from derive.core import symbols as S
+from derive.core.errors import DeriveError
+from derive.finite.collective import G1, K, V, activation_table, quadratic, r, segment_maps, z
+from derive.rules.layers import FW_BRANCH, FW_INPUT, FW_SITES, StructuralOperator, act
+from derive.symbolic.maps import BK, BTheta, layer_maps
+from derive.symbolic.numeric import evaluate
+from derive.symbolic.quadrature import DEFAULT_TOL
+
+#: The per-layer quantities reported (JSON keys).
+QUANTITIES = ("K", "V", "G1", "Theta")
+
+
+# ------------------------------------------------------------------------------------------------
+# Walking an architecture
+
+
+@dataclass(frozen=True)
+class _Point:
+    """A Gaussian point (numbers) and the elementwise run applied to it since."""
+
+    K: float
+    V: float
+    G1: float
+    Theta: float
+    width: int
+    norm: int  # the width V and G1 are normalised by
+    run: sp.Expr = z  # one channel after the run, in z (mean(...) and act(...) nodes)
+    activations: tuple = ()
+    run_K: float | None = None  # infinite-width kernel and NTK after the run (for reports)
+    run_Theta: float | None = None
+
+
+@dataclass
+class ArchFiniteWidth:
+    """Per recorded output (top-level layers and repetitions, as :func:`derive.kernels.arch`):
+    K, V, G1 at Gaussian points (None after an activation or LayerNorm, whose output is not one) and
+    the infinite-width Theta. ``width`` is the uniform width used for the normalised columns."""
+
+    name: str
+    labels: list[str]
+    values: dict
+    width: int | None
+
+    def normalised(self) -> dict:
+        K, V, G1 = (np.array([np.nan if v is None else v for v in self.values[q]]) for q in ("K", "V", "G1"))
+        n = np.inf if self.width is None else float(self.width)
+        with np.errstate(all="ignore"):
+            return {"V_over_nK2": V / (n * K**2), "G1_over_nK": G1 / (n * K)}
+
+    def as_dict(self) -> dict:
+        out = {"architecture": self.name, "labels": self.labels, **self.values, "width": self.width}
+        if self.width is not None:
+            out.update({k: [None if not np.isfinite(x) else float(x) for x in v]
+                        for k, v in self.normalised().items()})
+        return out
+
+
+class _Walker:
+    """Carries a Gaussian point through layers, each by its rule's [finite_width] statement."""
+
+    def __init__(self, tol: float):
+        self.tol = tol
+
+    def layer_width(self, layer: Layer, default: int) -> int:
+        return int(layer.width) if layer.width is not None else default
+
+    # --- infinite-width single-input maps (kernel and NTK), from the rules' [maps]
+    def infinite(self, layer: Layer, Kin, Thin, branch=None):
+        maps = layer_maps(layer, self.tol)
+        values = {S.K: Kin, S.Theta: Thin}
+        if branch is not None:
+            values.update({BK: branch[0], BTheta: branch[1]})
+        return float(evaluate(maps.single_kernel, values)), float(evaluate(maps.single_ntk, values))
+
+    def dense(self, p: _Point, layer: Layer, where: str, cross: float | None = None) -> tuple[_Point, float | None]:
+        F = layer.rule.finite_width["variance"].xreplace(layer.values())
+        if F.atoms(StructuralOperator):
+            raise DeriveError(f"{where} ({layer.type}): a layer over positions; its finite-width maps are the "
+                              "tensor form (derive.finite.tensor, or --inputs with positions)")
+        F = F.xreplace({s: FW_INPUT for s in FW_SITES})
+        maps = segment_maps(F.xreplace({FW_INPUT: p.run}), p.activations, self.tol, cross is not None)
+        values = {K: p.K, V: p.V, G1: p.G1, r: p.width / p.norm}
+        Kn = float(evaluate(maps["K"], values))
+        Vn = float(evaluate(maps["V"], values))
+        G1n = float(evaluate(maps["G1"], values))
+        base_K = p.K if p.run_K is None else p.run_K
+        base_Th = p.Theta if p.run_Theta is None else p.run_Theta
+        _, Th = self.infinite(layer, base_K, base_Th)
+        out = _Point(Kn, Vn, G1n, Th, self.layer_width(layer, p.width), p.width)
+        if cross is None:
+            return out, None
+        if cross == "start":  # first dense of a residual branch: X from the skip
+            if not quadratic(maps["iota"]):
+                raise DeriveError(
+                    f"{where}: the residual branch reads its input z through {sp.sstr(maps['iota'])} per "
+                    "channel, which is not quadratic in z: each channel's own increment then depends on that "
+                    "channel at O(1/n) (a self-interaction that skews the stream), which K, V, G1 do not carry; "
+                    "finite-width maps are derived for branches that start with a dense layer or layernorm")
+            return out, float(evaluate(maps["X"], values))
+        return out, cross * float(evaluate(maps["J"], values))
+
+    def elementwise(self, p: _Point, layer: Layer) -> _Point:
+        fw = layer.rule.finite_width["elementwise"].xreplace(layer.values())
+        activations = p.activations
+        if fw.has(act):
+            activations = activations + (activation_table(layer.resolved_activation()),)
+            k = len(activations) - 1
+            fw = fw.replace(lambda e: isinstance(e, act), lambda e: act(k, e.args[1], e.args[2]))
+        base_K = p.K if p.run_K is None else p.run_K
+        base_Th = p.Theta if p.run_Theta is None else p.run_Theta
+        Kr, Thr = self.infinite(layer, base_K, base_Th)
+        return _Point(p.K, p.V, p.G1, p.Theta, p.width, p.norm, _substitute_input(fw, p.run), activations,
+                      Kr, Thr)
+
+    def residual(self, p: _Point, layer: Layer, where: str) -> _Point:
+        if p.run != z:
+            raise DeriveError(f"{where}: the skip carries the output of an activation or layernorm; finite-width "
+                              "maps are derived for a residual block whose input is a dense or residual output")
+        if p.width != p.norm:
+            raise DeriveError(f"{where}: finite-width maps of a residual block need one width throughout")
+        b, cross = p, "start"
+        for i, item in enumerate(_expand(layer.branch), 1):
+            here = f"{where}, branch layer {i}"
+            if item.rule.combinator:
+                raise DeriveError(f"{here}: a residual block inside a residual branch has no finite-width maps yet")
+            b, cross = self.step(b, item, here, cross)
+        if b.run != z or cross in (None, "start"):
+            raise DeriveError(f"{where}: the branch must end in a dense layer")
+        if b.width != p.width:
+            raise DeriveError(f"{where}: the branch output has width {b.width}, the skip {p.width}")
+        combine = layer.rule.finite_width["combine"].xreplace(layer.values())
+        a2 = float(sp.diff(combine, FW_INPUT)) ** 2
+        c2 = float(sp.diff(combine, FW_BRANCH)) ** 2
+        _, Th = self.infinite(layer, p.K, p.Theta, branch=(b.K, b.Theta))
+        return _Point(*_combine(a2, c2, (p.K, p.V, p.G1), (b.K, b.V, b.G1), cross), Th, p.width, p.width)
+
+    def step(self, p: _Point, layer: Layer, where: str, cross=None):
+        fw = layer.rule.finite_width
+        if not fw:
+            raise DeriveError(f"{where} ({layer.type}): the layer rule has no [finite_width] table (its 1/n maps "
+                              "are not derived yet)")
+        if "variance" in fw:
+            return self.dense(p, layer, where, cross)
+        if "means" in fw:
+            raise DeriveError(f"{where} ({layer.type}): a layer over positions; its finite-width maps are the "
+                              "tensor form (derive.finite.tensor, or --inputs with positions)")
+        if "elementwise" in fw:
+            return self.elementwise(p, layer), cross
+        return self.residual(p, layer, where), cross
+
+
+def _combine(a2: float, c2: float, skip: tuple, branch: tuple, cross: float) -> tuple:
+    """(K, V, G1) of a z + c b from the skip's and the branch's (K, V, G1) and X = n Cov(z_i^2, G_b)."""
+    (K0, V0, G0), (Kb, Vb, Gb) = skip, branch
+    return a2 * K0 + c2 * Kb, a2 * a2 * V0 + 2 * a2 * c2 * cross + c2 * c2 * Vb, a2 * G0 + c2 * Gb
+
+
+def _expand(net: Serial):
+    for item in net.items:
+        if isinstance(item, Repeat):
+            for _ in range(item.times):
+                yield from _expand(item.body)
+        else:
+            yield item
+
+
+def _substitute_input(expr: sp.Expr, run: sp.Expr) -> sp.Expr:
+    return expr.xreplace({FW_INPUT: run})
+
+
+def arch_finite_width(net: Serial, *, width: int | None = None, input_norm: float = 1.0,
+                      tol: float = DEFAULT_TOL) -> ArchFiniteWidth:
+    """Iterate K, V, G1 (and the infinite-width NTK Theta) through ``net`` for one input.
+
+    Args:
+        net: an architecture of layer types with ``[finite_width]`` tables (module docstring).
+        width: the uniform width n for the normalised columns V/(n K^2), G1/(n K); weighted layers'
+            own ``width`` set the ratios r of per-layer widths.
+        input_norm: x.x / n_0 of the input (K^(1) = C_b + C_W x.x/n_0).
+    Returns: values per recorded output; V = G1 = 0 after the first dense (its output is Gaussian).
+    """
+    if not isinstance(net, Serial):
+        raise DeriveError(f"expected an architecture (derive.arch.Serial), got {type(net).__name__}")
+    check_derivable(net)
+    if not np.isfinite(input_norm) or input_norm <= 0:
+        raise DeriveError(f"input_norm must be finite and > 0, got {input_norm}")
+    for layer in net.distinct_layers():
+        if any(e.atoms(StructuralOperator) for e in layer.rule.finite_width.values()):
+            raise DeriveError(f"layer '{layer.type}' acts over positions; its finite-width maps are the tensor "
+                              "form (derive.finite.tensor, or --inputs with positions)")
+    walker = _Walker(tol)
+    labels = [label for label, _ in net.top_level()]
+    values = {q: [] for q in QUANTITIES}
+    p: _Point | None = None
+    top = []
+    for i, item in enumerate(net.items, 1):
+        if isinstance(item, Repeat):
+            top.extend((f"{i}[{k + 1}]", item.body) for k in range(item.times))
+        else:
+            top.append((str(i), item))
+    for where, item in top:
+        layers = list(_expand(item)) if isinstance(item, Serial) else [item]
+        for j, layer in enumerate(layers, 1):
+            here = f"layer {where}" + (f".{j}" if isinstance(item, Serial) else "")
+            if p is None:
+                if not layer.rule.finite_width:
+                    raise DeriveError(f"{here} ({layer.type}): the layer rule has no [finite_width] table (its "
+                                      "1/n maps are not derived yet)")
+                if layer.type != "dense" or "variance" not in layer.rule.finite_width:
+                    raise DeriveError(f"{here} ({layer.type}): finite-width maps start from a dense layer on the inputs")
+                vals = {s.name: float(v) for s, v in layer.values().items()}
+                Kin = vals["C_b"] + vals["C_W"] * input_norm
+                Th = vals["lambda_b"] + vals["lambda_W"] * input_norm
+                n1 = walker.layer_width(layer, width or 1)
+                p = _Point(Kin, 0.0, 0.0, Th, n1, n1)
+                continue
+            p, _ = walker.step(p, layer, here)
+        gaussian = p.run == z
+        values["K"].append(p.K if gaussian else p.run_K)
+        values["V"].append(p.V if gaussian else None)
+        values["G1"].append(p.G1 if gaussian else None)
+        values["Theta"].append(p.Theta if gaussian else p.run_Theta)
+    return ArchFiniteWidth(net.name, labels, values, width)
+
+
+__all__ = ["ArchFiniteWidth", "QUANTITIES", "arch_finite_width"]

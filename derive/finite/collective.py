@@ -1,0 +1,223 @@
+"""Order-1/n statistics of channel means: the delta method behind every ``[finite_width]`` table.
+
+At a Gaussian point z (width n: E[z_i z_j] = delta_ij (K + G1/n), Cov(z_i^2, z_j^2) = V/n for
+i != j, PDLT ch. 4) the means over channels m_f = (1/n) sum_i f(z_i) of fixed functions satisfy, to
+order 1/n,
+
+    n Cov(m_f, m_g) = Cov_K(f, g) + r V d<f>/dK d<g>/dK
+    n (E m_f - <f>_K) = r (G1 d<f>/dK + (V/2) d^2<f>/dK^2)
+
+(the single-channel term, and the collective one through V; r = n / n_prev when V and G1 are
+normalised by the previous width), with <.>_K the Gaussian expectation at variance K derived by the
+expectation engine and the derivatives at a fixed function taken by Hermite weights,
+d<f>/dK = <f (z^2 - K)>/(2K^2), d^2<f>/dK^2 = <f (z^4 - 6Kz^2 + 3K^2)>/(4K^4) (heat equation).
+
+A layer's next conditional variance is a function F of such means, which may be nested (LayerNorm's
+channel mean and variance inside a mean of sigma(LayerNorm(z))^2). Each mean m = mean g(z; m') gets
+an influence function iota_m = g + sum <dg/dm'> iota_m' (its first-order change is
+mean iota_m - <iota_m>) and a bias B_m = n (E m - <g>) that collects the terms above with the cross
+and second-order terms of the inner means; then
+
+    K' = F(<g>),  V' = n Var F = Var_K(iota_F) + r V (d<iota_F>/dK)^2,
+    G1' = n (E F - K') = sum_a dF/dm_a B_a + (1/2) sum_ab d^2F/dm_a dm_b n Cov(m_a, m_b).
+
+For a dense layer after sigma, F = C_b + C_W mean(sigma^2), this is PDLT's V' = C_W^2 Var(sigma^2)
++ r chi_par^2 V (eq. 4.90) and G1' = r [chi_par G1 + (C_W/8K^4) <sigma^2 (z^4 - 6Kz^2 + 3K^2)> V]
+(eq. 4.115). Activations enter as act(k, d, u), the d-th almost-everywhere derivative of the k-th
+activation of the run (the derivative backpropagation sees, as everywhere in derive).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import sympy as sp
+
+from derive.core import symbols as S
+from derive.rules.layers import FW_SITES, act, find_layer_rule, mean
+from derive.symbolic.expectations import gaussian_expectation, tidy
+from derive.symbolic.quadrature import GaussianExpectation
+
+z, K, V, G1 = S.z, S.K, S.V, S.G1
+r = sp.Symbol("r", positive=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# Gaussian expectations at variance K of functions of one channel z
+
+
+@lru_cache(maxsize=4096)
+def _E(f: sp.Expr, tol: float) -> sp.Expr:
+    """<f>_K, linear over the terms of f with their z-free factors outside the expectation."""
+    if not f.has(z):
+        return f
+    # Coefficients that are expectations already (quadrature nodes) are constants here.
+    held = {node: sp.Dummy("c", real=True) for node in f.atoms(GaussianExpectation)}
+    by_function: dict = {}
+    for term in sp.Add.make_args(sp.expand(f.xreplace(held))):
+        coeff, dep = term.as_independent(z, as_Add=False)
+        by_function[dep] = by_function.get(dep, sp.Integer(0)) + coeff
+    out = sp.Integer(0)
+    for dep, coeff in by_function.items():
+        out += coeff * _E1(dep, tol)
+    return tidy(out.xreplace({d: node for node, d in held.items()}))
+
+
+@lru_cache(maxsize=4096)
+def _E1(f: sp.Expr, tol: float) -> sp.Expr:
+    # A K inside f (LayerNorm's statistics at their infinite-width values) is a parameter of the
+    # integrand; the quadrature order is chosen with it at 1 (the integrand is then at unit scale).
+    return gaussian_expectation(f, (z,), tol=tol, numeric_subs={K: sp.Integer(1)})
+
+
+def _dE(f: sp.Expr, tol: float) -> sp.Expr:
+    """d<f>_K/dK at fixed f (a K inside f is a parameter), by the Hermite weight."""
+    return _E(f * (z**2 - K), tol) / (2 * K**2)
+
+
+def _d2E(f: sp.Expr, tol: float) -> sp.Expr:
+    return _E(f * (z**4 - 6 * K * z**2 + 3 * K**2), tol) / (4 * K**4)
+
+
+def _cov(f: sp.Expr, g: sp.Expr, tol: float) -> sp.Expr:
+    return _E(f * g, tol) - _E(f, tol) * _E(g, tol)
+
+
+# ------------------------------------------------------------------------------------------------
+# The delta method over nested channel means
+
+
+def _top_means(expr: sp.Expr) -> list[sp.Expr]:
+    """mean(...) nodes of ``expr`` not inside another mean, in a fixed order."""
+    found: list[sp.Expr] = []
+
+    def walk(e):
+        if isinstance(e, mean):
+            if e not in found:
+                found.append(e)
+            return
+        for a in e.args:
+            walk(a)
+
+    walk(expr)
+    return found
+
+
+def _diff(expr: sp.Expr, *means) -> sp.Expr:
+    """Partial derivative of ``expr`` with respect to some of its top-level means, the others held."""
+    dummies = {m: sp.Dummy(f"m{i}") for i, m in enumerate(_top_means(expr))}
+    out = sp.diff(expr.xreplace(dummies), *(dummies[m] for m in means))
+    return out.xreplace({d: m for m, d in dummies.items()})
+
+
+class _Collective:
+    """Values, influence functions and biases of the means in one collective expression."""
+
+    def __init__(self, activations: tuple, tol: float):
+        self.activations, self.tol = activations, tol
+        self._bar: dict = {}
+        self._iota: dict = {}
+        self._bias: dict = {}
+
+    # activations: act(k, d, u) is the d-th almost-everywhere derivative of activation k at u
+    def bind(self, e: sp.Expr) -> sp.Expr:
+        def sub(node):
+            k, d, u = node.args
+            return self.activations[int(k)][int(d)].xreplace({z: u})
+
+        return e.replace(lambda x: isinstance(x, act), sub)
+
+    def bar(self, e: sp.Expr) -> sp.Expr:
+        """``e`` with every mean replaced by its infinite-width value, activations bound."""
+        means = _top_means(e)
+        return self.bind(e.xreplace({m: self.mean_value(m) for m in means}))
+
+    def mean_value(self, m) -> sp.Expr:
+        if m not in self._bar:
+            self._bar[m] = _E(self.bar(m.args[0]), self.tol)
+        return self._bar[m]
+
+    def iota(self, m) -> sp.Expr:
+        """Influence function of the mean ``m`` = mean g(z; inner): g + sum <dg/dm'> iota_m'."""
+        if m not in self._iota:
+            g = m.args[0]
+            out = self.bar(g)
+            for inner in _top_means(g):
+                out += _E(self.bar(_diff(g, inner)), self.tol) * self.iota(inner)
+            self._iota[m] = out
+        return self._iota[m]
+
+    def ncov(self, f: sp.Expr, g: sp.Expr) -> sp.Expr:
+        """n Cov(mean f, mean g) for fixed functions f, g of z."""
+        return _cov(f, g, self.tol) + r * V * _dE(f, self.tol) * _dE(g, self.tol)
+
+    def bias(self, m) -> sp.Expr:
+        """n (E m - <g>) for the mean m = mean g(z; inner means)."""
+        if m not in self._bias:
+            g = m.args[0]
+            gbar = self.bar(g)
+            out = r * (G1 * _dE(gbar, self.tol) + V / 2 * _d2E(gbar, self.tol))
+            inner = _top_means(g)
+            for a in inner:
+                dg = _diff(g, a)
+                out += _E(self.bar(dg), self.tol) * self.bias(a) + self.ncov(self.bar(dg), self.iota(a))
+                for b in inner:
+                    d2 = _E(self.bar(_diff(g, a, b)), self.tol)
+                    if d2 != 0:
+                        out += d2 / 2 * self.ncov(self.iota(a), self.iota(b))
+            self._bias[m] = out
+        return self._bias[m]
+
+    def collective(self, F: sp.Expr) -> dict:
+        """K' = F(<g>), the influence function, n Var and n (E - K') of F(means)."""
+        means = _top_means(F)
+        value = self.bar(F)
+        iota = sp.Integer(0)
+        g1 = sp.Integer(0)
+        for a in means:
+            dF = self.bar(_diff(F, a))
+            iota += dF * self.iota(a)
+            g1 += dF * self.bias(a)
+            for b in means:
+                d2 = self.bar(_diff(F, a, b))
+                if d2 != 0:
+                    g1 += d2 / 2 * self.ncov(self.iota(a), self.iota(b))
+        iota = sp.expand(iota)
+        return {"K": value, "iota": iota, "V": self.ncov(iota, iota), "G1": g1}
+
+
+def quadratic(iota: sp.Expr) -> bool:
+    try:
+        poly = sp.Poly(sp.expand(iota), z)
+    except sp.PolynomialError:
+        return False
+    return all(d[0] in (0, 2) for d in poly.monoms())
+
+
+@lru_cache(maxsize=512)
+def segment_maps(F: sp.Expr, activations: tuple, tol: float, cross: bool) -> dict:
+    """K', V', G1' (and for branches X, the cross with the skip, and J = dK'/dK) of a dense layer
+    whose conditional variance is F, in K, V, G1, r."""
+    c = _Collective(activations, tol)
+    out = c.collective(F)
+    if cross:
+        out["X"] = _cov(z**2, out["iota"], tol) + r * V * _dE(out["iota"], tol)
+        out["J"] = _dE(out["iota"], tol)
+    return out
+
+
+def activation_table(activation) -> tuple:
+    """sigma and its almost-everywhere derivatives of orders 1 and 2, in z, for act(k, d, u)."""
+    s, ds = activation.sigma_numeric, activation.derivative(numeric=True)
+    d2s = sp.diff(ds, z).replace(lambda e: isinstance(e, sp.DiracDelta), lambda e: sp.Integer(0))
+    return (s, ds, d2s)
+
+
+def dense_after_activation(activation, tol: float) -> dict:
+    """K', V', G1' of the dense rule after ``activation`` on a Gaussian point, in K, V, G1, r, C_W, C_b:
+    the single-input dense-network recursions, derived from rules/layers/dense.toml."""
+    F = find_layer_rule("dense").finite_width["variance"].xreplace({h: act(0, 0, z) for h in FW_SITES})
+    return segment_maps(F, (activation_table(activation),), tol, False)
+
+
+__all__ = ["activation_table", "dense_after_activation", "quadratic", "r", "segment_maps"]

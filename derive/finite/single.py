@@ -1,0 +1,384 @@
+"""Finite-width corrections at order 1/n for a single input (PDLT ch. 4, 5, 8, 9; Yaida 2019).
+
+With K = K^(l), r = n_l / n_{l-1}, chi_par = C_W d<sigma^2>_K/dK, chi_perp = C_W <sigma'^2>_K and
+Omega(z) = lambda_W sigma(z)^2 + C_W Theta sigma'(z)^2, the one-step maps derived here are
+
+    K'     = C_b + C_W <sigma^2>_K
+    V'     = C_W^2 (<sigma^4>_K - <sigma^2>_K^2) + r chi_par^2 V                       (PDLT 4.90)
+    G1'    = r [chi_par G1 + C_W/(8 K^4) <sigma^2 (z^4 - 6 K z^2 + 3 K^2)>_K V]     (PDLT 4.115)
+    Theta' = lambda_b + lambda_W <sigma^2>_K + chi_perp Theta                           (PDLT 8.8)
+    B'     = C_W^2 <sigma'^4>_K Theta^2 + r chi_perp^2 B
+    F'     = C_W^2 <sigma^2 sigma'^2>_K Theta + r chi_par^2 F
+    D'     = C_W Cov_K(sigma^2, Omega) + r C_W/(4 K^4) V <(z^2-K) sigma^2>_K <(z^2-K) Omega>_K
+             + r chi_par chi_perp D
+    A'     = Var_K(Omega) + r V/(4 K^4) <(z^2-K) Omega>_K^2 + r chi_perp^2 A
+             + r chi_perp <(z^2-K) Omega>_K D / K^2                                      (PDLT 8.89)
+
+and, for the dNTK dH_{i0i1i2} = sum lambda_mu lambda_nu (d^2 z_i0 / dtheta_mu dtheta_nu)
+(dz_i1 / dtheta_mu)(dz_i2 / dtheta_nu) (PDLT ch. 11), whose leading statistic is
+
+    E[dH_{i0i1i2} z_i3] = (1/n_{l-1}) [d_{i0i3} d_{i1i2} P + (d_{i0i1} d_{i2i3} + d_{i0i2} d_{i1i3}) Q],
+
+    P'     = C_W^2 Theta^2 <sigma sigma'^2 sigma''>_K + r C_W chi_perp <sigma sigma''>_K B + r chi_par chi_perp P
+    Q'     = lambda_W C_W Theta <sigma^2 sigma'^2>_K + C_W^2 Theta^2 <sigma sigma'^2 sigma''>_K
+             + r [lambda_W C_W <(sigma sigma')'>_K^2 + C_W^2 Theta <(sigma' sigma'')'>_K <(sigma sigma')'>_K] F
+             + r chi_par chi_perp Q
+
+derived from dH' = d_{i0i1} (lambda_W/n) sum sigma_j sigma'_j W_{i2k} sigma'_k Theta_jk + (i1 <-> i2)
++ sum W_{i0j} W_{i1k} W_{i2m} [sigma''_j sigma'_k sigma'_m Theta_jk Theta_jm + sigma'_j sigma'_k sigma'_m dH_jkm]
+by Wick contraction of the new weights with those of z_i3 = b_i3 + W_{i3j} sigma_j, keeping the
+off-diagonal (j != k) sums whose O(1/n) correlations B and F contribute at the same order. Second
+derivatives are removed by Gaussian integration by parts, so kinks need no delta functions:
+<sigma sigma'^2 sigma''> = (<z sigma sigma'^3>/K - <sigma'^4>)/3, <sigma sigma''> = <z sigma sigma'>/K
+- <sigma'^2>, <(sigma sigma')'> = <z sigma sigma'>/K and <(sigma' sigma'')'> = <(z^2-K) sigma'^2>/(2K^2).
+
+with V = G1 = A = B = D = F = P = Q = 0 at layer 1 (the first layer is linear in its parameters). Here E[z_i z_j] = delta_ij (K + G1/n_{l-1}),
+Cov(z_i^2, z_j^2) = V/n_{l-1} (i != j), Var(H_ii) = (A + 2B)/n_{l-1} and
+Cov(H_ii, z_i^2) = (D + 2F)/n_{l-1} for the NTK H, E[dH_iii z_i] = (P + 2Q)/n_{l-1} and, for
+i != j, E[dH_ijj z_i] = P/n_{l-1}, E[dH_iij z_j] = Q/n_{l-1}. Every expectation goes through the rules
+engine, so the maps are closed forms wherever the activation allows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import numpy as np
+import sympy as sp
+
+from derive.core import symbols as S
+from derive.core.errors import DeriveError
+from derive.rules.activations import Activation
+from derive.symbolic.expectations import gaussian_expectation, tidy
+from derive.symbolic.numeric import evaluate
+from derive.symbolic.quadrature import DEFAULT_TOL, GaussianExpectation
+
+r = sp.Symbol("r", positive=True)
+A_, B_, D_, F_, P_, Q_ = (sp.Symbol(n, real=True) for n in ("A", "B", "D", "F", "P", "Q"))
+
+#: Order of the per-layer quantities (JSON keys).
+QUANTITIES = ("K", "V", "G1", "Theta", "A", "B", "D", "F", "P", "Q")
+STATE = {"K": S.K, "V": S.V, "G1": S.G1, "Theta": S.Theta, "A": A_, "B": B_, "D": D_, "F": F_, "P": P_, "Q": Q_}
+
+
+@dataclass(frozen=True)
+class FiniteWidthMaps:
+    """The Gaussian expectations and the one-step maps of every quantity (see module docstring)."""
+
+    activation: Activation
+    expectations: dict
+    recursions: dict
+
+    @property
+    def closed_form(self) -> bool:
+        return not any(e.has(GaussianExpectation) for e in self.expectations.values())
+
+
+@lru_cache(maxsize=64)
+def _expectations(sigma: sp.Expr, dsigma: sp.Expr, tol: float) -> dict:
+    z, K = S.z, S.K
+
+    def E(f):
+        return tidy(gaussian_expectation(f, (z,), tol=tol))
+
+    return {
+        "s2": E(sigma**2),
+        "s4": E(sigma**4),
+        "d2": E(dsigma**2),
+        "d4": E(dsigma**4),
+        "s2d2": E(sigma**2 * dsigma**2),
+        "s2_h4": E(sigma**2 * (z**4 - 6 * K * z**2 + 3 * K**2)),
+        "s2_h2": E(sigma**2 * (z**2 - K)),
+        "d2_h2": E(dsigma**2 * (z**2 - K)),
+        "zsd": E(z * sigma * dsigma),
+        "zsd3": E(z * sigma * dsigma**3),
+    }
+
+
+def finite_width_maps(activation: Activation, tol: float = DEFAULT_TOL) -> FiniteWidthMaps:
+    """Derive the single-input finite-width maps for ``activation`` (parameters at their values).
+
+    K, V and G1 come from the dense layer rule (rules/layers/dense.toml, ``[finite_width]``) through
+    the delta method of :mod:`derive.finite.collective`, the one derivation every architecture uses; the
+    NTK and dNTK maps are derived here."""
+    from derive.finite.collective import dense_after_activation
+
+    sigma = activation.sigma_numeric
+    dsigma = activation.derivative(numeric=True)
+    e = _expectations(sigma, dsigma, tol)
+    K, V, G1, Th = S.K, S.V, S.G1, S.Theta
+    C_W, C_b, lW, lb = S.C_W, S.C_b, S.lambda_W, S.lambda_b
+    chi_par = C_W * tidy(sp.diff(e["s2"], K))
+    chi_perp = C_W * e["d2"]
+    omega_h2 = lW * e["s2_h2"] + C_W * Th * e["d2_h2"]
+    cov_s2_omega = lW * (e["s4"] - e["s2"] ** 2) + C_W * Th * (e["s2d2"] - e["s2"] * e["d2"])
+    var_omega = (lW**2 * (e["s4"] - e["s2"] ** 2) + 2 * lW * C_W * Th * (e["s2d2"] - e["s2"] * e["d2"])
+                 + C_W**2 * Th**2 * (e["d4"] - e["d2"] ** 2))
+    dense = dense_after_activation(activation, tol)
+    rec = {
+        "K": dense["K"],
+        "V": dense["V"],
+        "G1": dense["G1"],
+        "Theta": lb + lW * e["s2"] + chi_perp * Th,
+        "B": C_W**2 * e["d4"] * Th**2 + r * chi_perp**2 * B_,
+        "F": C_W**2 * e["s2d2"] * Th + r * chi_par**2 * F_,
+        "D": (C_W * cov_s2_omega + r * C_W / (4 * K**4) * V * e["s2_h2"] * omega_h2
+              + r * chi_par * chi_perp * D_),
+        "A": (var_omega + r * V / (4 * K**4) * omega_h2**2 + r * chi_perp**2 * A_
+              + r * chi_perp * omega_h2 * D_ / K**2),
+    }
+    # dNTK (module docstring); second derivatives of sigma integrated by parts
+    s_d2_dd = (e["zsd3"] / K - e["d4"]) / 3  # <sigma sigma'^2 sigma''>
+    s_dd = e["zsd"] / K - e["d2"]  # <sigma sigma''>
+    d_sd = e["zsd"] / K  # <(sigma sigma')'>
+    d_ddd = e["d2_h2"] / (2 * K**2)  # <(sigma' sigma'')'>
+    rec["P"] = C_W**2 * Th**2 * s_d2_dd + r * C_W * chi_perp * s_dd * B_ + r * chi_par * chi_perp * P_
+    rec["Q"] = (lW * C_W * Th * e["s2d2"] + C_W**2 * Th**2 * s_d2_dd
+                + r * (lW * C_W * d_sd**2 + C_W**2 * Th * d_ddd * d_sd) * F_ + r * chi_par * chi_perp * Q_)
+    return FiniteWidthMaps(activation, e, rec)
+
+
+def _per_layer(value, depth: int, name: str) -> np.ndarray:
+    arr = np.broadcast_to(np.asarray(value, dtype=float), (depth,)).astype(float)
+    if not np.all(np.isfinite(arr)) or np.any(arr < 0):
+        raise DeriveError(f"{name} must be finite and >= 0")
+    return arr
+
+
+def _layer_setup(depth, C_W, C_b, lambda_W, lambda_b, k1, widths, input_norm):
+    """Validated per-layer hyperparameters, widths and the input norm x.x/n_0 implied by K^(1)."""
+    if int(depth) != depth or depth < 1:
+        raise DeriveError(f"depth must be an integer >= 1, got {depth}")
+    cw, cb = _per_layer(C_W, depth, "C_W"), _per_layer(C_b, depth, "C_b")
+    lw = cw if lambda_W is None else _per_layer(lambda_W, depth, "lambda_W")
+    lb = cb if lambda_b is None else _per_layer(lambda_b, depth, "lambda_b")
+    n = np.broadcast_to(np.asarray(1.0 if widths is None else widths, dtype=float), (depth,)).astype(float)
+    if np.any(n < 1):
+        raise DeriveError("widths must be >= 1")
+    if k1 is not None:
+        if k1 <= 0:
+            raise DeriveError(f"K^(1) must be > 0, got {k1}")
+        input_norm = (k1 - cb[0]) / cw[0]
+        if input_norm < 0:
+            raise DeriveError(f"K^(1) = {k1} is below C_b = {cb[0]}: no input has that kernel")
+    return cw, cb, lw, lb, n, input_norm
+
+
+@dataclass
+class FiniteWidthProfile:
+    """Per-layer values, index 0 = layer 1, plus normalised fluctuations."""
+
+    values: dict
+    widths: np.ndarray  # n_1..n_L
+    closed_form: dict = field(default_factory=dict)
+
+    def normalised(self) -> dict:
+        """V/(n_{l-1} K^2), G1/(n_{l-1} K), Var(H)/Theta^2 = (A + 2B)/(n_{l-1} Theta^2) and the dNTK's
+        E[dH_iii z_i]/Theta^2 = (P + 2Q)/(n_{l-1} Theta^2) (dimensionless: dH ~ Theta^2 / z)."""
+        K, V, G1 = self.values["K"], self.values["V"], self.values["G1"]
+        Th, A, B = self.values["Theta"], self.values["A"], self.values["B"]
+        P, Q = self.values["P"], self.values["Q"]
+        n_prev = np.concatenate([[np.inf], self.widths[:-1]])
+        with np.errstate(all="ignore"):
+            return {"V_over_nK2": V / (n_prev * K**2), "G1_over_nK": G1 / (n_prev * K),
+                    "varH_over_Theta2": (A + 2 * B) / (n_prev * Th**2),
+                    "dH_over_nTheta2": (P + 2 * Q) / (n_prev * Th**2), "l_over_n": np.arange(1, len(K) + 1) / n_prev}
+
+
+def iterate(maps: FiniteWidthMaps, depth: int, C_W, C_b, lambda_W=None, lambda_b=None, *, k1: float | None = None,
+            widths=None, input_norm: float = 1.0) -> FiniteWidthProfile:
+    """Iterate the maps through ``depth`` layers.
+
+    Args:
+        C_W, C_b, lambda_W, lambda_b: scalars or per-layer sequences (entry l is used by layer l+1;
+            entry 0 by the first layer); lambda_W, lambda_b default to C_W, C_b.
+        k1: K^(1); default C_b + C_W * input_norm with input_norm = x.x/n_0.
+        widths: n_1..n_L (a scalar for a uniform width); only ratios r = n_l/n_{l-1} and the
+            normalisations use them. Default: uniform (r = 1).
+    """
+    cw, cb, lw, lb, n, input_norm = _layer_setup(depth, C_W, C_b, lambda_W, lambda_b, k1, widths, input_norm)
+    state = {"K": cb[0] + cw[0] * input_norm, "Theta": lb[0] + lw[0] * input_norm,
+             "V": 0.0, "G1": 0.0, "A": 0.0, "B": 0.0, "D": 0.0, "F": 0.0, "P": 0.0, "Q": 0.0}
+    out = {q: np.empty(depth) for q in QUANTITIES}
+    order = QUANTITIES
+    fns = {q: _compiled(maps.recursions[q]) for q in order}
+    for i in range(depth):
+        for q in order:
+            out[q][i] = state[q]
+        if i == depth - 1:
+            break
+        values = {STATE[q]: state[q] for q in order}
+        values.update({S.C_W: cw[i + 1], S.C_b: cb[i + 1], S.lambda_W: lw[i + 1], S.lambda_b: lb[i + 1],
+                       r: n[i] / n[i - 1] if i >= 1 else 1.0})
+        with np.errstate(all="ignore"):
+            state = {q: float(fns[q](values)) for q in order}
+    return FiniteWidthProfile(out, n)
+
+
+def _compiled(expr: sp.Expr):
+    def f(values):
+        return evaluate(expr, values)
+    return f
+
+
+def _solve_first_order(c: sp.Expr, g: sp.Expr, f1, l: sp.Symbol) -> sp.Expr | None:
+    """f(l+1) = c f(l) + g(l), f(1) = f1  =>  f(l) = c^(l-1) f1 + sum_{k=1}^{l-1} c^(l-1-k) g(k).
+
+    The sum of polynomial-times-geometric terms is done by SymPy's summation (the same result
+    ``rsolve`` gives, without its failure modes); returns None when it does not come out closed.
+    """
+    k = sp.Dummy("k", integer=True, positive=True)
+    try:
+        total = sp.summation(sp.expand(c ** (l - 1 - k) * g.xreplace({l: k})), (k, 1, l - 1))
+    except (ValueError, NotImplementedError, TypeError, AttributeError):
+        return None
+    if total.has(sp.Sum):
+        return None
+    out = c ** (l - 1) * f1 + total
+    out = sp.piecewise_fold(out)
+    if isinstance(out, sp.Piecewise):  # c == 1 branches: keep the one valid for this c
+        out = out.args[-1].expr if len(out.args) else out
+    return sp.factor_terms(sp.simplify(out))
+
+
+def closed_forms_in_depth(maps: FiniteWidthMaps, C_W: float, C_b: float, lambda_W: float, lambda_b: float,
+                          k1: float, theta1: float) -> dict:
+    """Solve the recursions in closed form in l where they are linear with constant coefficients.
+
+    This is the case for a scale-invariant activation (sigma = z sigma' a.e.) with C_b = 0 and a
+    uniform width (r = 1): every expectation is then homogeneous in K, K^(l) = (C_W A_2)^(l-1) K^(1),
+    and each later quantity obeys a first-order linear recursion whose inhomogeneity is a
+    polynomial-exponential in l, which SymPy's ``rsolve`` solves exactly. Returns {} otherwise.
+    """
+    l = S.l
+    if C_b != 0 or maps.closed_form is False:
+        return {}
+    from derive.symbolic.critical import is_scale_invariant
+
+    if not is_scale_invariant(maps.activation):
+        return {}
+    Cw, lw, lb = sp.nsimplify(C_W), sp.nsimplify(lambda_W), sp.nsimplify(lambda_b)
+    K1, T1 = sp.Symbol("K1", positive=True), sp.Symbol("Theta1", nonnegative=True)
+    consts = {S.C_W: Cw, S.C_b: 0, S.lambda_W: lw, S.lambda_b: lb, r: 1}
+    A2 = sp.simplify(maps.expectations["s2"] / S.K)
+    known = {"K": K1 * (Cw * A2) ** (l - 1)}
+    order = ("V", "G1", "Theta", "B", "F", "D", "A", "P", "Q")
+    initial = {"V": 0, "G1": 0, "Theta": T1, "B": 0, "F": 0, "D": 0, "A": 0, "P": 0, "Q": 0}
+    for q in order:
+        step = maps.recursions[q].xreplace(consts)
+        step = step.xreplace({STATE[k]: v for k, v in known.items()})
+        own = STATE[q]
+        coeff = sp.simplify(sp.diff(step, own))
+        inhom = sp.simplify(step - coeff * own)
+        if coeff.has(own) or any(inhom.has(STATE[k]) for k in order):
+            return {}
+        sol = _solve_first_order(coeff, inhom, initial[q], l)
+        if sol is None:
+            return {}
+        known[q] = sol
+    return {q: _tidy_in_depth(v.xreplace({K1: sp.nsimplify(k1), T1: sp.nsimplify(theta1)}), l)
+            for q, v in known.items()}
+
+
+def _tidy_in_depth(expr: sp.Expr, l: sp.Symbol) -> sp.Expr:
+    """Write a polynomial-exponential in l as sum_j P_j(l) rho_j^l with each rho_j one rational."""
+    x = sp.powsimp(sp.expand(sp.powsimp(sp.expand(expr), force=True)), force=True, combine="base")
+    return sp.collect(x, [p for p in x.atoms(sp.Pow) if p.exp.has(l)], func=sp.factor)
+
+
+#: Normalised fluctuation above which the leading-order 1/n expansion is no longer trustworthy.
+TRUST_LIMIT = 0.1
+
+
+def depth_to_width(profile: FiniteWidthProfile) -> dict:
+    """Slopes of V/(n K^2), Var(H)/Theta^2 and (P + 2Q)/(n Theta^2) against l/n at the deepest layers,
+    and the first layer where each exceeds :data:`TRUST_LIMIT` in size (there the O(1/n^2) terms are no
+    longer small)."""
+    norm = profile.normalised()
+    x = norm["l_over_n"]
+    out: dict = {}
+    for key in ("V_over_nK2", "varH_over_Theta2", "dH_over_nTheta2"):
+        y = norm[key]
+        ok = np.isfinite(y) & np.isfinite(x)
+        idx = np.flatnonzero(ok)
+        if len(idx) >= 4:
+            tail = idx[len(idx) // 2:]
+            slope = np.polyfit(x[tail], y[tail], 1)[0] if np.ptp(x[tail]) > 0 else float("nan")
+        else:
+            slope = float("nan")
+        out[f"{key}_slope"] = float(slope)
+        beyond = np.flatnonzero(ok & (np.abs(y) > TRUST_LIMIT))
+        out[f"{key}_untrusted_from_layer"] = int(beyond[0]) + 1 if len(beyond) else None
+    return out
+
+
+def finite_width_report(activation: Activation, depth: int, C_W, C_b, lambda_W=None, lambda_b=None, *,
+                        k1: float | None = None, widths=None, tol: float = DEFAULT_TOL) -> dict:
+    """Everything ``derive finite-width`` reports, as a JSON-ready dict (index 0 = layer 1)."""
+    maps = finite_width_maps(activation, tol)
+    prof = iterate(maps, depth, C_W, C_b, lambda_W, lambda_b, k1=k1, widths=widths)
+    cw0, cb0 = np.atleast_1d(C_W)[0], np.atleast_1d(C_b)[0]
+    lw0 = cw0 if lambda_W is None else np.atleast_1d(lambda_W)[0]
+    lb0 = cb0 if lambda_b is None else np.atleast_1d(lambda_b)[0]
+    uniform = (np.ndim(C_W) == 0 and np.ndim(C_b) == 0 and (lambda_W is None or np.ndim(lambda_W) == 0)
+               and (lambda_b is None or np.ndim(lambda_b) == 0) and (widths is None or np.ndim(widths) == 0))
+    closed = {}
+    if uniform:
+        closed = closed_forms_in_depth(maps, float(cw0), float(cb0), float(lw0), float(lb0),
+                                       float(prof.values["K"][0]), float(prof.values["Theta"][0]))
+
+    def clean(a):
+        return [None if not np.isfinite(v) else float(v) for v in a]
+
+    out = {"activation": activation.name, "params": activation.describe_params(), "depth": int(depth),
+           **{q: clean(prof.values[q]) for q in QUANTITIES},
+           "widths": clean(prof.widths) if widths is not None else None,
+           "closed_form": {q: str(v) for q, v in closed.items()},
+           "recursions": {q: str(maps.recursions[q]) for q in QUANTITIES},
+           "normalised": {k: clean(v) for k, v in prof.normalised().items()} if widths is not None else None,
+           "depth_to_width": depth_to_width(prof) if widths is not None else None,
+           "closed_form_expectations": maps.closed_form}
+    return out
+
+
+_ARGS = (*(STATE[q] for q in QUANTITIES), S.C_W, S.C_b, S.lambda_W, S.lambda_b, r)
+_JAX_STEPS: dict = {}
+
+
+def iterate_jax(maps: FiniteWidthMaps, depth: int, C_W, C_b, lambda_W=None, lambda_b=None, *,
+                k1: float | None = None, widths=None, input_norm: float = 1.0) -> dict:
+    """The same iteration as :func:`iterate`, code-generated to JAX and jit-compiled (``lax.scan``
+    over layers). Returns {quantity: array of per-layer values}."""
+    import jax
+    import jax.numpy as jnp
+
+    from derive.backends.codegen import to_jax
+
+    cw, cb, lw, lb, n, input_norm = _layer_setup(depth, C_W, C_b, lambda_W, lambda_b, k1, widths, input_norm)
+    ratio = np.concatenate([[1.0], n[1:-1] / n[:-2]]) if depth > 2 else np.ones(max(depth - 1, 1))
+    key = tuple(maps.recursions[q] for q in QUANTITIES)
+    if key not in _JAX_STEPS:
+        fns = [to_jax(maps.recursions[q], list(_ARGS)) for q in QUANTITIES]
+
+        @jax.jit
+        def run(init, hyper):
+            def step(state, h):
+                new = tuple(f(*state, *h) for f in fns)
+                return new, state
+            last, hist = jax.lax.scan(step, init, hyper)
+            return hist, last
+
+        _JAX_STEPS[key] = run
+    run = _JAX_STEPS[key]
+    init = tuple(jnp.asarray(v, jnp.float64) for v in
+                 (cb[0] + cw[0] * input_norm, 0.0, 0.0, lb[0] + lw[0] * input_norm) + (0.0,) * (len(QUANTITIES) - 4))
+    steps = depth - 1
+    hyper = tuple(jnp.asarray(a[1:depth] if steps else a[:0], jnp.float64) for a in (cw, cb, lw, lb)) + (
+        jnp.asarray(ratio[:steps], jnp.float64),)
+    hist, last = run(init, hyper)
+    return {q: np.concatenate([np.asarray(hist[i]), [float(last[i])]]) for i, q in enumerate(QUANTITIES)}
+
+
+__all__ = ["FiniteWidthMaps", "FiniteWidthProfile", "QUANTITIES", "STATE", "TRUST_LIMIT", "closed_forms_in_depth",
+           "depth_to_width", "finite_width_maps", "finite_width_report", "iterate", "iterate_jax", "r"]

@@ -1,0 +1,426 @@
+"""Theory against sampled finite-width networks: z-scores per layer and quantity, and 1/n extrapolation.
+
+:func:`validate` derives the infinite-width kernel K^(l) and NTK Theta^(l) of a set of inputs with
+the engine (:func:`derive.api.kernel`, :func:`derive.kernels.gram.gram_profile`), samples S dense networks
+of the same activation at one or several uniform widths n (:func:`derive.sampling.dense.sample_kernels`,
+n_1 = ... = n_L = n), estimates each requested quantity with a standard error
+(:mod:`derive.sampling.estimators`), and reports
+
+    z = (estimate - theory) / stderr
+
+per layer, input pair (or input) and width. Sampled networks differ from infinite width by
+O(l/n) relative corrections (PDLT = Roberts, Yaida & Hanin, *The Principles of Deep Learning
+Theory*, ch. 4-5, 8-9), so a single-width check is meaningful when that bias is small against the
+standard error, about (l/n) sqrt(S n) << 1. With several widths, each entry's estimates are fitted
+by weighted least squares to a + b/n (:func:`derive.sampling.estimators.fit_inverse_width`); the intercept
+a, reported with width "1/n->0", is compared with the infinite-width theory, and the slope b is the
+1/n coefficient (G1 on the kernel's diagonal). Per-width rows then still carry a z-score, but it
+includes the O(1/n) bias by design, and only the extrapolated rows decide ``passed``.
+
+The networks at width n use the seed ``SeedSequence([seed, n])`` (NumPy), so every width has its
+own independent networks, reproducible from ``seed`` and n alone. (Seeding every width with the
+same key would make them correlated: JAX's counter-based generator gives a 64 x 64 matrix the same
+numbers as the first 4096 entries of a 128 x 128 one.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from derive.backends.codegen import jax_activation
+from derive.core.errors import DeriveError
+from derive.core.inputs import check_hyperparameters, check_inputs
+from derive.rules.activations import as_activation
+from derive.sampling.estimators import fit_inverse_width, z_score
+from derive.symbolic.recursions import derive_kernel, numeric_kernel_expressions
+from derive.validation.quantities import QUANTITIES, Quantity, Setup, quantity_rows
+
+__all__ = ["validate", "ValidationReport", "plot_validation", "default_inputs", "EXTRAPOLATED"]
+
+#: The ``width`` of rows that hold the extrapolation to infinite width.
+EXTRAPOLATED = "1/n->0"
+
+
+def default_inputs() -> np.ndarray:
+    """Three fixed inputs in d = 8: standard normal draws from NumPy's ``default_rng(0)``."""
+    return np.random.default_rng(0).standard_normal((3, 8))
+
+
+def _finite_or_none(x):
+    if x is None:
+        return None
+    x = float(x)
+    return x if np.isfinite(x) else None
+
+
+@dataclass(frozen=True)
+class ValidationReport:
+    """Theory against Monte Carlo for one activation and initialisation.
+
+    ``results`` is a list of rows (dicts) with keys ``quantity``, ``layer``, ``inputs`` (0-based
+    input indices), ``width`` (an int, or ``"1/n->0"`` for the extrapolated intercept, which also
+    has ``slope``, ``slope_stderr``, ``chi2`` and ``dof``), ``theory``, ``estimate``, ``stderr``,
+    ``z`` (None without a theory) and ``checked`` (whether the row decides :attr:`passed`).
+    ``method`` is the sampler ("weights" or "conditional").
+    """
+
+    activation: str
+    widths: tuple[int, ...]
+    samples: int
+    seed: int
+    depth: int
+    C_W: float
+    C_b: float
+    lambda_W: float
+    lambda_b: float
+    quantities: tuple[str, ...]
+    z_max: float
+    inputs: np.ndarray
+    results: list[dict] = field(default_factory=list)
+    method: str = "weights"
+
+    @property
+    def passed(self) -> bool:
+        """Every checked z-score is finite with |z| < z_max (rows without a theory do not count)."""
+        return all(r["z"] is None or (np.isfinite(r["z"]) and abs(r["z"]) < self.z_max)
+                   for r in self.results if r["checked"])
+
+    @property
+    def worst(self) -> dict | None:
+        """The checked row with the largest |z| (non-finite first), or None."""
+        rows = [r for r in self.results if r["checked"] and r["z"] is not None]
+        if not rows:
+            return None
+        return max(rows, key=lambda r: np.inf if not np.isfinite(r["z"]) else abs(r["z"]))
+
+    def as_dict(self) -> dict:
+        """A JSON-ready dict: activation, widths, samples, seed, results, and the setup.
+
+        Non-finite numbers (an infinite z from a zero standard error) become null; such a row has
+        ``passed`` false.
+        """
+        rows = []
+        for r in self.results:
+            row = {k: (_finite_or_none(v) if isinstance(v, float) else v) for k, v in r.items()}
+            if r["z"] is not None:
+                row["passed"] = bool(np.isfinite(r["z"]) and abs(r["z"]) < self.z_max)
+            rows.append(row)
+        return {
+            "activation": self.activation,
+            "widths": list(self.widths),
+            "samples": self.samples,
+            "seed": self.seed,
+            "depth": self.depth,
+            "C_W": self.C_W,
+            "C_b": self.C_b,
+            "lambda_W": self.lambda_W,
+            "lambda_b": self.lambda_b,
+            "quantities": list(self.quantities),
+            "z_max": self.z_max,
+            "method": self.method,
+            "inputs": self.inputs.tolist(),
+            "passed": self.passed,
+            "results": rows,
+        }
+
+    def plot(self, out: str) -> None:
+        """Write the figure of :func:`plot_validation` to ``out``."""
+        plot_validation(self, out)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checks of the arguments
+
+
+def _check_widths(width, widths) -> tuple[int, ...]:
+    chosen = [] if width is None else [width]
+    chosen += [] if widths is None else list(widths)
+    if not chosen:
+        raise DeriveError("give a width (or several widths for the 1/n extrapolation)")
+    for n in chosen:
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+            raise DeriveError(f"widths must be integers >= 1, got {n!r}")
+    return tuple(sorted({int(n) for n in chosen}))
+
+
+def _check_quantities(quantities, registry: Mapping[str, Quantity]) -> tuple[str, ...]:
+    if isinstance(quantities, str):
+        quantities = [q for q in quantities.split(",") if q.strip()]
+    names = tuple(dict.fromkeys(q.strip() for q in quantities))
+    if not names:
+        raise DeriveError("give at least one quantity")
+    unknown = [q for q in names if q not in registry]
+    if unknown:
+        raise DeriveError(f"unknown quantity {', '.join(unknown)}; known: {', '.join(registry)}")
+    return names
+
+
+def _width_seed(seed: int, width: int) -> int:
+    return int(np.random.SeedSequence([seed, width]).generate_state(1, np.uint32)[0])
+
+
+def _progress_reporter(progress, total: int):
+    """(callback(done), close()) for ``progress``: False, True (a rich bar on stderr) or a callable."""
+    if not progress:
+        return None, lambda: None
+    if callable(progress):
+        return (lambda done: progress(done, total)), lambda: None
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bar = Progress(TextColumn("sampling networks"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                   console=Console(stderr=True), transient=True)
+    bar.start()
+    task = bar.add_task("networks", total=total)
+    return (lambda done: bar.update(task, completed=done)), bar.stop
+
+
+# ----------------------------------------------------------------------------------------------
+# The check
+
+
+def validate(
+    activation,
+    C_W: float,
+    C_b: float,
+    depth: int,
+    width: int | None = None,
+    widths: Sequence[int] | None = None,
+    samples: int = 1000,
+    seed: int = 0,
+    quantities: Sequence[str] | str = ("K", "Theta"),
+    inputs=None,
+    lambda_W: float | None = None,
+    lambda_b: float | None = None,
+    params: Mapping[str, str] | Sequence[str] | None = None,
+    z_max: float = 5.0,
+    progress: bool | Callable[[int, int], None] = False,
+    *,
+    fit_order: int = 1,
+    registry: Mapping[str, Quantity] | None = None,
+    chunk: int | None = None,
+    method: str = "weights",
+) -> ValidationReport:
+    """Compare the derived statistics of a dense network with sampled finite-width networks.
+
+    Args:
+        activation: a rule name (``"relu"``), an expression in z, or an Activation.
+        C_W, C_b: W ~ N(0, C_W / n_{l-1}), b ~ N(0, C_b).
+        depth: L, the number of dense layers.
+        width, widths: the uniform width n (n_1 = ... = n_L = n), or several for the 1/n fit;
+            given together, all of them are used.
+        samples: S >= 2 networks per width.
+        seed: integer seed (module docstring for how widths are seeded).
+        quantities: names in the registry (default :data:`derive.validation.quantities.QUANTITIES`): "K"
+            (kernel per layer, all input pairs), "Theta" (output NTK, all pairs), "V", "G1" and
+            "Theta_var" (leading-order finite-width statistics per single input, their theory from
+            :mod:`derive.finite.single`; at one width they carry O(1/n) relative corrections),
+            "dNTK_P" and "dNTK_Q" (the dNTK's correlations with the preactivations, from
+            :func:`derive.sampling.dntk.sample_dntk`, which samples its own networks per input, for
+            layers 2..L; they need depth >= 2 and cost about 2 n second-order passes per network).
+        inputs: (N, d) array of inputs (default :func:`default_inputs`).
+        lambda_W, lambda_b: NTK learning-rate factors (default C_W, C_b).
+        params: activation parameters (``{"a": "0.2"}`` or ``["a=0.2"]``).
+        z_max: a checked |z| >= z_max fails the report.
+        progress: True for a progress bar on stderr, or a callable(done, total) over networks.
+        fit_order: 1 fits a + b/n, 2 fits a + b/n + c/n^2 (needs >= 3 widths).
+        registry: the quantities by name (default :data:`derive.validation.quantities.QUANTITIES`).
+        chunk: networks per step of the sampler (default: bounded by memory).
+        method: "weights" samples networks weight by weight; "conditional" draws each layer's
+            preactivations from their exact Gaussian law given the previous layer (same
+            distribution, far fewer random numbers; forward quantities only, not Theta or Theta_var).
+
+    Returns:
+        A :class:`ValidationReport`.
+
+    Example:
+        >>> from derive.validation.validate import validate
+        >>> report = validate("relu", 2.0, 0.1, depth=3, width=128, samples=200)  # doctest: +SKIP
+        >>> report.passed  # doctest: +SKIP
+        True
+    """
+    registry = QUANTITIES if registry is None else registry
+    C_W, C_b, lambda_W, lambda_b = check_hyperparameters(C_W, C_b, lambda_W, lambda_b, depth)
+    depth = int(depth)
+    chosen = _check_widths(width, widths)
+    names = _check_quantities(quantities, registry)
+    if isinstance(samples, bool) or not isinstance(samples, (int, np.integer)) or samples < 2:
+        raise DeriveError(f"samples must be an integer >= 2, got {samples!r}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise DeriveError(f"seed must be a non-negative integer, got {seed!r}")
+    if not (np.isfinite(z_max) and z_max > 0):
+        raise DeriveError(f"z_max must be a positive number, got {z_max}")
+    if fit_order not in (1, 2):
+        raise DeriveError(f"fit_order must be 1 or 2, got {fit_order}")
+    if method not in ("weights", "conditional"):
+        raise DeriveError(f"method must be 'weights' or 'conditional', got {method!r}")
+    if 1 < len(chosen) < fit_order + 1:
+        raise DeriveError(f"a fit of order {fit_order} in 1/n needs at least {fit_order + 1} widths")
+    x = default_inputs() if inputs is None else check_inputs(inputs)
+
+    act = as_activation(activation, params)
+    expectation, derivative = numeric_kernel_expressions(derive_kernel(act))
+    from derive.kernels.gram import gram_profile
+    from derive.sampling.dense import sample_kernels
+
+    kernel, ntk = (np.asarray(a) for a in gram_profile(expectation, derivative, x, depth, C_W, C_b,
+                                                        lambda_W, lambda_b))
+    sigma = jax_activation(act)
+    selected = [registry[q] for q in names]
+    needs_ntk = any(q.needs_ntk for q in selected)
+    if any(q.needs_dntk for q in selected) and depth < 2:
+        raise DeriveError("the dNTK quantities need depth >= 2 (the first layer's dNTK is zero)")
+    if needs_ntk and method == "conditional":
+        raise DeriveError("the NTK quantities (Theta, Theta_var) need sampled weights: use method 'weights'")
+
+    report, close = _progress_reporter(progress, samples * len(chosen))
+    rows: list[dict] = []
+    try:
+        for i, n in enumerate(chosen):
+            done = i * samples
+            step = None if report is None else (lambda k, done=done: report(done + k))
+            result = sample_kernels(sigma, x, depth, n, C_W, C_b, lambda_W, lambda_b,
+                                    n_networks=int(samples), seed=_width_seed(int(seed), n), ntk=needs_ntk,
+                                    chunk=chunk, method=method, progress=step)
+            dntk = None
+            if any(q.needs_dntk for q in selected):
+                from derive.sampling.dntk import sample_dntk
+
+                dntk = [sample_dntk(sigma, depth, n, C_W, C_b, lambda_W, lambda_b, x=xa, n_networks=int(samples),
+                                    seed=_width_seed(int(seed) + 1 + a, n)) for a, xa in enumerate(x)]
+            setup = Setup(result.widths, C_W, C_b, lambda_W, lambda_b, x, kernel, ntk, act, dntk)
+            for q in selected:
+                for row in quantity_rows(q, result, setup):
+                    rows.append({**row, "width": n, "checked": len(chosen) == 1})
+    finally:
+        close()
+    if len(chosen) > 1:
+        fits = _extrapolate(rows, chosen, fit_order)
+        fitted = {(r["quantity"], r["layer"], tuple(r["inputs"])) for r in fits}
+        for r in rows:  # an entry that cannot be fitted (zero stderr) is checked width by width
+            r["checked"] = (r["quantity"], r["layer"], tuple(r["inputs"])) not in fitted
+        rows += fits
+    order = {q: k for k, q in enumerate(names)}
+    rows.sort(key=lambda r: (order[r["quantity"]], r["width"] == EXTRAPOLATED, r["layer"], r["inputs"],
+                             0 if r["width"] == EXTRAPOLATED else r["width"]))
+    return ValidationReport(act.name, chosen, int(samples), int(seed), depth, C_W, C_b, lambda_W, lambda_b,
+                            names, float(z_max), x, rows, method)
+
+
+def _extrapolate(rows: list[dict], widths: tuple[int, ...], order: int) -> list[dict]:
+    """One "1/n->0" row per quantity, layer and entry estimated at every width with stderr > 0."""
+    groups: dict[tuple, dict[int, dict]] = {}
+    for r in rows:
+        groups.setdefault((r["quantity"], r["layer"], tuple(r["inputs"])), {})[r["width"]] = r
+    out = []
+    for (quantity, layer, entry), by_width in groups.items():
+        points = [by_width[n] for n in widths if n in by_width]
+        if len(points) != len(widths):
+            continue
+        est = np.array([p["estimate"] for p in points])
+        se = np.array([p["stderr"] for p in points])
+        if not (np.all(np.isfinite(est)) and np.all(np.isfinite(se)) and np.all(se > 0)):
+            continue
+        fit = fit_inverse_width(widths, est, se, order)
+        theory = points[-1]["theory"]
+        out.append({"quantity": quantity, "layer": layer, "inputs": list(entry), "width": EXTRAPOLATED,
+                    "theory": theory, "estimate": fit.intercept, "stderr": fit.intercept_stderr,
+                    "z": z_score(fit.intercept, fit.intercept_stderr, theory), "checked": True,
+                    "slope": fit.slope, "slope_stderr": fit.slope_stderr, "chi2": fit.chi2, "dof": fit.dof})
+        if order == 2:
+            out[-1].update(curvature=float(fit.coefficients[2]),
+                           curvature_stderr=float(np.sqrt(fit.covariance[2, 2])))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Figure
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _entry_label(entry) -> str:
+    return "x" + ",x".join(str(a) for a in entry)
+
+
+def plot_validation(report: ValidationReport, out: str) -> None:
+    """Theory (lines) and Monte Carlo estimates (error bars, +-1 stderr) against depth, one panel per
+    quantity; with several widths also against 1/n at the last reported layer, with the weighted fit
+    a + b/n and the theory at 1/n = 0 (matplotlib, Agg backend)."""
+    plt = _pyplot()
+    from matplotlib.lines import Line2D
+
+    by_quantity: dict[str, list[dict]] = {}
+    for r in report.results:
+        by_quantity.setdefault(r["quantity"], []).append(r)
+    several = len(report.widths) > 1
+    ncols = 2 if several else 1
+    nrows = max(1, len(by_quantity))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(6.2 * ncols, 3.6 * nrows), squeeze=False)
+    offsets = np.linspace(-0.15, 0.15, len(report.widths)) if several else [0.0]
+    markers = "osD^v<>p*h"
+    for row_axes, (quantity, rows) in zip(axes, by_quantity.items()):
+        ax = row_axes[0]
+        handles = []
+        for k, entry in enumerate(sorted({tuple(r["inputs"]) for r in rows})):
+            color = f"C{k % 10}"
+            mine = [r for r in rows if tuple(r["inputs"]) == entry]
+            theory = sorted({(r["layer"], r["theory"]) for r in mine if r["theory"] is not None})
+            if theory:
+                ax.plot([t[0] for t in theory], [t[1] for t in theory], "-", marker="_", ms=16, color=color,
+                        lw=1)
+            for j, n in enumerate(report.widths):
+                pts = [r for r in mine if r["width"] == n]
+                ax.errorbar([r["layer"] + offsets[j] for r in pts], [r["estimate"] for r in pts],
+                            yerr=[r["stderr"] for r in pts], fmt=markers[j % len(markers)], color=color,
+                            ms=4, capsize=2)
+            handles.append(Line2D([], [], color=color, label=_entry_label(entry)))
+        handles += [Line2D([], [], ls="", marker=markers[j % len(markers)], color="0.3", label=f"n = {n}")
+                    for j, n in enumerate(report.widths)]
+        ax.set_xlabel(r"layer $\ell$")
+        layers = sorted({r["layer"] for r in rows})
+        ax.set_xticks(layers)
+        ax.set_xlim(layers[0] - 0.5, layers[-1] + 0.5)
+        ax.set_title(f"{quantity}: theory (lines), Monte Carlo +- 1 stderr (points)", fontsize=9)
+        ax.legend(handles=handles, fontsize=7, ncol=2)
+        if several:
+            _plot_inverse_width(row_axes[1], quantity, rows, report.widths)
+    fig.suptitle(f"{report.activation}: C_W = {report.C_W:g}, C_b = {report.C_b:g}, depth {report.depth}, "
+                 f"{report.samples} networks per width", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+def _plot_inverse_width(ax, quantity: str, rows: list[dict], widths: tuple[int, ...]) -> None:
+    layer = max(r["layer"] for r in rows)
+    inv = 1.0 / np.asarray(widths, dtype=float)
+    grid = np.linspace(0.0, inv.max() * 1.05, 50)
+    for k, entry in enumerate(sorted({tuple(r["inputs"]) for r in rows})):
+        color = f"C{k % 10}"
+        mine = {r["width"]: r for r in rows if r["layer"] == layer and tuple(r["inputs"]) == entry}
+        pts = [mine[n] for n in widths if n in mine]
+        ax.errorbar(1.0 / np.array([r["width"] for r in pts]), [r["estimate"] for r in pts],
+                    yerr=[r["stderr"] for r in pts], fmt="o", color=color, ms=4, capsize=2,
+                    label=_entry_label(entry))
+        fit = mine.get(EXTRAPOLATED)
+        if fit is not None:
+            ax.plot(grid, fit["estimate"] + fit["slope"] * grid + fit.get("curvature", 0.0) * grid**2, "--",
+                    color=color, lw=1)
+            ax.errorbar([0.0], [fit["estimate"]], yerr=[fit["stderr"]], fmt="s", mfc="none", color=color,
+                        capsize=2)
+            if fit["theory"] is not None:
+                ax.plot([0.0], [fit["theory"]], "*", color=color, ms=10, mec="k")
+    ax.set_xlabel(r"$1/n$")
+    ax.set_title(f"{quantity} at layer {layer}: fit a + b/n (dashed), theory at 1/n = 0 (star)", fontsize=9)
+    ax.legend(fontsize=7, ncol=2)
