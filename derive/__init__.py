@@ -9,6 +9,7 @@ imports JAX):
 - :func:`gram` -- NNGP and NTK Gram matrices of a batch through depth (jit-compiled JAX);
 - :func:`emit_code` -- the generated JAX as readable, standalone source;
 - :func:`monte_carlo_check` -- theory against sampled finite-width networks, with z-scores;
+- :func:`gate` -- the four-neuron multiplication gate of Lin, Tegmark & Rolnick for any activation;
 - :func:`parse_expression` -- the safe parser.
 """
 
@@ -26,6 +27,8 @@ _EXPORTS = {
     "check": "api",
     "GramResult": "api",
     "KernelDerivation": "recursions",
+    "gate": "gate",
+    "GateResult": "gate",
     "parse_expression": "parse",
     "DeriveError": "errors",
     "ParseError": "errors",
