@@ -700,6 +700,62 @@ def check(
         raise typer.Exit(code)
 
 
+@app.command("gate")
+def gate_command(
+    activation: str = typer.Option(..., "--activation", "-a", help=ACTIVATION_HELP),
+    param: Optional[List[str]] = typer.Option(None, "--param", "-p", help=PARAM_HELP),
+    lam: Optional[str] = typer.Option(None, "--lambda", "-l",
+                                      help="The scale lambda > 0 (0.01 or 1/100); symbolic if omitted."),
+    inputs: int = typer.Option(2, "--inputs", "-n",
+                               help="n: neurons and layers for the product of n inputs (2..64)."),
+    polynomial: Optional[str] = typer.Option(None, "--polynomial",
+                                             help="A polynomial in x1..xk to count neurons and layers for."),
+    fmt: Format = typer.Option(Format.text, "--format", "-f", help="Output format."),
+    rules: Optional[List[Path]] = typer.Option(None, "--rules", help=RULES_HELP),
+    out: Optional[Path] = typer.Option(None, "--out", "-o",
+                                       help="Write the gate network as a standalone JAX module (.py)."),
+) -> None:
+    """The four-neuron multiplication gate of Lin, Tegmark & Rolnick (2017) for any activation.
+
+    Derives whether xy ~ mu [s(c+u+v) + s(c-u-v) - s(c+u-v) - s(c-u+v)], u = lambda x, v = lambda y,
+    exists (s''(c) != 0, with the shift c if s''(0) = 0, or why not), its weights, its error series
+    in lambda, and neuron and layer counts for products of n inputs and for polynomials.
+
+    Examples:
+
+      derive gate --activation softplus
+
+      derive gate --activation tanh --inputs 8 --format json
+
+      derive gate --activation gelu --polynomial "x1*x2 + x3^2" --lambda 0.01 --out gate.py
+    """
+    from derive.errors import DeriveError
+    from derive.gate import gate
+
+    try:
+        res = gate(activation, param, lam=lam, inputs=inputs, polynomial=polynomial,
+                   rule_dirs=tuple(map(str, rules or ())))
+        src = None
+        if out is not None:
+            from derive.gate_network import gate_source
+
+            src = gate_source(res, lam)
+    except DeriveError as exc:
+        fail(str(exc))
+    if out is not None:
+        _write_atomic(out, lambda tmp: Path(tmp).write_text(src))
+    if fmt is Format.json:
+        typer.echo(json.dumps({**res.as_dict(), **({"wrote": str(out)} if out is not None else {})}))
+    elif fmt is Format.latex:
+        typer.echo(res.to_latex())
+    else:
+        import shutil
+
+        typer.echo(res.to_text(width=min(max(shutil.get_terminal_size((80, 24)).columns, 40), 120)))
+        if out is not None:
+            typer.echo(f"wrote {out}")
+
+
 @app.command()
 def codegen(
     activation: str = typer.Option(..., "--activation", "-a", help=ACTIVATION_HELP),
