@@ -717,9 +717,10 @@ def gate_command(
 ) -> None:
     """The four-neuron multiplication gate of Lin, Tegmark & Rolnick (2017) for any activation.
 
-    Derives whether xy ~ mu [s(c+u+v) + s(c-u-v) - s(c+u-v) - s(c-u+v)], u = lambda x, v = lambda y,
-    exists (s''(c) != 0, with the shift c if s''(0) = 0, or why not), its weights, its error series
-    in lambda, and neuron and layer counts for products of n inputs and for polynomials.
+    xy ~ mu (s(c+u+v) + s(c-u-v) - s(c+u-v) - s(c-u+v)), u = lam x, v = lam y:
+    whether it exists (s''(c) != 0; the shift c when s''(0) = 0; or why not),
+    its weights, its error series in lambda, and neuron and layer counts for
+    products of n inputs (a tree of gates against one hidden layer) and polynomials.
 
     Examples:
 
@@ -727,7 +728,9 @@ def gate_command(
 
       derive gate --activation tanh --inputs 8 --format json
 
-      derive gate --activation gelu --polynomial "x1*x2 + x3^2" --lambda 0.01 --out gate.py
+      derive gate --activation gelu --polynomial "x1*x2 + x3^2"
+
+      derive gate --activation swish --lambda 0.01 --out gate.py
     """
     from derive.errors import DeriveError
     from derive.gate import gate
