@@ -325,7 +325,7 @@ def test_cli_json():
     assert d["exists"] is True and d["product"]["tree_neurons"] == 28 and d["product"]["tree_layers"] == 3
     assert d["product"]["shallow_neurons"] == 256 and d["polynomial"]["neurons"] == 6
     lead = derive.parse_expression(d["error_series"]["lam**2"], {"x": X, "y": Y})
-    assert sp.expand(lead + sp.Rational(2, 3) * (X**3 * Y + X * Y**3)) == 0  # s(c)/(6 s(c)) = -2/3
+    assert sp.expand(lead + sp.Rational(2, 3) * (X**3 * Y + X * Y**3)) == 0  # s''''(c)/(6 s''(c)) = -2/3
 
 
 def test_cli_text_fits_80_columns(monkeypatch):
