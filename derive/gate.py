@@ -536,8 +536,8 @@ class GateResult:
 
         lines = [rf"% {self.activation}: \sigma(z) = {sp.latex(self.sigma)}"]
         if not self.exists:
-            lines.append(r"% no four-neuron gate: " + self.reason)
-            lines.append(r"\text{%s}" % self.reason.replace("_", r"\_").replace("^", r"\^{}"))
+            lines.append(r"% no four-neuron gate")
+            lines.append(r"\text{%s} \\" % self.reason.replace("_", r"\_").replace("^", r"\^{}"))
             lines += self._latex_counts()
             return "\n".join(lines)
         c = self.shift
@@ -556,14 +556,18 @@ class GateResult:
         return "\n".join(lines)
 
     def _latex_counts(self) -> list[str]:
+        def n_(k, word):
+            return rf"{k}\ \text{{{word}{'' if k == 1 else 's'}}}"
+
         p = self.product
-        out = [rf"\text{{product of {p.n} inputs: tree }} {p.gates}\ \text{{gates}},\ {p.neurons}\ "
-               rf"\text{{neurons}},\ {p.layers}\ \text{{hidden layers; one hidden layer: }} 2^{{{p.n}}} = "
-               rf"{p.shallow_neurons}\ \text{{neurons}} \\"]
+        out = [rf"\text{{product of {p.n} inputs, tree: }} {n_(p.gates, 'gate')},\ "
+               rf"{n_(p.neurons, 'neuron')},\ {n_(p.layers, 'hidden layer')}"
+               rf"\text{{; one hidden layer: }} 2^{{{p.n}}} = {n_(p.shallow_neurons, 'neuron')} \\"]
         if self.polynomial is not None:
             q = self.polynomial
-            out.append(rf"\text{{polynomial }} {sp.latex(q.expression)}:\ {q.neurons}\ \text{{neurons}},\ "
-                       rf"{q.layers}\ \text{{hidden layers; one hidden layer: }} {q.shallow_neurons} \\")
+            out.append(rf"\text{{polynomial }} {sp.latex(q.expression)}:\ {n_(q.neurons, 'neuron')},\ "
+                       rf"{n_(q.layers, 'hidden layer')}\text{{; one hidden layer: }} "
+                       rf"{n_(q.shallow_neurons, 'neuron')} \\")
         return out
 
     def _repr_latex_(self) -> str:
