@@ -9,6 +9,7 @@ imports JAX):
 - :func:`gram` -- NNGP and NTK Gram matrices of a batch through depth (jit-compiled JAX);
 - :func:`emit_code` -- the generated JAX as readable, standalone source;
 - :func:`monte_carlo_check` -- theory against sampled finite-width networks, with z-scores;
+- :func:`gate` -- the four-neuron multiplication gate of Lin, Tegmark & Rolnick for any activation;
 - :func:`parse_expression` -- the safe parser.
 """
 
@@ -25,10 +26,12 @@ _EXPORTS = {
     "monte_carlo_check": "api",
     "check": "api",
     "GramResult": "api",
-    "KernelDerivation": "recursions",
-    "parse_expression": "parse",
-    "DeriveError": "errors",
-    "ParseError": "errors",
+    "KernelDerivation": "symbolic.recursions",
+    "gate": "gates.gate",
+    "GateResult": "gates.gate",
+    "parse_expression": "core.parse",
+    "DeriveError": "core.errors",
+    "ParseError": "core.errors",
 }
 
 __all__ = sorted(_EXPORTS)

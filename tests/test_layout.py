@@ -125,3 +125,10 @@ def test_lower_layers_do_not_reach_up(module):
         if u == module or u.startswith(module + "."):
             above = sorted(v for v in vs if not v.startswith(allowed))
             assert not above, (u, above)
+
+
+def test_every_public_name_resolves():
+    import derive
+
+    for name in derive.__all__:
+        assert getattr(derive, name) is not None, name
