@@ -68,6 +68,72 @@ def test_dense_rule_gives_pdlt_recursions(name, K, V, G1, r):
     assert float(evaluate(maps["G1"], values)) == pytest.approx(float(G1_ref), rel=1e-9, abs=1e-12)
 
 
+def _derivatives(name):
+    """sigma and its first three derivatives written out by hand (almost everywhere for relu)."""
+    phi = lambda t: mp.exp(-t * t / 2) / mp.sqrt(2 * mp.pi)  # noqa: E731
+    sig = lambda t: 1 / (1 + mp.exp(-t))  # noqa: E731
+    if name == "tanh":
+        return (mp.tanh, lambda t: 1 - mp.tanh(t) ** 2, lambda t: -2 * mp.tanh(t) * (1 - mp.tanh(t) ** 2),
+                lambda t: (1 - mp.tanh(t) ** 2) * (6 * mp.tanh(t) ** 2 - 2))
+    if name == "gelu":
+        return (lambda t: t * mp.ncdf(t), lambda t: mp.ncdf(t) + t * phi(t), lambda t: phi(t) * (2 - t * t),
+                lambda t: t * phi(t) * (t * t - 4))
+    if name == "swish":
+        d1 = lambda t: sig(t) * (1 - sig(t))  # noqa: E731
+        d2 = lambda t: d1(t) * (1 - 2 * sig(t))  # noqa: E731
+        d3 = lambda t: d1(t) * (1 - 6 * sig(t) + 6 * sig(t) ** 2)  # noqa: E731
+        return (lambda t: t * sig(t), lambda t: sig(t) + t * d1(t), lambda t: 2 * d1(t) + t * d2(t),
+                lambda t: 3 * d2(t) + t * d3(t))
+    return (lambda t: max(t, 0), lambda t: 1 if t > 0 else 0, lambda t: 0, lambda t: 0)
+
+
+@pytest.mark.parametrize("name", ["tanh", "gelu", "relu", "swish"])
+@pytest.mark.parametrize("state", [dict(K=0.4, V=0.3, Theta=0.9, A=0.2, B=-0.1, D=0.3, F=0.15, P=-0.05, Q=0.4, r=1.0),
+                                   dict(K=1.9, V=2.5, Theta=2.2, A=1.1, B=0.6, D=-0.4, F=0.8, P=0.3, Q=-0.2, r=0.5)])
+def test_dense_rule_ntk_maps_give_pdlt_recursions(name, state):
+    """The [finite_width.ntk] maps of rules/layers/dense.toml against PDLT's NTK-fluctuation (8.89) and
+    dNTK (ch. 11) recursions evaluated with mpmath: sigma'' and sigma''' written out, no integration by
+    parts, chi_par by numerical differentiation of <sigma^2>_K."""
+    from derive.core import symbols as S
+    from derive.finite.single import finite_width_maps
+    from derive.symbolic.numeric import evaluate
+
+    mp.mp.dps = 30
+    f, f1, f2, f3 = _derivatives(name)
+    cw, cb, lw, lb = 1.7, 0.2, 0.8, 0.3
+    K, V, Th, r = (mp.mpf(state[k]) for k in ("K", "V", "Theta", "r"))
+    A, B, D, F, P, Q = (mp.mpf(state[k]) for k in ("A", "B", "D", "F", "P", "Q"))
+
+    def E(g):
+        return _gauss(g, K)
+
+    W = lambda t: lw * f(t) ** 2 + cw * Th * f1(t) ** 2  # noqa: E731
+    h2 = lambda t: t * t - K  # noqa: E731
+    chi_par = cw * mp.diff(lambda k: _gauss(lambda t: f(t) ** 2, k), K)
+    chi_perp = cw * E(lambda t: f1(t) ** 2)
+    w_h2 = E(lambda t: W(t) * h2(t))
+    s_d2_dd = E(lambda t: f(t) * f1(t) ** 2 * f2(t))
+    d_sd = E(lambda t: f1(t) ** 2 + f(t) * f2(t))
+    d_ddd = E(lambda t: f2(t) ** 2 + f1(t) * f3(t))
+    want = {
+        "B": cw**2 * E(lambda t: f1(t) ** 4) * Th**2 + r * chi_perp**2 * B,
+        "F": cw**2 * E(lambda t: f(t) ** 2 * f1(t) ** 2) * Th + r * chi_par**2 * F,
+        "D": (cw * (E(lambda t: f(t) ** 2 * W(t)) - E(lambda t: f(t) ** 2) * E(W))
+              + r * cw / (4 * K**4) * V * E(lambda t: f(t) ** 2 * h2(t)) * w_h2 + r * chi_par * chi_perp * D),
+        "A": (E(lambda t: W(t) ** 2) - E(W) ** 2 + r * V / (4 * K**4) * w_h2**2 + r * chi_perp**2 * A
+              + r * chi_perp * w_h2 * D / K**2),
+        "P": cw**2 * Th**2 * s_d2_dd + r * cw * chi_perp * E(lambda t: f(t) * f2(t)) * B + r * chi_par * chi_perp * P,
+        "Q": (lw * cw * Th * E(lambda t: f(t) ** 2 * f1(t) ** 2) + cw**2 * Th**2 * s_d2_dd
+              + r * (lw * cw * d_sd**2 + cw**2 * Th * d_ddd * d_sd) * F + r * chi_par * chi_perp * Q),
+    }
+    maps = finite_width_maps(resolve(name))
+    values = {S.BY_NAME[k]: float(v) for k, v in state.items()}
+    values.update({S.G1: 0.0, S.C_W: cw, S.C_b: cb, S.lambda_W: lw, S.lambda_b: lb})
+    for q, ref in want.items():
+        got = float(evaluate(maps.recursions[q], values))
+        assert got == pytest.approx(float(ref), rel=1e-9, abs=1e-11), q
+
+
 def test_dense_per_layer_variances_and_widths():
     cws, cbs, widths = [1.0, 1.7, 1.2, 2.1, 1.5], [0.0, 0.1, 0.3, 0.05, 0.2], [64, 128, 32, 96, 48]
     items = [arch.dense(cws[0], cbs[0], width=widths[0])]
@@ -379,3 +445,22 @@ def test_sampled_cnns_agree_and_a_dropped_term_is_rejected(name):
     finally:
         tensor._on_vertex = original
     assert not compare_finite_width(wrong, estimates).passed
+
+
+def test_ntk_fluctuations_are_carried_only_where_derived():
+    """A..Q after dense layers fed by activations; None after LayerNorm (its statistics move with the
+    NTK) and from a residual block on; the dense network's equal the dense engine's."""
+    from derive.finite.arch import QUANTITIES
+
+    assert QUANTITIES[-6:] == ("A", "B", "D", "F", "P", "Q")
+    mlp = arch_finite_width(arch.mlp(4, "tanh", 1.5, 0.1))
+    profile = iterate(finite_width_maps(resolve("tanh")), 4, 1.5, 0.1)
+    for q in ("A", "B", "D", "F", "P", "Q"):
+        assert _relative(mlp.values[q], profile.values[q]) < 1e-12, q
+    ln = arch_finite_width(NETWORKS["layernorm stack"])
+    assert ln.values["A"][0] == 0.0 and all(v is None for v in ln.values["A"][1:])
+    res = arch_finite_width(arch.serial(arch.dense(1.0), arch.activation("tanh"), arch.dense(1.5),
+                                        arch.residual(arch.dense(1.0), arch.activation("tanh"), arch.dense(1.0)),
+                                        arch.activation("tanh"), arch.dense(1.2)))
+    assert res.values["B"][2] is not None and res.values["B"][2] > 0
+    assert res.values["B"][3] is None and res.values["B"][5] is None

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import numbers
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Union
 
@@ -127,7 +128,7 @@ class Layer:
 
     def values(self) -> dict[sp.Symbol, sp.Expr]:
         """Every parameter of the rule: given values, else defaults."""
-        return self.rule.defaults(dict(self.params))
+        return dict(_layer_values(self))
 
     def value(self, name: str) -> float:
         for symbol, v in self.values().items():
@@ -148,6 +149,11 @@ class Layer:
         if self.width is not None:
             bits.append(f"width={self.width}")
         return f"{self.type}({', '.join(bits)})"
+
+
+@lru_cache(maxsize=None)
+def _layer_values(layer: Layer) -> tuple:
+    return tuple(layer.rule.defaults(dict(layer.params)).items())
 
 
 @dataclass(frozen=True)
@@ -392,11 +398,63 @@ def dot_product_attention(heads=1, C_Q=1.0, C_K=1.0, C_V=1.0, C_O=1.0, C_b=0.0, 
                  mechanism=mechanism, points=points, width=width, label=label, **lambdas)
 
 
-def mlp(depth: int, activation_name: str, C_W: float, C_b: float = 0.0, **kw) -> Serial:
-    """The dense network of the rest of the engine: ``depth`` dense layers, activations between."""
-    items: list[Item] = [dense(C_W, C_b, **kw)]
-    if depth > 1:
-        items.append(repeat(depth - 1, activation(activation_name), dense(C_W, C_b, **kw)))
+def mlp(depth: int, activation_name, C_W: float, C_b: float = 0.0, **kw) -> Serial:
+    """The dense network: ``depth`` dense layers with the activation between them (a rule name, an
+    expression in z, or a resolved :class:`~derive.rules.activations.Activation`)."""
+    return dense_network(activation_name, depth, C_W, C_b, kw.get("lambda_W"), kw.get("lambda_b"), kw.get("width"))
+
+
+def activation_layer(spec, params=None) -> Layer:
+    """An activation layer for a rule name or expression (with ``params``), or for a resolved
+    :class:`~derive.rules.activations.Activation` (its given parameter values travel along)."""
+    from derive.rules.activations import Activation
+
+    if isinstance(spec, Activation):
+        if params:
+            raise DeriveError("give parameters with the activation's name, not with a resolved Activation")
+        params = {symbol.name: str(value) for symbol, value in (spec.values or {}).items()}
+        spec = spec.name
+    elif params is not None and not isinstance(params, dict):
+        items = [str(p).split("=", 1) for p in params]
+        if any(len(kv) != 2 for kv in items):
+            raise DeriveError(f"activation parameters are NAME=VALUE, got {list(params)}")
+        params = {k.strip(): v.strip() for k, v in items}
+    return layer("activation", activation=spec, activation_params=params or None)
+
+
+def dense_network(activation_spec, depth: int, C_W, C_b=0.0, lambda_W=None, lambda_b=None, widths=None,
+                  params=None) -> Serial:
+    """``dense, (activation, dense) x (depth - 1)``: PDLT's dense network as an architecture.
+
+    C_W, C_b, lambda_W, lambda_b and ``widths`` are numbers or per-layer sequences (entry l for dense
+    layer l + 1); runs of identical layers become one :class:`Repeat`, so depth 10^4 stays one item."""
+    if isinstance(depth, bool) or int(depth) != depth or depth < 1:
+        raise DeriveError(f"depth must be an integer >= 1, got {depth}")
+    depth = int(depth)
+
+    def per_layer(value, name):
+        if value is None:
+            return [None] * depth
+        if isinstance(value, (list, tuple)) or getattr(value, "ndim", 0) == 1:
+            values = list(value)
+            if len(values) != depth:
+                raise DeriveError(f"{name} has {len(values)} entries for {depth} layers")
+            return values
+        return [value] * depth
+
+    cw, cb = per_layer(C_W, "C_W"), per_layer(C_b, "C_b")
+    lw, lb = per_layer(lambda_W, "lambda_W"), per_layer(lambda_b, "lambda_b")
+    ns = [None if w is None else int(w) for w in per_layer(widths, "widths")]
+    settings = [(cw[i], cb[i], lw[i], lb[i], ns[i]) for i in range(depth)]
+    act = activation_layer(activation_spec, params)
+    items: list[Item] = [dense(*settings[0][:4], width=settings[0][4])]
+    k = 1
+    while k < depth:
+        run = 1
+        while k + run < depth and settings[k + run] == settings[k]:
+            run += 1
+        items.append(repeat(run, act, dense(*settings[k][:4], width=settings[k][4])))
+        k += run
     return serial(*items)
 
 
@@ -537,6 +595,7 @@ def load_arch(path: str | Path) -> Serial:
     return arch_from_dict(data, path.name)
 
 
-__all__ = ["Layer", "Repeat", "Serial", "activation", "arch_from_dict", "attention", "avg_pool", "conv",
-           "dense", "dot_product_attention", "flatten", "global_avg_pool", "layer", "layer_norm", "load_arch", "mlp", "repeat",
-           "residual", "serial"]
+__all__ = ["DenseNetwork", "Layer", "Repeat", "Serial", "activation", "activation_layer", "arch_from_dict",
+           "as_dense_network", "attention", "avg_pool", "check_derivable", "conv", "dense", "dense_network",
+           "dot_product_attention", "flatten", "global_avg_pool", "layer", "layer_norm", "load_arch", "mlp",
+           "repeat", "residual", "serial"]

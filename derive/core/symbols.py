@@ -3,8 +3,9 @@
 Expressions in JSON output and claims use exactly these names (design.md, "Contracts"):
 ``K11, K12, K22`` for a two-input covariance, ``K`` for a single input, ``C_W, C_b,
 lambda_W, lambda_b`` for the initialisation and learning-rate hyperparameters,
-``Theta11, Theta12, Theta22``/``Theta`` for the NTK, and ``z`` (``z1, z2``) for
-preactivations inside Gaussian expectations.
+``Theta11, Theta12, Theta22``/``Theta`` for the NTK, ``z`` (``z1, z2``) for
+preactivations inside Gaussian expectations, and ``V, G1, A, B, D, F, P, Q, r`` for the
+finite-width statistics and the width ratio.
 """
 
 from __future__ import annotations
@@ -34,12 +35,22 @@ V = sp.Symbol("V", real=True)
 G1 = sp.Symbol("G1", real=True)
 l = sp.Symbol("l", positive=True, integer=True)
 n = sp.Symbol("n", positive=True)
+#: Width ratio n_l / n_{l-1} in the finite-width maps.
+r = sp.Symbol("r", positive=True)
+#: NTK fluctuations (A, B), their correlations with the preactivations (D, F) and the dNTK's (P, Q):
+#: PDLT ch. 8 and 11, in the documented normalisation (derive.finite.single).
+A = sp.Symbol("A", real=True)
+B = sp.Symbol("B", real=True)
+D = sp.Symbol("D", real=True)
+F = sp.Symbol("F", real=True)
+P = sp.Symbol("P", real=True)
+Q = sp.Symbol("Q", real=True)
 
 #: Every documented symbol, by the name a user types.
 BY_NAME: dict[str, sp.Symbol] = {
     s.name: s
     for s in (z, z1, z2, K, K11, K22, K12, C_W, C_b, lambda_W, lambda_b,
-              Theta, Theta11, Theta22, Theta12, V, G1, l, n)
+              Theta, Theta11, Theta22, Theta12, V, G1, l, n, r, A, B, D, F, P, Q)
 }
 
 

@@ -31,15 +31,19 @@ that starts with a dense layer or LayerNorm. A branch that starts with an activa
 sigma(z_i)^2 / n, an O(1/n) self-interaction (the stream becomes skewed: E z^3 = O(1/n)) that K, V,
 G1 do not carry; it is refused with that reason.
 
-Also carried, at infinite width: the NTK mean Theta from the rules' ``[maps]``. The NTK
-fluctuations (A, B, D, F) and the dNTK (P, Q) are derived for dense networks
-(:mod:`derive.finite.single`); layers without a ``[finite_width]`` table (conv, pooling, attention)
-are refused with the reason.
+Also carried: the NTK mean Theta at infinite width, from the rules' ``[maps]``; and, through a dense
+layer whose input is a Gaussian point followed by activations only, the NTK fluctuations and the
+dNTK (A, B, D, F, P, Q) from the dense rule's ``[finite_width.ntk]`` maps (PDLT ch. 8 and 11, with s
+the run of activations). After LayerNorm (its channel statistics also fluctuate with the NTK) and
+through residual blocks these are not derived (None, and None from there on). Layers without a
+``[finite_width]`` table are refused with the reason; conv, pooling and flatten have the tensor form
+(:mod:`derive.finite.tensor`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 import sympy as sp
@@ -47,14 +51,15 @@ import sympy as sp
 from derive.arch.description import Layer, Repeat, Serial, check_derivable
 from derive.core import symbols as S
 from derive.core.errors import DeriveError
-from derive.finite.collective import G1, K, V, activation_table, quadratic, r, segment_maps, z
-from derive.rules.layers import FW_BRANCH, FW_INPUT, FW_SITES, StructuralOperator, act
+from derive.finite.collective import G1, K, V, activation_table, ntk_maps, quadratic, r, segment_maps, z
+from derive.rules.layers import FW_BRANCH, FW_INPUT, FW_NTK_QUANTITIES, FW_SITES, StructuralOperator, act, mean
 from derive.symbolic.maps import BK, BTheta, layer_maps
 from derive.symbolic.numeric import evaluate
 from derive.symbolic.quadrature import DEFAULT_TOL
 
-#: The per-layer quantities reported (JSON keys).
-QUANTITIES = ("K", "V", "G1", "Theta")
+#: The per-layer quantities reported (JSON keys): the kernel, its 1/n corrections, the NTK mean and
+#: (dense layers after activations) the NTK fluctuations and the dNTK.
+QUANTITIES = ("K", "V", "G1", "Theta", *FW_NTK_QUANTITIES)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -75,6 +80,7 @@ class _Point:
     activations: tuple = ()
     run_K: float | None = None  # infinite-width kernel and NTK after the run (for reports)
     run_Theta: float | None = None
+    fluctuations: tuple | None = None  # (A, B, D, F, P, Q) at the point; None where not derived
 
 
 @dataclass
@@ -102,6 +108,32 @@ class ArchFiniteWidth:
         return out
 
 
+_NTK_SYMBOLS = tuple(S.BY_NAME[q] for q in FW_NTK_QUANTITIES)
+
+
+@lru_cache(maxsize=None)
+def _parameters(layer: Layer) -> tuple:
+    """(symbol, float value) of every parameter of the layer."""
+    return tuple((symbol, float(value)) for symbol, value in layer.values().items())
+
+
+@lru_cache(maxsize=None)
+def _variance(layer: Layer) -> sp.Expr | None:
+    """The layer's conditional variance statement in one channel h, its parameters as symbols (None for
+    a statement over positions). The maps derived from it stay symbolic in the parameters, which are
+    given their values when evaluated: one derivation serves every layer of the type, and the
+    expressions (hence the rounding) do not depend on the parameters' values."""
+    F = layer.rule.finite_width["variance"]
+    if F.atoms(StructuralOperator):
+        return None
+    return F.xreplace({s: FW_INPUT for s in FW_SITES})
+
+
+@lru_cache(maxsize=None)
+def _activation_table(layer: Layer) -> tuple:
+    return activation_table(layer.resolved_activation())
+
+
 class _Walker:
     """Carries a Gaussian point through layers, each by its rule's [finite_width] statement."""
 
@@ -120,20 +152,20 @@ class _Walker:
         return float(evaluate(maps.single_kernel, values)), float(evaluate(maps.single_ntk, values))
 
     def dense(self, p: _Point, layer: Layer, where: str, cross: float | None = None) -> tuple[_Point, float | None]:
-        F = layer.rule.finite_width["variance"].xreplace(layer.values())
-        if F.atoms(StructuralOperator):
+        F = _variance(layer)
+        if F is None:
             raise DeriveError(f"{where} ({layer.type}): a layer over positions; its finite-width maps are the "
                               "tensor form (derive.finite.tensor, or --inputs with positions)")
-        F = F.xreplace({s: FW_INPUT for s in FW_SITES})
         maps = segment_maps(F.xreplace({FW_INPUT: p.run}), p.activations, self.tol, cross is not None)
-        values = {K: p.K, V: p.V, G1: p.G1, r: p.width / p.norm}
+        values = {K: p.K, V: p.V, G1: p.G1, r: p.width / p.norm, **dict(_parameters(layer))}
         Kn = float(evaluate(maps["K"], values))
         Vn = float(evaluate(maps["V"], values))
         G1n = float(evaluate(maps["G1"], values))
         base_K = p.K if p.run_K is None else p.run_K
         base_Th = p.Theta if p.run_Theta is None else p.run_Theta
         _, Th = self.infinite(layer, base_K, base_Th)
-        out = _Point(Kn, Vn, G1n, Th, self.layer_width(layer, p.width), p.width)
+        out = _Point(Kn, Vn, G1n, Th, self.layer_width(layer, p.width), p.width,
+                     fluctuations=self.fluctuations(p, layer, values))
         if cross is None:
             return out, None
         if cross == "start":  # first dense of a residual branch: X from the skip
@@ -146,18 +178,29 @@ class _Walker:
             return out, float(evaluate(maps["X"], values))
         return out, cross * float(evaluate(maps["J"], values))
 
+    def fluctuations(self, p: _Point, layer: Layer, values: dict) -> tuple | None:
+        """(A, B, D, F, P, Q) after a dense layer, from its rule's [finite_width.ntk] maps; None when the
+        input point has none or the run since it holds channel means (LayerNorm), which the maps do not
+        carry."""
+        maps = layer.rule.finite_width_ntk
+        if not maps or p.fluctuations is None or p.run.has(mean):
+            return None
+        exprs = ntk_maps(maps, (), p.run, p.activations, self.tol)
+        state = {**values, S.Theta: p.Theta, **dict(zip(_NTK_SYMBOLS, p.fluctuations))}
+        return tuple(float(evaluate(exprs[q], state)) for q in FW_NTK_QUANTITIES)
+
     def elementwise(self, p: _Point, layer: Layer) -> _Point:
         fw = layer.rule.finite_width["elementwise"].xreplace(layer.values())
         activations = p.activations
         if fw.has(act):
-            activations = activations + (activation_table(layer.resolved_activation()),)
+            activations = activations + (_activation_table(layer),)
             k = len(activations) - 1
             fw = fw.replace(lambda e: isinstance(e, act), lambda e: act(k, e.args[1], e.args[2]))
         base_K = p.K if p.run_K is None else p.run_K
         base_Th = p.Theta if p.run_Theta is None else p.run_Theta
         Kr, Thr = self.infinite(layer, base_K, base_Th)
         return _Point(p.K, p.V, p.G1, p.Theta, p.width, p.norm, _substitute_input(fw, p.run), activations,
-                      Kr, Thr)
+                      Kr, Thr, p.fluctuations)
 
     def residual(self, p: _Point, layer: Layer, where: str) -> _Point:
         if p.run != z:
@@ -259,7 +302,7 @@ def arch_finite_width(net: Serial, *, width: int | None = None, input_norm: floa
                 Kin = vals["C_b"] + vals["C_W"] * input_norm
                 Th = vals["lambda_b"] + vals["lambda_W"] * input_norm
                 n1 = walker.layer_width(layer, width or 1)
-                p = _Point(Kin, 0.0, 0.0, Th, n1, n1)
+                p = _Point(Kin, 0.0, 0.0, Th, n1, n1, fluctuations=(0.0,) * len(FW_NTK_QUANTITIES))
                 continue
             p, _ = walker.step(p, layer, here)
         gaussian = p.run == z
@@ -267,6 +310,8 @@ def arch_finite_width(net: Serial, *, width: int | None = None, input_norm: floa
         values["V"].append(p.V if gaussian else None)
         values["G1"].append(p.G1 if gaussian else None)
         values["Theta"].append(p.Theta if gaussian else p.run_Theta)
+        for q, v in zip(FW_NTK_QUANTITIES, p.fluctuations or (None,) * len(FW_NTK_QUANTITIES)):
+            values[q].append(v if gaussian else None)
     return ArchFiniteWidth(net.name, labels, values, width)
 
 

@@ -26,7 +26,7 @@ from derive.finite.moments import (
 )
 from derive.finite.single import finite_width_maps
 from derive.rules.activations import Activation
-from derive.symbolic.expectations import gaussian_expectation, tidy
+from derive.symbolic.expectations import expect
 from derive.symbolic.numeric import evaluate
 from derive.symbolic.quadrature import DEFAULT_TOL
 
@@ -47,18 +47,21 @@ class BatchExpectations:
     quartic: dict
 
 
+def _pair(f: sp.Expr, g: sp.Expr) -> sp.Expr:
+    """f(z1) g(z2) for f, g in z."""
+    return f.xreplace({S.z: S.z1}) * g.xreplace({S.z: S.z2})
+
+
 @lru_cache(maxsize=32)
 def _batch_expectations(sigma: sp.Expr, tol: float) -> BatchExpectations:
-    from derive.symbolic.recursions import _pair
-
     K11, K12, K22 = S.K11, S.K12, S.K22
-    E = tidy(gaussian_expectation(_pair(sigma, sigma), (S.z1, S.z2), tol=tol))
+    E = expect(_pair(sigma, sigma), (S.z1, S.z2), tol)
     keys = {"11": K11, "12": K12, "22": K22}
     dE = {k: sp.diff(E, v) for k, v in keys.items()}
     d2E = {a + "," + b: sp.diff(E, keys[a], keys[b]) for a in keys for b in keys}
     quartic = {}
     for p, q in ((2, 2), (3, 1), (1, 3)):
-        quartic[(p, q)] = tidy(gaussian_expectation(_pair(sigma**p, sigma**q), (S.z1, S.z2), tol=tol))
+        quartic[(p, q)] = expect(_pair(sigma**p, sigma**q), (S.z1, S.z2), tol)
     return BatchExpectations(E, dE, d2E, quartic)
 
 

@@ -34,12 +34,12 @@ from functools import lru_cache
 import sympy as sp
 
 from derive.core import symbols as S
-from derive.rules.layers import FW_SITES, act, find_layer_rule, mean
-from derive.symbolic.expectations import gaussian_expectation, tidy
+from derive.rules.layers import FW_DRUN, FW_RUN, FW_SITES, E, act, find_layer_rule, mean
+from derive.symbolic.expectations import expect, tidy
 from derive.symbolic.quadrature import GaussianExpectation
 
 z, K, V, G1 = S.z, S.K, S.V, S.G1
-r = sp.Symbol("r", positive=True)
+r = S.r
 
 
 # ------------------------------------------------------------------------------------------------
@@ -63,11 +63,10 @@ def _E(f: sp.Expr, tol: float) -> sp.Expr:
     return tidy(out.xreplace({d: node for node, d in held.items()}))
 
 
-@lru_cache(maxsize=4096)
 def _E1(f: sp.Expr, tol: float) -> sp.Expr:
     # A K inside f (LayerNorm's statistics at their infinite-width values) is a parameter of the
     # integrand; the quadrature order is chosen with it at 1 (the integrand is then at unit scale).
-    return gaussian_expectation(f, (z,), tol=tol, numeric_subs={K: sp.Integer(1)})
+    return expect(f, (z,), tol, ((K, sp.Integer(1)),) if f.has(K) else ())
 
 
 def _dE(f: sp.Expr, tol: float) -> sp.Expr:
@@ -206,6 +205,22 @@ def segment_maps(F: sp.Expr, activations: tuple, tol: float, cross: bool) -> dic
     return out
 
 
+@lru_cache(maxsize=512)
+def ntk_maps(maps: tuple, values: tuple, run: sp.Expr, activations: tuple, tol: float) -> dict:
+    """A dense layer's ``[finite_width.ntk]`` maps (rules/layers/dense.toml) after the run ``run`` (one
+    channel of the last Gaussian point z, in act(k, d, z) nodes): parameters ``values`` ((symbol,
+    value) pairs; the others stay symbolic) substituted, s = run(z) and ds = run'(z) bound, and every
+    E(.) derived at variance K. The maps hold for a run without channel means (activations); the
+    caller refuses the others."""
+    c = _Collective(activations, tol)
+    bound = {FW_RUN: run, FW_DRUN: sp.diff(run, z)}
+    out = {}
+    for key, expr in maps:
+        expr = expr.xreplace(dict(values))
+        out[key] = expr.replace(lambda e: isinstance(e, E), lambda e: _E(c.bind(e.args[0].xreplace(bound)), tol))
+    return out
+
+
 def activation_table(activation) -> tuple:
     """sigma and its almost-everywhere derivatives of orders 1 and 2, in z, for act(k, d, u)."""
     s, ds = activation.sigma_numeric, activation.derivative(numeric=True)
@@ -220,4 +235,4 @@ def dense_after_activation(activation, tol: float) -> dict:
     return segment_maps(F, (activation_table(activation),), tol, False)
 
 
-__all__ = ["activation_table", "dense_after_activation", "quadratic", "r", "segment_maps"]
+__all__ = ["activation_table", "dense_after_activation", "ntk_maps", "quadratic", "r", "segment_maps"]

@@ -1,4 +1,12 @@
-"""Finite-width corrections at order 1/n for a single input (PDLT ch. 4, 5, 8, 9; Yaida 2019).
+"""Finite-width corrections at order 1/n for a single input through a dense network (PDLT ch. 4, 5, 8,
+9, 11; Yaida 2019).
+
+The dense network is the architecture ``dense, (activation, dense) x (L - 1)``, and everything here
+comes from its layer rules through the one finite-width engine: K, V and G1 from the dense rule's
+conditional variance by the delta method (:mod:`derive.finite.collective`), Theta from the rules'
+NTK maps, and A, B, D, F, P, Q from the dense rule's ``[finite_width.ntk]`` table
+(``rules/layers/dense.toml``), where the maps below are written as data with E(.) and s = sigma;
+:func:`iterate` walks the architecture (:func:`derive.finite.arch.arch_finite_width`).
 
 With K = K^(l), r = n_l / n_{l-1}, chi_par = C_W d<sigma^2>_K/dK, chi_perp = C_W <sigma'^2>_K and
 Omega(z) = lambda_W sigma(z)^2 + C_W Theta sigma'(z)^2, the one-step maps derived here are
@@ -50,12 +58,14 @@ import sympy as sp
 from derive.core import symbols as S
 from derive.core.errors import DeriveError
 from derive.rules.activations import Activation
-from derive.symbolic.expectations import gaussian_expectation, tidy
-from derive.symbolic.numeric import evaluate
+from derive.finite.collective import activation_table, dense_after_activation, ntk_maps
+from derive.rules.layers import act, find_layer_rule
+from derive.symbolic.expectations import expect
+from derive.symbolic.maps import activation_maps, after_dense, ntk_coefficient
 from derive.symbolic.quadrature import DEFAULT_TOL, GaussianExpectation
 
-r = sp.Symbol("r", positive=True)
-A_, B_, D_, F_, P_, Q_ = (sp.Symbol(n, real=True) for n in ("A", "B", "D", "F", "P", "Q"))
+r = S.r
+A_, B_, D_, F_, P_, Q_ = S.A, S.B, S.D, S.F, S.P, S.Q
 
 #: Order of the per-layer quantities (JSON keys).
 QUANTITIES = ("K", "V", "G1", "Theta", "A", "B", "D", "F", "P", "Q")
@@ -64,23 +74,27 @@ STATE = {"K": S.K, "V": S.V, "G1": S.G1, "Theta": S.Theta, "A": A_, "B": B_, "D"
 
 @dataclass(frozen=True)
 class FiniteWidthMaps:
-    """The Gaussian expectations and the one-step maps of every quantity (see module docstring)."""
+    """The one-step maps of every quantity for a dense layer after ``activation`` (module docstring),
+    in the state symbols, C_W, C_b, lambda_W, lambda_b and r; ``expectations`` the Gaussian
+    expectations they are written with (from the same cache)."""
 
     activation: Activation
     expectations: dict
     recursions: dict
+    tol: float = DEFAULT_TOL
 
     @property
     def closed_form(self) -> bool:
-        return not any(e.has(GaussianExpectation) for e in self.expectations.values())
+        return not any(e.has(GaussianExpectation) for e in self.recursions.values())
 
 
 @lru_cache(maxsize=64)
 def _expectations(sigma: sp.Expr, dsigma: sp.Expr, tol: float) -> dict:
+    """The single-input Gaussian expectations PDLT's maps are written with (module docstring)."""
     z, K = S.z, S.K
 
     def E(f):
-        return tidy(gaussian_expectation(f, (z,), tol=tol))
+        return expect(f, (z,), tol)
 
     return {
         "s2": E(sigma**2),
@@ -97,46 +111,17 @@ def _expectations(sigma: sp.Expr, dsigma: sp.Expr, tol: float) -> dict:
 
 
 def finite_width_maps(activation: Activation, tol: float = DEFAULT_TOL) -> FiniteWidthMaps:
-    """Derive the single-input finite-width maps for ``activation`` (parameters at their values).
-
-    K, V and G1 come from the dense layer rule (rules/layers/dense.toml, ``[finite_width]``) through
-    the delta method of :mod:`derive.finite.collective`, the one derivation every architecture uses; the
-    NTK and dNTK maps are derived here."""
-    from derive.finite.collective import dense_after_activation
-
-    sigma = activation.sigma_numeric
-    dsigma = activation.derivative(numeric=True)
-    e = _expectations(sigma, dsigma, tol)
-    K, V, G1, Th = S.K, S.V, S.G1, S.Theta
-    C_W, C_b, lW, lb = S.C_W, S.C_b, S.lambda_W, S.lambda_b
-    chi_par = C_W * tidy(sp.diff(e["s2"], K))
-    chi_perp = C_W * e["d2"]
-    omega_h2 = lW * e["s2_h2"] + C_W * Th * e["d2_h2"]
-    cov_s2_omega = lW * (e["s4"] - e["s2"] ** 2) + C_W * Th * (e["s2d2"] - e["s2"] * e["d2"])
-    var_omega = (lW**2 * (e["s4"] - e["s2"] ** 2) + 2 * lW * C_W * Th * (e["s2d2"] - e["s2"] * e["d2"])
-                 + C_W**2 * Th**2 * (e["d4"] - e["d2"] ** 2))
-    dense = dense_after_activation(activation, tol)
-    rec = {
-        "K": dense["K"],
-        "V": dense["V"],
-        "G1": dense["G1"],
-        "Theta": lb + lW * e["s2"] + chi_perp * Th,
-        "B": C_W**2 * e["d4"] * Th**2 + r * chi_perp**2 * B_,
-        "F": C_W**2 * e["s2d2"] * Th + r * chi_par**2 * F_,
-        "D": (C_W * cov_s2_omega + r * C_W / (4 * K**4) * V * e["s2_h2"] * omega_h2
-              + r * chi_par * chi_perp * D_),
-        "A": (var_omega + r * V / (4 * K**4) * omega_h2**2 + r * chi_perp**2 * A_
-              + r * chi_perp * omega_h2 * D_ / K**2),
-    }
-    # dNTK (module docstring); second derivatives of sigma integrated by parts
-    s_d2_dd = (e["zsd3"] / K - e["d4"]) / 3  # <sigma sigma'^2 sigma''>
-    s_dd = e["zsd"] / K - e["d2"]  # <sigma sigma''>
-    d_sd = e["zsd"] / K  # <(sigma sigma')'>
-    d_ddd = e["d2_h2"] / (2 * K**2)  # <(sigma' sigma'')'>
-    rec["P"] = C_W**2 * Th**2 * s_d2_dd + r * C_W * chi_perp * s_dd * B_ + r * chi_par * chi_perp * P_
-    rec["Q"] = (lW * C_W * Th * e["s2d2"] + C_W**2 * Th**2 * s_d2_dd
-                + r * (lW * C_W * d_sd**2 + C_W**2 * Th * d_ddd * d_sd) * F_ + r * chi_par * chi_perp * Q_)
-    return FiniteWidthMaps(activation, e, rec)
+    """The single-input finite-width maps of a dense layer after ``activation`` (parameters at their
+    values; the layer's C_W, C_b, lambda_W, lambda_b symbolic), derived from the layer rules: the one
+    derivation every architecture uses (module docstring)."""
+    dense = find_layer_rule("dense")
+    fw = dense_after_activation(activation, tol)
+    am = activation_maps(activation, tol, numeric=True)
+    theta = after_dense(am.single_kernel, "single_ntk", ntk_coefficient(am.single_ntk, S.Theta))
+    fluctuations = ntk_maps(dense.finite_width_ntk, (), act(0, 0, S.z), (activation_table(activation),), tol)
+    recursions = {"K": fw["K"], "V": fw["V"], "G1": fw["G1"], "Theta": theta, **fluctuations}
+    e = _expectations(activation.sigma_numeric, activation.derivative(numeric=True), tol)
+    return FiniteWidthMaps(activation, e, {q: recursions[q] for q in QUANTITIES}, tol)
 
 
 def _per_layer(value, depth: int, name: str) -> np.ndarray:
@@ -188,7 +173,8 @@ class FiniteWidthProfile:
 
 def iterate(maps: FiniteWidthMaps, depth: int, C_W, C_b, lambda_W=None, lambda_b=None, *, k1: float | None = None,
             widths=None, input_norm: float = 1.0) -> FiniteWidthProfile:
-    """Iterate the maps through ``depth`` layers.
+    """Walk the dense network of ``depth`` layers with ``maps.activation`` through the finite-width engine
+    (:func:`derive.finite.arch.arch_finite_width`): per-layer values of every quantity.
 
     Args:
         C_W, C_b, lambda_W, lambda_b: scalars or per-layer sequences (entry l is used by layer l+1;
@@ -197,29 +183,14 @@ def iterate(maps: FiniteWidthMaps, depth: int, C_W, C_b, lambda_W=None, lambda_b
         widths: n_1..n_L (a scalar for a uniform width); only ratios r = n_l/n_{l-1} and the
             normalisations use them. Default: uniform (r = 1).
     """
+    from derive.arch.description import dense_network
+    from derive.finite.arch import arch_finite_width
+
     cw, cb, lw, lb, n, input_norm = _layer_setup(depth, C_W, C_b, lambda_W, lambda_b, k1, widths, input_norm)
-    state = {"K": cb[0] + cw[0] * input_norm, "Theta": lb[0] + lw[0] * input_norm,
-             "V": 0.0, "G1": 0.0, "A": 0.0, "B": 0.0, "D": 0.0, "F": 0.0, "P": 0.0, "Q": 0.0}
-    out = {q: np.empty(depth) for q in QUANTITIES}
-    order = QUANTITIES
-    fns = {q: _compiled(maps.recursions[q]) for q in order}
-    for i in range(depth):
-        for q in order:
-            out[q][i] = state[q]
-        if i == depth - 1:
-            break
-        values = {STATE[q]: state[q] for q in order}
-        values.update({S.C_W: cw[i + 1], S.C_b: cb[i + 1], S.lambda_W: lw[i + 1], S.lambda_b: lb[i + 1],
-                       r: n[i] / n[i - 1] if i >= 1 else 1.0})
-        with np.errstate(all="ignore"):
-            state = {q: float(fns[q](values)) for q in order}
-    return FiniteWidthProfile(out, n)
-
-
-def _compiled(expr: sp.Expr):
-    def f(values):
-        return evaluate(expr, values)
-    return f
+    net = dense_network(maps.activation, int(depth), cw, cb, lw, lb, None if widths is None else n)
+    with np.errstate(all="ignore"):
+        fw = arch_finite_width(net, input_norm=float(input_norm), tol=maps.tol)
+    return FiniteWidthProfile({q: np.array(fw.values[q], dtype=float) for q in QUANTITIES}, n)
 
 
 def _solve_first_order(c: sp.Expr, g: sp.Expr, f1, l: sp.Symbol) -> sp.Expr | None:

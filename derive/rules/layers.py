@@ -118,6 +118,12 @@ class act(sp.Function):
 FW_INPUT = sp.Symbol("h", real=True)
 FW_SITES = (sp.Symbol("h1", real=True), sp.Symbol("h2", real=True))
 FW_BRANCH = sp.Symbol("b", real=True)
+#: The run of elementwise layers since the last Gaussian point, s(z), and its derivative s'(z), in
+#: the NTK maps of a ``[finite_width.ntk]`` table (one channel z ~ N(0, K), inside E(...) only).
+FW_RUN = sp.Symbol("s", real=True)
+FW_DRUN = sp.Symbol("ds", real=True)
+#: What the NTK maps carry from layer to layer (PDLT ch. 8 and 11; see derive/finite/single.py).
+FW_NTK_QUANTITIES = ("A", "B", "D", "F", "P", "Q")
 #: The forms a ``[finite_width]`` table may take (module docstrings of :mod:`derive.finite.arch`
 #: and :mod:`derive.finite.tensor`).
 FW_KINDS = ("variance", "means", "elementwise", "combine")
@@ -166,6 +172,7 @@ class LayerRule:
     source: str = ""
     path: str = ""
     finite_width_table: tuple[tuple[str, sp.Expr], ...] = ()
+    finite_width_ntk: tuple[tuple[str, sp.Expr], ...] = ()  # [finite_width.ntk], definitions substituted
 
     @property
     def finite_width(self) -> dict[str, sp.Expr]:
@@ -225,9 +232,12 @@ def _load_layer(path: Path) -> LayerRule:
         fw_table = {**table, "h": FW_INPUT, "h1": FW_SITES[0], "h2": FW_SITES[1], "b": FW_BRANCH}
         fw_functions = {**_FW_FUNCTIONS, **{name: (cls, 1, 1) for name, cls in OPERATORS.items()
                                             if name != "logit_response"}}
+        fw_data = dict(data.get("finite_width", {}))
+        ntk_data, define_data = fw_data.pop("ntk", {}), fw_data.pop("define", {})
         finite_width = tuple((key, parse_expression(str(text), fw_table, functions=fw_functions,
                                                     where=f"{where} finite_width.{key}"))
-                             for key, text in data.get("finite_width", {}).items())
+                             for key, text in fw_data.items())
+        finite_width_ntk = _parse_ntk_maps(ntk_data, define_data, table, where)
     except KeyError as exc:
         raise RuleError(f"{where}: missing key {exc}") from None
     rule = LayerRule(name=name, kernel=kernel, ntk=ntk, params=tuple(params), options=options,
@@ -236,14 +246,52 @@ def _load_layer(path: Path) -> LayerRule:
                      combinator=data.get("combinator", ""), requires=data.get("requires", ""),
                      output=data.get("output", "same"), aliases=tuple(data.get("aliases", [])),
                      description=data.get("description", ""), source=data.get("source", ""),
-                     path=str(path), finite_width_table=finite_width)
+                     path=str(path), finite_width_table=finite_width, finite_width_ntk=finite_width_ntk)
     _check_rule(rule, where)
     return rule
+
+
+def _parse_ntk_maps(maps: dict, definitions: dict, table: dict, where: str) -> tuple[tuple[str, sp.Expr], ...]:
+    """The ``[finite_width.ntk]`` maps of A, B, D, F, P, Q with the ``[finite_width.define]`` helpers
+    (each may use the earlier ones) substituted. Symbols: the state K, V, G1, Theta, A..Q and r, the
+    rule's parameters, and inside E(...) the channel z, the run s and its derivative ds."""
+    if not isinstance(maps, dict) or not isinstance(definitions, dict):
+        raise RuleError(f"{where}: finite_width.ntk and finite_width.define must be tables")
+    if definitions and not maps:
+        raise RuleError(f"{where}: finite_width.define without finite_width.ntk")
+    names = {**table, **{q: S.BY_NAME[q] for q in ("K", "V", "G1", "Theta", "r", "z", *FW_NTK_QUANTITIES)},
+             "s": FW_RUN, "ds": FW_DRUN}
+    functions = {"E": (E, 1, 1)}
+    for key, text in definitions.items():
+        if key in names or key in functions:
+            raise RuleError(f"{where}: finite_width.define.{key} would hide a symbol of the maps")
+        names[key] = parse_expression(str(text), names, functions=functions, where=f"{where} finite_width.define.{key}")
+    unknown = set(maps) - set(FW_NTK_QUANTITIES)
+    if unknown:
+        raise RuleError(f"{where}: finite_width.ntk maps {', '.join(FW_NTK_QUANTITIES)}, not {', '.join(sorted(unknown))}")
+    out = []
+    for key in FW_NTK_QUANTITIES:
+        if key not in maps:
+            continue
+        expr = parse_expression(str(maps[key]), names, functions=functions, where=f"{where} finite_width.ntk.{key}")
+        outside = expr.xreplace({e: sp.Integer(1) for e in expr.atoms(E)})
+        stray = outside.free_symbols & {S.z, FW_RUN, FW_DRUN}
+        if stray:
+            raise RuleError(f"{where}: finite_width.ntk.{key} uses {', '.join(sorted(s.name for s in stray))} "
+                            "outside E(...)")
+        out.append((key, expr))
+    if out and [k for k, _ in out] != list(FW_NTK_QUANTITIES):
+        missing = sorted(set(FW_NTK_QUANTITIES) - {k for k, _ in out})
+        raise RuleError(f"{where}: finite_width.ntk maps every one of {', '.join(FW_NTK_QUANTITIES)} (missing "
+                        f"{', '.join(missing)})")
+    return tuple(out)
 
 
 def _check_finite_width(rule: LayerRule, where: str) -> None:
     fw = rule.finite_width
     if not fw:
+        if rule.finite_width_ntk:
+            raise RuleError(f"{where}: finite_width.ntk needs the layer's finite_width.variance")
         return
     if len(fw) != 1 or next(iter(fw)) not in FW_KINDS:
         raise RuleError(f"{where}: [finite_width] takes one of {', '.join(FW_KINDS)}, got {', '.join(fw)}")
@@ -255,6 +303,9 @@ def _check_finite_width(rule: LayerRule, where: str) -> None:
     if stray:
         raise RuleError(f"{where}: finite_width.{kind} may use {', '.join(sorted(s.name for s in channel))} and "
                         f"the parameters, not {', '.join(sorted(s.name for s in stray))}")
+    if rule.finite_width_ntk and (kind != "variance" or expr.atoms(StructuralOperator)):
+        raise RuleError(f"{where}: finite_width.ntk is for layers whose output is conditionally Gaussian "
+                        "channel by channel (variance without structural operators)")
     operators = expr.atoms(StructuralOperator)
     if kind in ("variance", "means"):
         if expr.atoms(mean) != {mean(FW_SITES[0] * FW_SITES[1])} or len(operators) > 1 or any(
@@ -333,5 +384,5 @@ def layer_names(extra: tuple[str, ...] = ()) -> list[str]:
     return sorted({r.name for r in layer_rules(extra).values()})
 
 
-__all__ = ["BK12", "BTheta12", "E", "FW_BRANCH", "FW_INPUT", "FW_KINDS", "FW_SITES", "act", "dsigma", "mean", "LayerRule",
+__all__ = ["BK12", "BTheta12", "E", "FW_BRANCH", "FW_DRUN", "FW_INPUT", "FW_KINDS", "FW_NTK_QUANTITIES", "FW_RUN", "FW_SITES", "act", "dsigma", "mean", "LayerRule",
            "OPERATORS", "SHAPE_PRESERVING", "StructuralOperator", "find_layer_rule", "layer_names", "layer_rules", "sigma"]

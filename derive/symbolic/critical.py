@@ -23,7 +23,6 @@ engine and classifies the activation:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import lru_cache
 
 import mpmath
 import numpy as np
@@ -31,7 +30,8 @@ import sympy as sp
 
 from derive.core import symbols as S
 from derive.rules.activations import Activation
-from derive.symbolic.expectations import gaussian_expectation, tidy, wick
+from derive.symbolic.expectations import tidy, wick
+from derive.symbolic.maps import activation_maps, ntk_coefficient
 from derive.symbolic.numeric import evaluate
 from derive.symbolic.quadrature import DEFAULT_TOL, GaussianExpectation, numeric_expectation, refine_nodes
 
@@ -87,18 +87,11 @@ class SingleInputMaps:
         return not (self.g.has(GaussianExpectation) or self.gp.has(GaussianExpectation))
 
 
-@lru_cache(maxsize=128)
-def _maps(sigma: sp.Expr, dsigma: sp.Expr, tol: float) -> tuple[sp.Expr, sp.Expr]:
-    g = tidy(gaussian_expectation(sigma**2, (S.z,), tol=tol))
-    gp = tidy(gaussian_expectation(dsigma**2, (S.z,), tol=tol))
-    return g, gp
-
-
 def single_input_maps(activation: Activation, tol: float = DEFAULT_TOL) -> SingleInputMaps:
-    """Derive g(K) = <sigma^2>_K and <sigma'^2>_K with every parameter at its value or default."""
-    sigma = activation.sigma_numeric
-    g, gp = _maps(sigma, activation.derivative(numeric=True), tol)
-    return SingleInputMaps(activation, g, gp)
+    """g(K) = <sigma^2>_K and <sigma'^2>_K from the activation layer rule's one-input maps, with every
+    parameter at its value or default (:func:`derive.symbolic.maps.activation_maps`)."""
+    maps = activation_maps(activation, tol, numeric=True)
+    return SingleInputMaps(activation, maps.single_kernel, ntk_coefficient(maps.single_ntk, S.Theta))
 
 
 def taylor_data(activation: Activation, order: int = 4) -> list[sp.Expr | None]:

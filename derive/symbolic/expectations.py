@@ -385,6 +385,15 @@ def gaussian_expectation(integrand: sp.Expr, variables, cov=None, *, tol: float 
     return closed
 
 
+@lru_cache(maxsize=8192)
+def expect(integrand: sp.Expr, variables: tuple, tol: float = DEFAULT_TOL, numeric_subs: tuple = ()) -> sp.Expr:
+    """:func:`gaussian_expectation` over the documented covariance symbols, tidied, derived once for
+    the whole engine (one cache: the kernel, criticality, layer and finite-width maps all ask here).
+    ``numeric_subs`` is a tuple of (symbol, value) pairs (hashable)."""
+    return tidy(gaussian_expectation(integrand, tuple(variables), tol=tol,
+                                     numeric_subs=dict(numeric_subs) or None))
+
+
 def _free(cov) -> set:
     out = set()
     for c in cov:

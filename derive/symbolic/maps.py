@@ -17,8 +17,8 @@ import sympy as sp
 from derive.arch.description import Layer
 from derive.core import symbols as S
 from derive.core.errors import DeriveError, RuleError
-from derive.rules.layers import BK12, BTheta12, E, LayerRule, dsigma, sigma
-from derive.symbolic.expectations import gaussian_expectation, tidy
+from derive.rules.layers import BK12, BTheta12, E, LayerRule, dsigma, find_layer_rule, sigma
+from derive.symbolic.expectations import expect
 
 
 @dataclass(frozen=True)
@@ -48,32 +48,68 @@ def _bind_activation(expr: sp.Expr, act_sigma: sp.Expr | None, act_dsigma: sp.Ex
     return expr.replace(lambda e: isinstance(e, (sigma, dsigma)), substitute)
 
 
-@lru_cache(maxsize=512)
-def _expect2(integrand: sp.Expr, tol: float) -> sp.Expr:
-    return tidy(gaussian_expectation(integrand, (S.z1, S.z2), tol=tol))
-
-
-@lru_cache(maxsize=512)
-def _expect1(integrand: sp.Expr, tol: float) -> sp.Expr:
-    return tidy(gaussian_expectation(integrand.xreplace({S.z1: S.z, S.z2: S.z}), (S.z,), tol=tol))
-
-
 def derive_maps(rule: LayerRule, values: dict[sp.Symbol, sp.Expr], act_sigma: sp.Expr | None = None,
-                act_dsigma: sp.Expr | None = None, tol: float = 1e-11) -> LayerMaps:
+                act_dsigma: sp.Expr | None = None, tol: float = 1e-11, numeric_subs: tuple = ()) -> LayerMaps:
     """The rule's maps with parameters ``values`` and every E(...) derived (module docstring).
 
     The one-input forms set K11 = K12 = K22 = K, Theta12 = Theta (and BK12 = BK, BTheta12 = BTheta);
-    expectations there are derived as one-dimensional ones, <f(z) g(z)>_K.
+    expectations there are derived as one-dimensional ones, <f(z) g(z)>_K. Parameters left without a
+    value stay symbolic; ``numeric_subs`` ((symbol, value) pairs) then choose the order of any
+    quadrature node.
     """
     where = f"layer '{rule.name}'"
     two, one = [], []
     single = {S.K11: S.K, S.K12: S.K, S.K22: S.K, S.Theta12: S.Theta, BK12: BK, BTheta12: BTheta}
+    pair, alone = (S.z1, S.z2), {S.z1: S.z, S.z2: S.z}
     for expr in (rule.kernel, rule.ntk):
         bound = _bind_activation(expr.xreplace(values), act_sigma, act_dsigma, where)
-        two.append(bound.replace(lambda e: isinstance(e, E), lambda e: _expect2(e.args[0], tol)))
-        one_input = bound.replace(lambda e: isinstance(e, E), lambda e: _expect1(e.args[0], tol))
+        two.append(bound.replace(lambda e: isinstance(e, E), lambda e: expect(e.args[0], pair, tol, numeric_subs)))
+        one_input = bound.replace(lambda e: isinstance(e, E),
+                                  lambda e: expect(e.args[0].xreplace(alone), (S.z,), tol, numeric_subs))
         one.append(one_input.xreplace(single))
     return LayerMaps(two[0], two[1], one[0], one[1])
+
+
+@lru_cache(maxsize=256)
+def _activation_maps(sigma_expr: sp.Expr, dsigma_expr: sp.Expr, tol: float, numeric_subs: tuple) -> LayerMaps:
+    return derive_maps(find_layer_rule("activation"), {}, sigma_expr, dsigma_expr, tol, numeric_subs)
+
+
+def activation_maps(activation, tol: float = 1e-11, numeric: bool = True) -> LayerMaps:
+    """The maps of an activation layer (rules/layers/activation.toml) for ``activation``: with
+    ``numeric`` every parameter at its value or default, else the given values only (the others
+    symbolic, their defaults choosing any quadrature order)."""
+    if numeric:
+        return _activation_maps(activation.sigma_numeric, activation.derivative(numeric=True), tol, ())
+    subs = tuple(sorted(activation.defaults.items(), key=lambda kv: kv[0].name))
+    return _activation_maps(activation.sigma, activation.derivative(), tol, subs)
+
+
+def ntk_coefficient(ntk: sp.Expr, theta: sp.Symbol) -> sp.Expr:
+    """c in an NTK map c * Theta (an elementwise layer's: no term without the input NTK)."""
+    c = sp.diff(ntk, theta)
+    if sp.expand(ntk - c * theta) != 0 or c.has(theta):
+        raise RuleError(f"expected an NTK map linear in {theta} without a constant term, got {ntk}")
+    return c
+
+
+@lru_cache(maxsize=None)
+def _dense_maps() -> LayerMaps:
+    return derive_maps(find_layer_rule("dense"), {})
+
+
+def after_dense(inner: sp.Expr, which: str, derivative: sp.Expr | None = None) -> sp.Expr:
+    """The dense rule's map (rules/layers/dense.toml, parameters symbolic) after a layer whose output
+    kernel entry is ``inner`` and whose NTK entry is ``derivative`` times the input's:
+    ``which`` is "kernel" / "ntk" (two inputs) or "single_kernel" / "single_ntk" (one input)."""
+    dense = _dense_maps()
+    if which == "kernel":
+        return dense.kernel.xreplace({S.K12: inner})
+    if which == "ntk":
+        return dense.ntk.xreplace({S.K12: inner, S.Theta12: derivative * S.Theta12})
+    if which == "single_kernel":
+        return dense.single_kernel.xreplace({S.K: inner})
+    return dense.single_ntk.xreplace({S.K: inner, S.Theta: derivative * S.Theta})
 
 
 @lru_cache(maxsize=None)
@@ -92,4 +128,4 @@ def layer_maps(layer: Layer, tol: float = 1e-11) -> LayerMaps:
     return maps
 
 
-__all__ = ["BK", "BTheta", "LayerMaps", "derive_maps", "layer_maps"]
+__all__ = ["BK", "BTheta", "LayerMaps", "activation_maps", "after_dense", "derive_maps", "layer_maps", "ntk_coefficient"]

@@ -84,8 +84,20 @@ def evaluate(expr: sp.Expr, values: Mapping[sp.Symbol, object], table: Mapping[t
     evaluates itself (the numerical-quadrature nodes of :mod:`derive.symbolic.quadrature`, at their
     recorded order), so that this module needs to know none of them. Unknown heads raise
     ``NotImplementedError`` naming the head.
+
+    With the default table the tree is read once into a program (its distinct subexpressions in
+    evaluation order, numbers already converted) that later calls replay: the finite-width engine
+    evaluates the same maps at every layer, thousands of times.
     """
-    tab = NUMPY_TABLE if table is None else ChainMap(dict(table), dict(NUMPY_TABLE))
+    if not isinstance(expr, sp.Basic):
+        return float(expr)
+    stable = _stable(expr)
+    if table is None:
+        program = _PROGRAMS.get(stable)
+        if program is None:
+            program = _PROGRAMS[stable] = _compile(stable)
+        return _run(program, values)
+    tab = ChainMap(dict(table), dict(NUMPY_TABLE))
     cache: dict[sp.Basic, object] = {}
 
     def walk(e: sp.Basic):
@@ -107,9 +119,55 @@ def evaluate(expr: sp.Expr, values: Mapping[sp.Symbol, object], table: Mapping[t
         cache[e] = out
         return out
 
-    if not isinstance(expr, sp.Basic):
-        return float(expr)
-    return walk(_stable(expr))
+    return walk(stable)
+
+
+_PROGRAMS: dict = {}
+_CONST, _SYMBOL, _CALL, _SELF = range(4)
+
+
+def _compile(expr: sp.Basic) -> tuple:
+    """The distinct subexpressions of ``expr`` in evaluation order: (kind, payload, argument indices)."""
+    steps: list[tuple] = []
+    index: dict[sp.Basic, int] = {}
+
+    def visit(e: sp.Basic) -> int:
+        found = index.get(e)
+        if found is not None:
+            return found
+        if e.is_Symbol:
+            step = (_SYMBOL, e, ())
+        elif e.is_Number or e.is_NumberSymbol:
+            step = (_CONST, float(e), ())
+        elif hasattr(e.func, "numpy_value"):
+            step = (_SELF, e, ())
+        else:
+            fn = NUMPY_TABLE.get(e.func)
+            if fn is None:
+                raise NotImplementedError(f"no NumPy rule for SymPy head '{e.func.__name__}'")
+            step = (_CALL, fn, tuple(visit(a) for a in e.args))
+        index[e] = len(steps)
+        steps.append(step)
+        return index[e]
+
+    visit(expr)
+    return tuple(steps)
+
+
+def _run(program: tuple, values: Mapping[sp.Symbol, object]):
+    out: list = [None] * len(program)
+    for i, (kind, payload, args) in enumerate(program):
+        if kind == _CALL:
+            out[i] = payload(*[out[j] for j in args])
+        elif kind == _CONST:
+            out[i] = payload
+        elif kind == _SYMBOL:
+            if payload not in values:
+                raise KeyError(f"no value given for symbol '{payload}'")
+            out[i] = values[payload]
+        else:
+            out[i] = payload.numpy_value(lambda e: evaluate(e, values))
+    return out[-1]
 
 
 _STABLE_CACHE: dict = {}

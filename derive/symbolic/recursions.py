@@ -1,6 +1,9 @@
 """Infinite-width layer recursions of a deep dense network: the kernel (NNGP) and the NTK.
 
-For sigma from the rules, with <.>_K the Gaussian expectation (derive.symbolic.expectations):
+The dense network is the architecture ``dense, (activation, dense) x (L - 1)``; one step of it is the
+dense rule after the activation rule (``rules/layers/dense.toml`` after ``activation.toml``), both
+derived by :func:`derive.symbolic.maps.derive_maps`. For sigma from the rules, with <.>_K the
+Gaussian expectation (:mod:`derive.symbolic.expectations`), the composition is
 
     K^(l+1)_12     = C_b + C_W <sigma(z1) sigma(z2)>_{K^(l)}                      (PDLT eq. 4.118)
     Theta^(l+1)_12 = lambda_b + lambda_W <sigma(z1) sigma(z2)>_{K^(l)}
@@ -13,20 +16,22 @@ lambda_W <sigma^2>_K + C_W <sigma'^2>_K Theta^(l). sigma' is the almost-everywhe
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import lru_cache
 
 import sympy as sp
 
 from derive.core import symbols as S
 from derive.core.errors import DeriveError
 from derive.rules.activations import Activation
-from derive.symbolic.expectations import gaussian_expectation, tidy
+from derive.symbolic.maps import activation_maps, after_dense, ntk_coefficient
 from derive.symbolic.quadrature import DEFAULT_TOL, GaussianExpectation
 
 
 @dataclass(frozen=True)
 class KernelDerivation:
-    """Everything derived for one activation at infinite width (see module docstring)."""
+    """Everything derived for one activation at infinite width (see module docstring).
+
+    ``expectation`` and ``derivative_expectation`` are the activation layer's kernel map and its NTK
+    map's coefficient of Theta12; the recursions are the dense layer's maps after them."""
 
     activation: Activation
     expectation: sp.Expr
@@ -39,22 +44,22 @@ class KernelDerivation:
     @property
     def recursion(self) -> sp.Expr:
         """K12 at layer l+1 in C_W, C_b, K11, K12, K22."""
-        return S.C_b + S.C_W * self.expectation
+        return after_dense(self.expectation, "kernel")
 
     @property
     def ntk_recursion(self) -> sp.Expr:
         """Theta12 at layer l+1 in lambda_W, lambda_b, C_W, K11, K12, K22, Theta12."""
-        return S.lambda_b + S.lambda_W * self.expectation + S.C_W * self.derivative_expectation * S.Theta12
+        return after_dense(self.expectation, "ntk", self.derivative_expectation)
 
     @property
     def single_input(self) -> sp.Expr:
         """K at layer l+1 in C_W, C_b, K."""
-        return S.C_b + S.C_W * self.single_expectation
+        return after_dense(self.single_expectation, "single_kernel")
 
     @property
     def single_input_ntk(self) -> sp.Expr:
         """Theta at layer l+1 in lambda_W, lambda_b, C_W, K, Theta."""
-        return S.lambda_b + S.lambda_W * self.single_expectation + S.C_W * self.single_derivative_expectation * S.Theta
+        return after_dense(self.single_expectation, "single_ntk", self.single_derivative_expectation)
 
     def nodes(self) -> list[GaussianExpectation]:
         """The numeric-quadrature nodes left in the derivation (empty when fully closed)."""
@@ -79,31 +84,16 @@ class KernelDerivation:
         return expr.xreplace(self.activation.defaults)
 
 
-def _pair(f: sp.Expr, g: sp.Expr) -> sp.Expr:
-    return f.xreplace({S.z: S.z1}) * g.xreplace({S.z: S.z2})
-
-
-@lru_cache(maxsize=256)
-def _derive(sigma: sp.Expr, dsigma: sp.Expr, subs_items: tuple, tol: float):
-    subs = dict(subs_items)
-    two = tidy(gaussian_expectation(_pair(sigma, sigma), (S.z1, S.z2), tol=tol, numeric_subs=subs))
-    dtwo = tidy(gaussian_expectation(_pair(dsigma, dsigma), (S.z1, S.z2), tol=tol, numeric_subs=subs))
-    one = tidy(gaussian_expectation(sigma ** 2, (S.z,), tol=tol, numeric_subs=subs))
-    done = tidy(gaussian_expectation(dsigma ** 2, (S.z,), tol=tol, numeric_subs=subs))
-    return two, dtwo, one, done
-
-
 def derive_kernel(activation: Activation, tol: float = DEFAULT_TOL) -> KernelDerivation:
-    """Derive <sigma sigma>_K, <sigma' sigma'>_K (two inputs and one) for ``activation``.
+    """Derive <sigma sigma>_K, <sigma' sigma'>_K (two inputs and one) for ``activation`` from the
+    activation layer rule.
 
     Parameters without a given value stay symbolic; their defaults are used only to choose the
     order of any quadrature node.
     """
-    sigma = activation.sigma
-    dsigma = activation.derivative()
-    subs = tuple(sorted(activation.defaults.items(), key=lambda kv: kv[0].name))
-    two, dtwo, one, done = _derive(sigma, dsigma, subs, tol)
-    return KernelDerivation(activation, two, dtwo, one, done, tol)
+    maps = activation_maps(activation, tol, numeric=False)
+    return KernelDerivation(activation, maps.kernel, ntk_coefficient(maps.ntk, S.Theta12), maps.single_kernel,
+                            ntk_coefficient(maps.single_ntk, S.Theta), tol)
 
 
 def numeric_kernel_expressions(derivation: KernelDerivation) -> tuple[sp.Expr, sp.Expr]:
@@ -114,3 +104,6 @@ def numeric_kernel_expressions(derivation: KernelDerivation) -> tuple[sp.Expr, s
     if free:
         raise DeriveError(f"parameters without a value: {', '.join(sorted(map(str, free)))}")
     return e, d
+
+
+__all__ = ["KernelDerivation", "derive_kernel", "numeric_kernel_expressions"]
