@@ -7,6 +7,10 @@ imports JAX):
 - :func:`activation` -- resolve a rule name or an expression in z;
 - :func:`criticality` -- universality class and critical initialisations;
 - :func:`gram` -- NNGP and NTK Gram matrices of a batch through depth (jit-compiled JAX);
+  :func:`arch_gram` the same for any architecture;
+- :func:`finite_width` -- the order-1/n corrections (V, G1, the NTK fluctuations, the dNTK) of a dense
+  network or of an architecture;
+- :mod:`derive.arch` -- architecture descriptions (``derive.arch.serial(...)``, ``load_arch``);
 - :func:`emit_code` -- the generated JAX as readable, standalone source;
 - :func:`monte_carlo_check` -- theory against sampled finite-width networks, with z-scores;
 - :func:`gate` -- the four-neuron multiplication gate of Lin, Tegmark & Rolnick for any activation;
@@ -21,6 +25,8 @@ _EXPORTS = {
     "kernel": "api",
     "activation": "api",
     "gram": "api",
+    "arch_gram": "api",
+    "finite_width": "api",
     "criticality": "api",
     "emit_code": "api",
     "monte_carlo_check": "api",
@@ -34,10 +40,17 @@ _EXPORTS = {
     "ParseError": "core.errors",
 }
 
-__all__ = sorted(_EXPORTS)
+#: Public submodules, imported on first use.
+_MODULES = ("arch",)
+
+__all__ = sorted([*_EXPORTS, *_MODULES])
 
 
 def __getattr__(name: str):
+    if name in _MODULES:
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")
     if name in _EXPORTS:
         import importlib
 
@@ -49,4 +62,4 @@ def __getattr__(name: str):
 
 
 def __dir__():
-    return sorted([*globals(), *_EXPORTS])
+    return sorted([*globals(), *_EXPORTS, *_MODULES])

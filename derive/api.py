@@ -12,14 +12,26 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from derive.arch.description import Serial, dense_network, load_arch
 from derive.core import symbols as S
 from derive.core.errors import DeriveError
 from derive.core.inputs import check_hyperparameters, check_inputs
 from derive.rules.activations import Activation, as_activation
 from derive.symbolic.quadrature import DEFAULT_TOL
+from derive.kernels.engine import network_gram
 from derive.symbolic.recursions import KernelDerivation, derive_kernel, numeric_kernel_expressions
 
 ActivationLike = str | Activation
+
+
+def _as_net(net) -> Serial:
+    """An architecture, or the path of an architecture file."""
+    if isinstance(net, Serial):
+        return net
+    if isinstance(net, str) or hasattr(net, "__fspath__"):
+        return load_arch(net)
+    raise DeriveError(f"expected an architecture (derive.arch.serial(...)) or the path of an architecture file, "
+                      f"got {type(net).__name__}")
 
 
 def activation(spec: ActivationLike, params: Mapping[str, str] | Sequence[str] | None = None,
@@ -73,6 +85,8 @@ def gram(spec: ActivationLike, inputs, depth: int, C_W: float, C_b: float = 0.0,
          method: str = "auto", devices=None) -> GramResult:
     """NNGP and NTK Gram matrices of ``inputs`` (N, d) at depth L (L dense layers).
 
+    The dense network ``dense, (activation, dense) x (L - 1)`` as an architecture
+    (:func:`derive.arch.dense_network`) through :func:`derive.kernels.engine.network_gram`:
     K^(1) = C_b + C_W x.x'/d, Theta^(1) = lambda_b + lambda_W x.x'/d, then the recursions of
     :func:`kernel`; lambda_W, lambda_b default to C_W, C_b (Neural Tangents' NTK parametrisation).
     ``method`` ("auto", "tiled" or "direct") and ``devices`` (a count or a list of devices to
@@ -80,16 +94,60 @@ def gram(spec: ActivationLike, inputs, depth: int, C_W: float, C_b: float = 0.0,
     """
     C_W, C_b, lw, lb = check_hyperparameters(C_W, C_b, lambda_W, lambda_b, depth)
     x = check_inputs(inputs)
-    if dtype not in ("float64", "float32"):
-        raise DeriveError(f"dtype must be float64 or float32, got {dtype}")
-    e, d = numeric_kernel_expressions(kernel(spec, params))
-    import jax.numpy as jnp
+    net = dense_network(activation(spec, params), int(depth), C_W, C_b, lw, lb)
+    nngp, ntk = network_gram(net, x, dtype=dtype, method=method, devices=devices)
+    return GramResult(nngp, ntk)
 
-    from derive.kernels.gram import gram_matrices
 
-    nngp, ntk = gram_matrices(e, d, x, int(depth), C_W, C_b, lw, lb, dtype=getattr(jnp, dtype), method=method,
-                              devices=devices)
-    return GramResult(np.asarray(nngp), np.asarray(ntk))
+def arch_gram(net, inputs, *, dtype: str = "float64", method: str = "auto", devices=None) -> GramResult:
+    """NNGP and NTK of an architecture's output for ``inputs`` (N, d) or (N, *positions, d)
+    (:func:`derive.kernels.engine.network_gram`; dense networks take the fast Gram evaluation)."""
+    nngp, ntk = network_gram(_as_net(net), inputs, dtype=dtype, method=method, devices=devices)
+    return GramResult(nngp, ntk)
+
+
+def finite_width(spec, depth: int | None = None, C_W=None, C_b=0.0, lambda_W=None, lambda_b=None, *,
+                 widths=None, k1: float | None = None, width: int | None = None, inputs=None,
+                 params: Mapping[str, str] | Sequence[str] | None = None, tol: float = DEFAULT_TOL):
+    """Order-1/n corrections of a dense network or of any architecture, from the layer rules.
+
+    With an activation (a rule name, an expression in z or an :class:`Activation`), the dense network of
+    ``depth`` layers: K, V, G1, Theta, A, B, D, F, P, Q per layer (PDLT ch. 4, 8, 11), a
+    :class:`~derive.finite.single.FiniteWidthProfile`; C_W, C_b, lambda_W, lambda_b and ``widths``
+    (n_1..n_L) may be per-layer sequences, ``k1`` sets K^(1). With an architecture
+    (``derive.arch.serial(...)`` or the path of an architecture file): one input without positions
+    gives an :class:`~derive.finite.arch.ArchFiniteWidth` (``width`` the uniform width of its
+    normalised columns); ``inputs`` (N, *positions, d), or an architecture with positions, the tensor
+    form over every site (:class:`~derive.finite.tensor.TensorFiniteWidth`).
+
+    Example:
+        >>> import derive
+        >>> p = derive.finite_width("relu", depth=4, C_W=2.0, k1=1.0)
+        >>> [float(v) for v in p.values["V"]]
+        [0.0, 5.0, 10.0, 15.0]
+    """
+    if isinstance(spec, (str, Activation)) and not (isinstance(spec, str) and spec.endswith(".toml")):
+        if depth is None or C_W is None:
+            raise DeriveError("finite_width of a dense network needs depth and C_W")
+        if inputs is not None or width is not None:
+            raise DeriveError("inputs and width are for architectures; a dense network takes widths and k1")
+        from derive.finite.single import finite_width_maps, iterate
+
+        maps = finite_width_maps(activation(spec, params), tol)
+        return iterate(maps, depth, C_W, C_b, lambda_W, lambda_b, k1=k1, widths=widths)
+    net = _as_net(spec)
+    if depth is not None or C_W is not None or widths is not None or k1 is not None or params:
+        raise DeriveError("an architecture sets its own depth, variances and widths (give width for the "
+                          "normalised columns)")
+    if inputs is None and not any(layer.rule.structural for layer in net.distinct_layers()):
+        from derive.finite.arch import arch_finite_width
+
+        return arch_finite_width(net, width=width, tol=tol)
+    from derive.finite.tensor import arch_finite_width_tensor
+
+    if inputs is None:
+        inputs = np.random.default_rng(0).standard_normal((1, 6, 4))
+    return arch_finite_width_tensor(net, inputs, tol=tol)
 
 
 def emit_code(spec: ActivationLike, params: Mapping[str, str] | Sequence[str] | None = None) -> str:

@@ -98,12 +98,11 @@ def gram(
 def _arch_gram(path: Path, inputs: Optional[Path], out: Optional[Path], fmt: NumFormat) -> None:
     import numpy as np
 
-    from derive.kernels.arch import arch_kernels
+    from derive.kernels.engine import network_gram
 
     net = load_arch_file(path)
     x = load_npy(inputs, "--inputs") if inputs is not None else default_arch_inputs(net)
-    res = arch_kernels(net, x)
-    nngp, ntk = res.output
+    nngp, ntk = network_gram(net, x)
     if out is not None:
         write_atomic(out, lambda tmp: np.savez(open(tmp, "wb"), nngp=nngp, ntk=ntk))
     if fmt is NumFormat.json:
