@@ -464,3 +464,20 @@ def test_ntk_fluctuations_are_carried_only_where_derived():
                                         arch.activation("tanh"), arch.dense(1.2)))
     assert res.values["B"][2] is not None and res.values["B"][2] > 0
     assert res.values["B"][3] is None and res.values["B"][5] is None
+
+
+def test_sampled_ntk_fluctuation_of_a_mixed_network_and_a_dropped_term_is_rejected():
+    """Dense layers with different activations and variances between them (not a uniform dense
+    network): n Var(H_ii) of the output channel, fitted in 1/n over three widths, against A + 2B from
+    the walker; without the 2B term (A alone) the same samples reject it."""
+    net = arch.serial(arch.dense(1.0), arch.activation("tanh"), arch.dense(1.6, 0.1), arch.activation("relu"),
+                      arch.dense(2.0, 0.05, lambda_W=1.2))
+    theory = arch_finite_width(net)
+    estimates = sample_kernel_estimates(net, (48, 96, 192), samples=3000, seed=11, ntk=True)
+    check = compare_finite_width(theory, estimates, quantities=("Theta_var",))
+    (row,) = check.rows
+    assert check.passed and not row["weak"], row
+    assert row["theory"] == pytest.approx(theory.values["A"][-1] + 2 * theory.values["B"][-1])
+    theory.values["A"][-1] = row["theory"] - 2 * theory.values["B"][-1] - 2 * theory.values["B"][-1]
+    wrong = compare_finite_width(theory, estimates, quantities=("Theta_var",))
+    assert not wrong.passed, wrong.rows

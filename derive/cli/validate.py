@@ -162,7 +162,7 @@ def _arch_validate_widths(path: Path, widths: str, samples: int, seed: int, z_ma
     unknown = [q for q in names if q not in CHECKED]
     if unknown:
         fail(f"validate --arch --widths checks {', '.join(CHECKED)}; not {', '.join(unknown)} "
-             "(the NTK fluctuations are derived for dense networks: use --activation)")
+             "(the dNTK is checked for dense networks: use --activation)")
     net = load_arch_file(path)
     x = finite_width_inputs(net, inputs) if inputs is not None or uses_positions(net) else None
     if fmt is NumFormat.text:

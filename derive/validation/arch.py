@@ -16,7 +16,8 @@ intercept with K and its slope with G1, and the intercept of the second line wit
 errors: s/sqrt(S) for the mean; for the V estimate the delta method with the sample third moment
 (Cov(mean, s^2) = mu_3 / S). With ``Theta`` the output NTK of each network is sampled too (one
 vector-Jacobian product per network) and the intercept of its mean is compared with the
-infinite-width NTK. Every row also states the smallest deviation the run could detect,
+infinite-width NTK; with ``Theta_var`` the intercept of n Var(H) of one output channel is compared
+with A + 2B (PDLT ch. 8: Var(H_ii) = (A + 2B)/n_{L-1}), where the walker derives A and B. Every row also states the smallest deviation the run could detect,
 z_max standard errors, so that a check without power is visible as one.
 """
 
@@ -33,8 +34,9 @@ from derive.finite.arch import arch_finite_width
 from derive.sampling.arch import sample_arch
 from derive.sampling.estimators import Moments, fit_inverse_width, z_score
 
-#: Quantities this check compares (Theta: the output NTK's mean, against its infinite-width value).
-CHECKED = ("K", "V", "G1", "Theta")
+#: Quantities this check compares (Theta: the output NTK's mean, against its infinite-width value;
+#: Theta_var: n Var of one output channel's NTK, against A + 2B, for one input).
+CHECKED = ("K", "V", "G1", "Theta", "Theta_var")
 
 
 def kernel_moments(m: Moments, width: int) -> dict:
@@ -109,7 +111,8 @@ def sample_kernel_estimates(net: Serial, widths, *, samples: int = 4000, seed: i
         estimates[w] = [kernel_moments(m, w) for m in mc.nngp]
         if ntk:
             M = int(round(np.sqrt(mc.ntk.mean.size)))
-            estimates["ntk", w] = (mc.ntk.mean.reshape(M, M), mc.ntk.mean_stderr.reshape(M, M))
+            estimates["ntk", w] = (mc.ntk.mean.reshape(M, M), mc.ntk.mean_stderr.reshape(M, M),
+                                   w * mc.ntk.var.reshape(M, M), w * mc.ntk.var_stderr.reshape(M, M))
     return estimates
 
 
@@ -134,8 +137,8 @@ def compare_finite_width(theory, estimates: dict, *, quantities=("K", "V", "G1")
     if unknown:
         raise DeriveError(f"unknown quantity {', '.join(sorted(unknown))}; known: {', '.join(CHECKED)}")
     ws = tuple(sorted(w for w in estimates if isinstance(w, int)))
-    if "Theta" in quantities and not all(("ntk", w) in estimates for w in ws):
-        raise DeriveError("Theta needs the sampled NTK (sample_kernel_estimates(..., ntk=True))")
+    if {"Theta", "Theta_var"} & set(quantities) and not all(("ntk", w) in estimates for w in ws):
+        raise DeriveError("Theta and Theta_var need the sampled NTK (sample_kernel_estimates(..., ntk=True))")
     rows, per_width = [], []
     W = np.array(ws, dtype=float)
     for i, label in enumerate(theory.labels):
@@ -146,6 +149,8 @@ def compare_finite_width(theory, estimates: dict, *, quantities=("K", "V", "G1")
                   "V": _vertex_diagonal(theory.values["V"][i])}
         if i == len(theory.labels) - 1 and "Theta" in quantities:  # the sampler's NTK is the output's
             values["Theta"] = _as_matrix(theory.values["Theta"][i])
+        if i == len(theory.labels) - 1 and "Theta_var" in quantities:
+            values["Theta_var"] = _as_matrix(_ntk_variance(theory, i))
         M = values["K"].shape[0]
         for s_ in range(M):
             for t in range(s_, M):
@@ -161,6 +166,10 @@ def compare_finite_width(theory, estimates: dict, *, quantities=("K", "V", "G1")
                     fit_t = fit_inverse_width(W, [estimates["ntk", w][0][s_, t] for w in ws],
                                               [estimates["ntk", w][1][s_, t] for w in ws])
                     found["Theta"] = (fit_t.intercept, fit_t.intercept_stderr)
+                if "Theta_var" in values:
+                    fit_n = fit_inverse_width(W, [estimates["ntk", w][2][s_, t] for w in ws],
+                                              [estimates["ntk", w][3][s_, t] for w in ws])
+                    found["Theta_var"] = (fit_n.intercept, fit_n.intercept_stderr)
                 for q in quantities:
                     if q not in values:
                         continue
@@ -171,6 +180,16 @@ def compare_finite_width(theory, estimates: dict, *, quantities=("K", "V", "G1")
                                  "estimate": value, "stderr": stderr, "z": z_score(value, stderr, th),
                                  "detectable": detectable, "weak": bool(detectable >= abs(th)) if th != 0 else None})
     return FiniteWidthCheck(theory.name, ws, int(samples), int(seed), float(z_max), rows, per_width)
+
+
+def _ntk_variance(theory, i: int) -> float:
+    """A + 2B at output ``i``: n Var(H_ii) of one output channel's NTK (PDLT ch. 8), for one input."""
+    values = theory.values
+    if "A" not in values or values["A"][i] is None:
+        raise DeriveError("Theta_var: the NTK fluctuations (A, B) are derived for one input through dense layers "
+                          "after activations; this architecture's output has none (LayerNorm or a residual "
+                          "block on the way, or several inputs)")
+    return values["A"][i] + 2 * values["B"][i]
 
 
 def check_finite_width(net: Serial, widths, *, samples: int = 4000, seed: int = 0, z_max: float = 5.0,
@@ -186,10 +205,16 @@ def check_finite_width(net: Serial, widths, *, samples: int = 4000, seed: int = 
         from derive.finite.tensor import arch_finite_width_tensor
 
         theory = arch_finite_width_tensor(net, inputs)
-    if theory.values["V"][-1] is None and "Theta" in quantities:
-        raise DeriveError("Theta is checked at the output, which here is not a dense or residual output")
+    ntk = bool({"Theta", "Theta_var"} & set(quantities))
+    if theory.values["V"][-1] is None and ntk:
+        raise DeriveError("Theta and Theta_var are checked at the output, which here is not a dense or residual "
+                          "output")
+    if "Theta_var" in quantities:
+        _ntk_variance(theory, len(theory.labels) - 1)  # refuse before sampling
+        if any(layer.width is not None for layer in net.distinct_layers()):
+            raise DeriveError("Theta_var is checked for architectures of one width (no per-layer width)")
     estimates = sample_kernel_estimates(net, widths, samples=samples, seed=seed, inputs=inputs,
-                                        input_dim=input_dim, ntk="Theta" in quantities, progress=progress)
+                                        input_dim=input_dim, ntk=ntk, progress=progress)
     return compare_finite_width(theory, estimates, quantities=quantities, z_max=z_max, samples=samples, seed=seed)
 
 
