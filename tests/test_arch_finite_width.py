@@ -278,7 +278,9 @@ def test_branch_reading_the_skip_through_an_activation_is_refused(act):
     (arch.serial(arch.conv(filter=(3,)), arch.activation("relu"), arch.global_avg_pool(), arch.dense(1.0)),
      "tensor form"),
     (arch.serial(arch.dense(1.0), arch.residual(arch.layer_norm(), arch.attention(heads=2))),
-     "no \\[finite_width\\] table"),
+     "tensor form"),
+    (arch.serial(arch.dense(1.0), arch.residual(arch.layer_norm(), arch.dot_product_attention(heads=2))),
+     "logits stay random at infinite width"),
     (arch.serial(arch.dense(1.0), arch.residual(arch.dense(1.0), arch.residual(arch.dense(1.0)), arch.dense(1.0))),
      "inside a residual branch"),
     (arch.serial(arch.dense(1.0), arch.activation("relu"), arch.residual(arch.dense(1.0))),
@@ -403,8 +405,11 @@ def test_pooling_a_gaussian_point_is_linear():
 
 @pytest.mark.parametrize("net,match", [
     (arch.serial(arch.conv(filter=(2,)), arch.layer_norm(), arch.activation("relu"), arch.conv(filter=(2,))),
-     "LayerNorm with positions"),
-    (arch.serial(arch.conv(filter=(2,)), arch.residual(arch.conv(filter=(2,)))), "residual blocks with positions"),
+     "activation after LayerNorm with positions"),
+    (arch.serial(arch.conv(filter=(2,)), arch.residual(arch.activation("relu"), arch.conv(filter=(2,)))),
+     "self-interaction"),
+    (arch.serial(arch.conv(filter=(2,)), arch.layer_norm(), arch.dot_product_attention()),
+     "no \\[finite_width\\] maps: its logits stay random"),
 ])
 def test_tensor_form_refuses_with_the_reason(net, match):
     with pytest.raises(DeriveError, match=match):
@@ -431,19 +436,22 @@ def test_sampled_cnns_agree_and_a_dropped_term_is_rejected(name):
     check = compare_finite_width(theory, estimates)
     assert check.passed, check.worst
     assert not any(r["weak"] for r in check.rows if r["quantity"] == "V")
-    original = tensor._on_vertex
+    original = tensor._activation_means
 
-    def uncorrelated_positions(name, layer, V, N, spatial):  # only the entries with one site s = t = u = v
-        one = np.zeros_like(V)
-        s = np.arange(V.shape[0])
-        one[s, s, s, s] = V[s, s, s, s]
-        return original(name, layer, one, N, spatial)
+    def uncorrelated_positions(*args, **kwargs):  # only the entries with one site s = t = u = v
+        means = original(*args, **kwargs)
+        M = int(round(np.sqrt(means.value.size)))
+        cov = np.zeros((M,) * 4)
+        s = np.arange(M)
+        cov[s, s, s, s] = means.cov.reshape((M,) * 4)[s, s, s, s]
+        means.cov = cov.reshape(M * M, M * M)
+        return means
 
-    try:  # the vertex mapped as if the positions fluctuated independently
-        tensor._on_vertex = uncorrelated_positions
+    try:  # the channel means' fluctuations as if the positions fluctuated independently
+        tensor._activation_means = uncorrelated_positions
         wrong = arch_finite_width_tensor(net, x)
     finally:
-        tensor._on_vertex = original
+        tensor._activation_means = original
     assert not compare_finite_width(wrong, estimates).passed
 
 
@@ -481,3 +489,101 @@ def test_sampled_ntk_fluctuation_of_a_mixed_network_and_a_dropped_term_is_reject
     theory.values["A"][-1] = row["theory"] - 2 * theory.values["B"][-1] - 2 * theory.values["B"][-1]
     wrong = compare_finite_width(theory, estimates, quantities=("Theta_var",))
     assert not wrong.passed, wrong.rows
+
+
+# ------------------------------------------------------------------------------------------------
+# The tensor form through LayerNorm, residual blocks and tied self-attention
+
+
+PRE_LN = arch.serial(arch.dense(1.0), arch.repeat(2,
+    arch.residual(arch.layer_norm(), arch.dense(1.0), arch.activation("gelu"), arch.dense(1.6), xi=1.0, gamma=0.7),
+    arch.residual(arch.dense(1.2), arch.activation("tanh"), arch.dense(1.0), xi=0.9, gamma=0.6)))
+
+
+def test_tensor_form_of_one_input_through_layernorm_and_residual_blocks_is_the_single_input_form():
+    """One site: the numeric delta method over sites (JAX derivatives of the LayerNorm normalisation,
+    the residual cross term X) against the symbolic single-input walker."""
+    tf = arch_finite_width_tensor(PRE_LN, np.ones((1, 8)))
+    single = arch_finite_width(PRE_LN)
+    for q in ("K", "V", "G1"):
+        for a, b in zip(tf.values[q], single.values[q]):
+            assert (a is None) == (b is None)
+            if a is not None:
+                assert abs(float(np.ravel(a)[0]) - b) <= 1e-11 * max(1.0, abs(b)), q
+
+
+def test_tensor_form_of_a_batch_has_each_input_alone_on_its_diagonal():
+    """Through LayerNorm and residual blocks every map is local on the diagonal: K_aa, G1_aa and
+    V_(aa)(aa) of a batch are those of input a alone."""
+    x = np.random.default_rng(5).standard_normal((3, 6))
+    batch = arch_finite_width_tensor(PRE_LN, x)
+    for a in range(3):
+        alone = arch_finite_width_tensor(PRE_LN, x[a:a + 1])
+        for q in ("K", "G1"):
+            assert np.allclose(batch.values[q][-1][a, a], alone.values[q][-1][0, 0], rtol=1e-11)
+        assert np.isclose(batch.values["V"][-1][a, a, a, a], alone.values["V"][-1][0, 0, 0, 0], rtol=1e-11)
+
+
+def _transformer(heads, blocks=2):
+    return arch.serial(arch.dense(1.0), arch.repeat(blocks,
+        arch.residual(arch.layer_norm(), arch.attention(heads=heads, C_Q=0.5, C_K=0.5, C_V=0.5, C_O=1 / 3)),
+        arch.residual(arch.layer_norm(), arch.dense(0.4), arch.activation("gelu"), arch.dense(1.6))))
+
+
+def test_attention_heads_enter_the_nlo_kernel_only():
+    """Each head's logits average over n/H channels: their fluctuation adds to G1 in proportion to H
+    (the logits' Wishart bias), while K and V do not depend on the number of heads."""
+    x = np.random.default_rng(7).standard_normal((1, 3, 4))
+    one, two, four = (arch_finite_width_tensor(arch.serial(arch.dense(1.0), arch.layer_norm(),
+                                                           arch.attention(heads=h, C_Q=0.5, C_K=0.5)), x)
+                      for h in (1, 2, 4))
+    np.testing.assert_allclose(two.values["V"][-1], four.values["V"][-1], rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(two.values["K"][-1], four.values["K"][-1], rtol=1e-13)
+    g1, g2, g4 = (r.values["G1"][-1] for r in (one, two, four))
+    np.testing.assert_allclose(g4 - g2, 2 * (g2 - g1), rtol=1e-9, atol=1e-14)
+    assert np.max(np.abs(g2 - g1)) > 1e-4
+
+
+@pytest.mark.slow
+def test_sampled_pre_ln_transformer_blocks_agree_and_a_dropped_term_is_rejected():
+    """Pre-LN transformer blocks (tied attention with two heads, GELU MLP) on one input of three tokens:
+    every entry of K, V and G1 at every block output against sampled networks at three widths, after
+    the 1/n fit; the same samples reject the blocks without the skip's cross term X in V."""
+    import derive.finite.tensor as tensor
+
+    net = _transformer(2)
+    x = np.random.default_rng(1).standard_normal((1, 3, 4))
+    theory = arch_finite_width_tensor(net, x)
+    estimates = sample_kernel_estimates(net, (32, 64, 128), samples=6000, seed=17, inputs=x)
+    check = compare_finite_width(theory, estimates)
+    assert check.passed, check.worst
+    assert not any(r["weak"] for r in check.rows if r["quantity"] == "V" and r["index"] > 1)
+    original = tensor._residual_vertex
+    try:  # the residual stream as if the branch did not read the skip
+        tensor._residual_vertex = lambda a2, c2, V, X, Vb: original(a2, c2, V, 0 * X, Vb)
+        wrong = arch_finite_width_tensor(net, x)
+    finally:
+        tensor._residual_vertex = original
+    assert not compare_finite_width(wrong, estimates).passed
+
+
+@pytest.mark.slow
+def test_sampled_attention_layer_agrees_and_its_own_fluctuations_are_needed():
+    """One tied self-attention layer after LayerNorm (two heads, C_O = C_V = 1) on three tokens: the
+    theory agrees with sampled networks, and without the heads' own logit and value fluctuations (the
+    Wishart terms) it is rejected by the same samples."""
+    import derive.finite.tensor as tensor
+
+    net = arch.serial(arch.dense(1.0), arch.layer_norm(), arch.attention(heads=2, C_Q=1.0, C_K=1.0))
+    x = np.random.default_rng(1).standard_normal((1, 3, 4))
+    theory = arch_finite_width_tensor(net, x)
+    estimates = sample_kernel_estimates(net, (32, 64, 128), samples=4000, seed=23, inputs=x)
+    check = compare_finite_width(theory, estimates)
+    assert check.passed, check.worst
+    original = tensor._attention_fluctuations
+    try:  # attention as if its logits and values were exact functions of its input
+        tensor._attention_fluctuations = lambda *args: (0.0, 0.0)
+        wrong = arch_finite_width_tensor(net, x)
+    finally:
+        tensor._attention_fluctuations = original
+    assert not compare_finite_width(wrong, estimates).passed

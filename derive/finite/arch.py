@@ -227,8 +227,7 @@ class _Walker:
     def step(self, p: _Point, layer: Layer, where: str, cross=None):
         fw = layer.rule.finite_width
         if not fw:
-            raise DeriveError(f"{where} ({layer.type}): the layer rule has no [finite_width] table (its 1/n maps "
-                              "are not derived yet)")
+            raise DeriveError(f"{where} ({layer.type}): {layer.rule.no_finite_width()}")
         if "variance" in fw:
             return self.dense(p, layer, where, cross)
         if "means" in fw:
@@ -294,8 +293,7 @@ def arch_finite_width(net: Serial, *, width: int | None = None, input_norm: floa
             here = f"layer {where}" + (f".{j}" if isinstance(item, Serial) else "")
             if p is None:
                 if not layer.rule.finite_width:
-                    raise DeriveError(f"{here} ({layer.type}): the layer rule has no [finite_width] table (its "
-                                      "1/n maps are not derived yet)")
+                    raise DeriveError(f"{here} ({layer.type}): {layer.rule.no_finite_width()}")
                 if layer.type != "dense" or "variance" not in layer.rule.finite_width:
                     raise DeriveError(f"{here} ({layer.type}): finite-width maps start from a dense layer on the inputs")
                 vals = {s.name: float(v) for s, v in layer.values().items()}

@@ -1,61 +1,91 @@
 """Finite-width corrections with positions and batches: the tensor form of V and G1, from the rules.
 
 The sites s = (input a, position p) of every channel, flattened (M = N P of them), carry at a
-Gaussian point (the output of a dense or conv layer, width n) the kernel K_st, the NLO kernel G1_st
-(E[z_is z_it] = K_st + G1_st / n) and the four-point vertex V_(st)(uv) = n Cov(z_is z_it, z_ju z_jv)
-(i != j; PDLT ch. 4 with inputs and positions alike). A weighted layer's rule states its output's
-conditional covariance as an operator O on the channel means of its input, ``variance =
-"C_b + C_W*patch(mean(h1*h2))"`` for conv (O the identity for dense), and pooling and flattening
-state how they map those means, ``means = "pool(mean(h1*h2))"``. With h = L(sigma(z)) (sigma the
-activation, the identity without one; L the ``means`` operators after it) and M_st = mean_i h_is h_it:
+Gaussian point (the output of a dense, conv or attention layer, or of a residual block, width n) the
+kernel K_st, the NLO kernel G1_st (E[z_is z_it] = K_st + G1_st / n) and the four-point vertex
+V_(st)(uv) = n Cov(z_is z_it, z_ju z_jv) (i != j; PDLT ch. 4 with inputs and positions alike).
 
-    n Cov(M_st, M_uv)      = <s_s s_t s_u s_v> - <s_s s_t><s_u s_v>
-                             + (r/4) sum V_(c1c2)(c3c4) <d_c1 d_c2 (s_s s_t)> <d_c3 d_c4 (s_u s_v)>
-    n (E M_st - <s_s s_t>) = r [1/2 sum G1_cd <d_c d_d (s_s s_t)> + 1/8 sum V_(c1c2)(c3c4) <d^4 (s_s s_t)>]
+The next weighted layer reads the run of layers since that point through channel means m: for a run
+of an activation sigma (the identity without one), P_st = mean_i sigma(z_is) sigma(z_it); for a
+LayerNorm (``rules/layers/layernorm.toml``), a_st = mean_i z_is z_it and mu_s = mean_i z_is, from
+which each site's normalised products are (a_st - mu_s mu_t) / sqrt((a_ss - mu_s^2 + eps)(a_tt -
+mu_t^2 + eps)). Pooling and flattening after it (``means`` statements) map these linearly. To order
+1/n the means have
+
+    P:  n Cov(P_st, P_uv) = <s_s s_t s_u s_v> - <s_s s_t><s_u s_v>
+                            + (r/4) sum V_(c1c2)(c3c4) <d_c1 d_c2 (s_s s_t)> <d_c3 d_c4 (s_u s_v)>
+        n (E P_st - <s_s s_t>) = r [1/2 sum G1_cd <d_c d_d (s_s s_t)> + 1/8 sum V <d^4 (s_s s_t)>]
+    a:  n Cov(a_st, a_uv) = K_su K_tv + K_sv K_tu + r V_(st)(uv),  n (E a - K) = G1
+    mu: n Cov(mu_s, mu_t) = K_st,  E mu = 0,  Cov(mu, a) = 0
 
 (the multi-input form of PDLT eqs. 4.90 and 4.115, the K^-1-raised indices contracted by Gaussian
-integration by parts as in :func:`derive.finite.batch.iterate_batch`, whose four-point functions
-and derivative tables this module uses), before L; then
+integration by parts; :mod:`derive.finite.batch` has the four-point functions and derivative
+tables). The weighted layer's rule states its output's conditional covariance G as a function of the
+means it reads, ``variance = "C_b + C_W*patch(mean(h1*h2))"`` (dense: no operator), so with F the
+composition (run, pooling, the layer's statement), J and H its first and second derivatives in the
+means (JAX autodiff), the delta method gives the next Gaussian point
 
-    K' = C_b + C_W O(L <s s>),   V' = C_W^2 (O L x O L) n Cov(M, M),   G1' = C_W O(L n (E M - <s s>)).
+    K' = F(m),  V' = J (n Cov m) J^T,  G1' = J n (E m - <m>) + 1/2 H : (n Cov m).
+
+Self-attention with tied query/key weights (``rules/layers/attention.toml``) reads
+f(U, S) = A(U) S A(U)^T per head, A = softmax of the logits sqrt(C_Q C_K) U within each input, where
+a head of n_h = n/H channels forms its own means U = mean_c u_c u_c^T (u = W h) and
+S = mean_c v_c v_c^T (v = W_V h) of fresh weights: given the layer input they fluctuate around M and
+C_V M (M = mean_i h_i h_i^T) with the Wishart covariance n_h Cov(U_st, U_uv) = M_su M_tv + M_sv M_tu
+(C_V^2 times that for S), independently across heads. The output covariance is
+G = C_b + C_O mean_h f(U_h, S_h), so besides the delta method through M the layer adds its own
+
+    n Cov(G | M) = C_O^2 [J_U W J_U^T + C_V^2 J_S W J_S^T],   n (E[G | M] - g(M)) = C_O (H/2) H_UU : W
+
+(the first independent of the number of heads, the second proportional to it: the logits of each
+head average over n/H channels only).
+
+A residual block z' = xi z + gamma b (``combine``) whose branch ends in a weighted layer adds
+X_(st)(uv) = n Cov(z_is z_it, G_b,uv), the skip's products against the branch output's conditional
+covariance: V' = xi^4 V + xi^2 gamma^2 (X + X^T) + gamma^4 V_b, K' = xi^2 K + gamma^2 K_b,
+G1' = xi^2 G1 + gamma^2 G1_b. At the branch's first weighted layer X = C J^T with
+C = n Cov(z z, m) (for a and P: K_su K_tv + K_sv K_tu + r V and sum_cd (K_sc K_td + r V_(st)(cd)/2)
+<d_c d_d (s_u s_v)>); at a later one the branch reads the skip only through the point before, so X
+goes through the infinite-width Jacobian of the expected means, d<s_u s_v>/dK_cd = <d_c d_d (s_u s_v)>/2.
 
 A pooling layer on a Gaussian point (before an activation) is a linear map of each channel, so the
 point stays one: K' = L K, V' = (L x L) V, G1' = L G1. All widths are one n (the sampler's), so
-r = 1. One input without positions is the single-input form (:mod:`derive.finite.arch`), which
-the tests check, as they check a batch of inputs through a dense network against ``iterate_batch``.
+r = 1. One input without positions is the single-input form (:mod:`derive.finite.arch`), which the
+tests check, as they check a batch through a dense network against ``iterate_batch``. Not derived
+here: an activation after LayerNorm (its channel statistics inside a nonlinear mean), and a branch
+that reads the skip through an activation first (a self-interaction, as in the single-input form).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import sympy as sp
 
 from derive.arch.description import Layer, Repeat, Serial, check_derivable
-from derive.core import symbols as S
 from derive.core.errors import DeriveError
 from derive.core.inputs import check_arch_inputs
 from derive.finite.batch import _derivative_table, _four_point, _lookup, _pair_values, batch_terms
 from derive.finite.moments import NumpyMoments, moment_rule
-from derive.kernels.arch import _patch, _pool, _spatial_mean, arch_kernels
-from derive.rules.layers import FW_INPUT, StructuralOperator, act, mean
+from derive.kernels.arch import _attend, _logits, _patch, _pool, _spatial_mean, arch_kernels
+from derive.rules.layers import FW_BRANCH, FW_INPUT, StructuralOperator, act, mean
 from derive.symbolic.numeric import evaluate
+from derive.core import symbols as S
 
-H1, H2 = sp.Symbol("h1", real=True), sp.Symbol("h2", real=True)
+#: Structural operators a ``variance`` or ``means`` statement may apply to the channel means.
+LINEAR_OPERATORS = ("patch", "pool", "spatial_mean", "diagonal_mean")
 
 
 def _statement(layer: Layer) -> tuple[str, str, sp.Expr]:
     """(kind, operator name or '', the statement) of the layer's [finite_width] table, for sites."""
     fw = layer.rule.finite_width
     if not fw:
-        raise DeriveError(f"layer '{layer.type}': the layer rule has no [finite_width] table (its 1/n maps "
-                          "are not derived yet)")
+        raise DeriveError(f"layer '{layer.type}': {layer.rule.no_finite_width()}")
     kind, expr = next(iter(fw.items()))
-    if kind not in ("variance", "means", "elementwise"):
-        raise DeriveError(f"layer '{layer.type}': its finite-width maps are derived for one input without "
-                          "positions only (the tensor form covers dense, conv, activation, pooling and flatten)")
     ops = expr.atoms(StructuralOperator)
     if len(ops) > 1:
         raise DeriveError(f"layer '{layer.type}': one structural operator per finite_width statement")
@@ -73,50 +103,106 @@ def _constants(expr: sp.Expr) -> tuple[float, float]:
 
 
 # ------------------------------------------------------------------------------------------------
-# Structural operators on the site matrices (and on V, pair by pair)
+# Structural operators on site matrices (jnp; composed and differentiated by JAX)
 
 
-def _apply(name: str, layer: Layer, X: np.ndarray, N: int, spatial: tuple) -> tuple[np.ndarray, tuple]:
-    """The operator on X of shape (N, *spatial, N, *spatial, *rest) (``rest`` carried along)."""
+def _op(name: str, layer: Layer, X, N: int, spatial: tuple):
+    """The operator on an (M, M) matrix of sites; returns the (M', M') matrix and the new positions."""
     if name == "":
         return X, spatial
+    Y = X.reshape((N, *spatial, N, *spatial))
     if name == "patch":
-        out, sp_ = _patch(X, N, spatial, layer)
+        out, sp_ = _patch(Y, N, spatial, layer)
     elif name == "pool":
-        out, sp_ = _pool(X, N, spatial, layer)
+        out, sp_ = _pool(Y, N, spatial, layer)
     elif name == "spatial_mean":
-        out, sp_ = _spatial_mean(X, N, spatial, layer)
+        out, sp_ = _spatial_mean(Y, N, spatial, layer)
     elif name == "diagonal_mean":
         P = math.prod(spatial)
-        Y = np.asarray(X).reshape(N, P, N, P, -1)
-        return np.einsum("apbpr->abr", Y).reshape((N, N) + X.shape[2 + 2 * len(spatial):]) / P, ()
+        out, sp_ = jnp.einsum("apbp->ab", Y.reshape(N, P, N, P)) / P, ()
     else:
         raise DeriveError(f"layer '{layer.type}': no tensor finite-width rule for the operator {name}")
-    return np.asarray(out), tuple(sp_)
+    M2 = N * math.prod(tuple(sp_))
+    return out.reshape(M2, M2), tuple(sp_)
 
 
-def _on_matrix(name, layer, A, N, spatial):
-    M = A.shape[0]
-    out, sp2 = _apply(name, layer, A.reshape((N, *spatial, N, *spatial)), N, spatial)
-    M2 = N * math.prod(sp2)
-    return out.reshape(M2, M2), sp2
-
-
-def _on_vertex(name, layer, V, N, spatial):
-    M = V.shape[0]
-    first, sp2 = _apply(name, layer, V.reshape((N, *spatial, N, *spatial, M, M)), N, spatial)
-    M2 = N * math.prod(sp2)
-    first = np.moveaxis(first.reshape(M2, M2, M, M), (2, 3), (0, 1))  # (M, M, M2, M2)
-    second, _ = _apply(name, layer, first.reshape((N, *spatial, N, *spatial, M2, M2)), N, spatial)
-    return np.moveaxis(second.reshape(M2, M2, M2, M2), (2, 3), (0, 1)), sp2
+def _positions_after(name: str, layer: Layer, N: int, spatial: tuple) -> tuple:
+    return _op(name, layer, jnp.zeros((N * math.prod(spatial),) * 2), N, spatial)[1]
 
 
 # ------------------------------------------------------------------------------------------------
-# Channel-mean statistics of sigma at a Gaussian point
+# Gaussian points and the means a layer reads
 
 
-def _mean_statistics(activation, K: np.ndarray, V: np.ndarray, G: np.ndarray, r: float, tol: float):
-    """(<s_s s_t>, n Cov(M, M), n (E M - <s s>)) for M_st = mean_i sigma(z_is) sigma(z_it)."""
+@dataclass
+class _Point:
+    """A Gaussian point over M sites and the run applied to it since (activation / layernorm first,
+    then linear ``means`` operators)."""
+
+    K: np.ndarray
+    V: np.ndarray
+    G: np.ndarray
+    spatial: tuple
+    activation: object = None
+    layernorm: Layer | None = None
+    after: list = field(default_factory=list)  # (operator name, layer) in order
+
+    @property
+    def gaussian(self) -> bool:
+        return self.activation is None and self.layernorm is None and not self.after
+
+
+@dataclass
+class _Means:
+    """The channel means a weighted layer reads, flattened into one vector m: its infinite-width value,
+    n (E m - <m>), n Cov(m, m), n Cov(z_s z_t, m) against the point's own products (``cross``) and the
+    map ``to_matrix`` from m to the matrix of products the layer's statement uses (before pooling)."""
+
+    value: np.ndarray
+    bias: np.ndarray
+    cov: np.ndarray
+    cross: np.ndarray
+    to_matrix: object
+    linear: bool
+    jacobian_in_K: np.ndarray | None = None  # d<m>/dK (M^2 -> dim m), for X through a branch
+
+
+def _pair_means(p: _Point, r: float) -> _Means:
+    """a_st = mean_i z_is z_it: Gaussian four-point statistics of the point itself."""
+    K, V, G = p.K, p.V, p.G
+    M = K.shape[0]
+    wick = np.einsum("su,tv->stuv", K, K) + np.einsum("sv,tu->stuv", K, K)
+    cov = (wick + r * V).reshape(M * M, M * M)
+    return _Means(K.reshape(-1), G.reshape(-1), cov, cov.copy(), lambda m: m.reshape(M, M), True,
+                  np.eye(M * M))
+
+
+def _layernorm_means(p: _Point, r: float) -> _Means:
+    """(a, mu) and the normalised products (a_st - mu_s mu_t)/sqrt((a_ss - mu_s^2 + eps)(a_tt - mu_t^2 + eps))."""
+    K, V, G = p.K, p.V, p.G
+    M = K.shape[0]
+    eps = float(p.layernorm.value("eps"))
+    pair = _pair_means(p, r)
+    cov = np.zeros((M * M + M,) * 2)
+    cov[:M * M, :M * M] = pair.cov
+    cov[M * M:, M * M:] = K
+    cross = np.zeros((M * M, M * M + M))
+    cross[:, :M * M] = pair.cov
+    jac = np.zeros((M * M, M * M + M))
+    jac[:, :M * M] = np.eye(M * M)
+
+    def to_matrix(m):
+        a, mu = m[:M * M].reshape(M, M), m[M * M:]
+        var = jnp.diagonal(a) - mu * mu + eps
+        return (a - mu[:, None] * mu[None, :]) / jnp.sqrt(var[:, None] * var[None, :])
+
+    return _Means(np.concatenate([K.reshape(-1), np.zeros(M)]), np.concatenate([G.reshape(-1), np.zeros(M)]),
+                  cov, cross, to_matrix, False, jac)
+
+
+def _activation_means(p: _Point, activation, r: float, tol: float, need_cross: bool) -> _Means:
+    """P_st = mean_i sigma(z_is) sigma(z_it) (module docstring)."""
+    K, V, G = p.K, p.V, p.G
     terms = batch_terms(activation, tol)
     bx, E2, s2, s4 = terms.pairs, terms.E2, terms.s2, terms.s4
     single = {"g1": terms.g1, "g2": terms.g2}
@@ -143,14 +229,115 @@ def _mean_statistics(activation, K: np.ndarray, V: np.ndarray, G: np.ndarray, r:
                         acc += V[c1, c2, c3, c4] * _lookup(m12, (c1, c2)) * _lookup(m34, (c3, c4))
         cov[a1, a2, a3, a4] = quartic[key] - two[a1, a2] * two[a3, a4] + r / 4 * acc
     bias = np.empty((M, M))
+    # D[(u, v), (c, d)] = <d_c d_d (s_u s_v)>: the Jacobian 2 d<s_u s_v>/dK_cd and the cross terms
+    D = np.zeros((M, M, M, M))
     for a, b in pairs:
         m2, m4 = deriv[(a, b)][2], deriv[(a, b)][4]
         ids = {a, b}
+        for c in ids:
+            for d in ids:
+                D[a, b, c, d] = _lookup(m2, (c, d))
         acc2 = sum(G[c, d] * _lookup(m2, (c, d)) for c in ids for d in ids)
         acc4 = sum(V[c1, c2, c3, c4] * _lookup(m4, (c1, c2, c3, c4))
                    for c1 in ids for c2 in ids for c3 in ids for c4 in ids)
         bias[a, b] = r * (acc2 / 2 + acc4 / 8)
-    return two, cov, bias
+    D = D.reshape(M * M, M * M)
+    cross = None
+    if need_cross:  # n Cov(z_s z_t, P_uv) = sum_cd (K_sc K_td + r V_(st)(cd) / 2) <d_c d_d (s_u s_v)>
+        KK = np.einsum("sc,td->stcd", K, K).reshape(M * M, M * M)
+        cross = (KK + r / 2 * V.reshape(M * M, M * M)) @ D.T
+    return _Means(two.reshape(-1), bias.reshape(-1), cov.reshape(M * M, M * M), cross,
+                  lambda m: m.reshape(M, M), True, D / 2)
+
+
+# ------------------------------------------------------------------------------------------------
+# Weighted layers: the statement's map of the means, and attention's own fluctuations
+
+
+def _attention_parts(layer: Layer, N: int, spatial: tuple):
+    """f(U, S) = A(U) S A(U)^T within each input, A = softmax of the rule's logits of U."""
+    if not spatial:
+        raise DeriveError(f"layer '{layer.type}': attention needs inputs with positions (tokens)")
+    logits = _logits(layer)
+    T = math.prod(spatial)
+
+    def f(U, Sm):
+        own = U.reshape(N, T, N, T)[jnp.arange(N), :, jnp.arange(N), :]
+        A = jax.nn.softmax(logits(own), axis=-1)
+        out, _ = _attend(Sm.reshape((N,) + spatial + (N,) + spatial), N, spatial, layer, A)
+        return out.reshape(N * T, N * T)
+
+    return f
+
+
+def _weighted(layer: Layer, p: _Point, means: _Means, N: int):
+    """The next Gaussian point (K, V, G1, positions) and the Jacobian J of its kernel in the means."""
+    kind, op, expr = _statement(layer)
+    if kind != "variance":
+        raise DeriveError(f"layer '{layer.type}': no tensor finite-width map for a '{kind}' statement here")
+    spatial = p.spatial
+    after = list(p.after)
+    c0, c1 = _constants(expr)
+    is_attention = op == "attend"
+    if is_attention:
+        values = {s.name: float(v) for s, v in layer.values().items()}
+        C_O, C_V = values["C_O"], values["C_V"]
+        if not math.isclose(c1, C_O * C_V, rel_tol=1e-12):
+            raise DeriveError(f"layer '{layer.type}': attend(...) is scaled by C_O*C_V in its finite_width "
+                              "statement (values by C_V, the output by C_O)")
+        heads = int(layer.option("heads"))
+        f = _attention_parts(layer, N, _spatial_after(after, N, spatial))
+
+    def pooled(m):
+        X = means.to_matrix(m)
+        sp_ = spatial
+        for name, lay in after:
+            X, sp_ = _op(name, lay, X, N, sp_)
+        return X, sp_
+
+    def F(m):
+        X, sp_ = pooled(m)
+        if is_attention:
+            return c0 + C_O * f(X, C_V * X)
+        return c0 + c1 * _op(op, layer, X, N, sp_)[0]
+
+    m0 = jnp.asarray(means.value)
+    K1 = np.asarray(F(m0))
+    J = np.asarray(jax.jacfwd(F)(m0)).reshape(K1.size, -1)
+    V1 = J @ means.cov @ J.T
+    G1 = J @ means.bias
+    if not (means.linear and not is_attention):
+        Hs = np.asarray(jax.hessian(F)(m0)).reshape(K1.size, m0.size, m0.size)
+        G1 = G1 + 0.5 * np.einsum("kab,ab->k", Hs, means.cov)
+    if is_attention:
+        dV, dG = _attention_fluctuations(f, np.asarray(pooled(m0)[0]), C_O, C_V, heads)
+        V1, G1 = V1 + dV, G1 + dG
+        out_spatial = _spatial_after(after, N, spatial)
+    else:
+        out_spatial = _spatial_after(after + ([(op, layer)] if op else []), N, spatial)
+    M1 = int(round(math.sqrt(K1.size)))
+    return (K1.reshape(M1, M1), V1.reshape(M1, M1, M1, M1), G1.reshape(M1, M1), out_spatial, J)
+
+
+def _attention_fluctuations(f, Min: np.ndarray, C_O: float, C_V: float, heads: int):
+    """Attention's own order-1/n terms (module docstring): each head's logit and value means over its
+    n/H channels fluctuate with the Wishart covariance W around M and C_V M. Returns (n Cov(G | M),
+    n (E[G | M] - g(M))), flattened."""
+    Mm = Min.shape[0]
+    W = (np.einsum("su,tv->stuv", Min, Min) + np.einsum("sv,tu->stuv", Min, Min)).reshape(Mm * Mm, Mm * Mm)
+    U0, S0 = jnp.asarray(Min), C_V * jnp.asarray(Min)
+    JU = np.asarray(jax.jacfwd(lambda U: f(U, S0))(U0)).reshape(Mm * Mm, -1)
+    JS = np.asarray(jax.jacfwd(lambda Sm: f(U0, Sm))(S0)).reshape(Mm * Mm, -1)
+    HU = np.asarray(jax.hessian(lambda U: f(U, S0))(U0)).reshape(Mm * Mm, Mm * Mm, Mm * Mm)
+    dV = C_O**2 * (JU @ W @ JU.T + C_V**2 * JS @ W @ JS.T)
+    dG = C_O * heads / 2 * np.einsum("kab,ab->k", HU, W)
+    return dV, dG
+
+
+def _spatial_after(ops, N: int, spatial: tuple) -> tuple:
+    for name, lay in ops:
+        spatial = _positions_after(name, lay, N, spatial)
+    return spatial
 
 
 # ------------------------------------------------------------------------------------------------
@@ -187,10 +374,96 @@ def _flat(net: Serial):
             yield item
 
 
+class _Walker:
+    """Carries a Gaussian point over sites through layers (module docstring)."""
+
+    def __init__(self, N: int, tol: float):
+        self.N, self.tol, self.r = N, tol, 1.0
+
+    def means(self, p: _Point, need_cross: bool) -> _Means:
+        if p.layernorm is not None:
+            return _layernorm_means(p, self.r)
+        if p.activation is None:
+            return _pair_means(p, self.r)
+        return _activation_means(p, p.activation, self.r, self.tol, need_cross)
+
+    def step(self, p: _Point, layer: Layer, here: str, X=None):
+        """The point after ``layer``; with X (a residual branch's n Cov(skip products, point)), X too."""
+        if layer.rule.combinator:
+            return self.residual(p, layer, here), None
+        if layer.width is not None:
+            raise DeriveError(f"{here}: the tensor form takes one width for every layer")
+        kind, op, expr = _statement(layer)
+        if kind == "elementwise":
+            if expr == act(0, 0, FW_INPUT):
+                if p.layernorm is not None:
+                    raise DeriveError(f"{here}: an activation after LayerNorm with positions or several inputs "
+                                      "has no finite-width maps yet (LayerNorm followed by a weighted layer is "
+                                      "derived; one input without positions is derived in any order)")
+                if not p.gaussian:
+                    raise DeriveError(f"{here}: an activation of non-Gaussian features")
+                return _Point(p.K, p.V, p.G, p.spatial, activation=layer.resolved_activation()), X
+            if layer.rule.sampler != "layernorm" or not p.gaussian:
+                raise DeriveError(f"{here}: no tensor finite-width map for this elementwise layer here")
+            return _Point(p.K, p.V, p.G, p.spatial, layernorm=layer), X
+        if kind == "means":
+            if p.gaussian and op != "diagonal_mean":  # pooling a Gaussian point: linear in each channel
+                M = p.K.shape[0]
+                L = np.asarray(jax.jacfwd(lambda A: _op(op, layer, A, self.N, p.spatial)[0])(jnp.asarray(p.K)))
+                M2 = L.shape[0]
+                L = L.reshape(M2 * M2, M * M)
+                K1 = (L @ p.K.reshape(-1)).reshape(M2, M2)
+                G1 = (L @ p.G.reshape(-1)).reshape(M2, M2)
+                V1 = (L @ p.V.reshape(M * M, M * M) @ L.T).reshape((M2,) * 4)
+                X1 = None if X is None else X @ L.T
+                return _Point(K1, V1, G1, _positions_after(op, layer, self.N, p.spatial)), X1
+            q = _Point(p.K, p.V, p.G, p.spatial, p.activation, p.layernorm, [*p.after, (op, layer)])
+            return q, X
+        first = isinstance(X, str)
+        means = self.means(p, first)
+        K1, V1, G1, spatial, J = _weighted(layer, p, means, self.N)
+        if X is None:
+            return _Point(K1, V1, G1, spatial), None
+        if first:
+            if means.cross is None:
+                raise DeriveError(f"{here}: a residual branch that reads the skip through an activation first "
+                                  "has a per-channel self-interaction at O(1/n) that K, V, G1 do not carry")
+            return _Point(K1, V1, G1, spatial), means.cross @ J.T
+        return _Point(K1, V1, G1, spatial), X @ means.jacobian_in_K.T @ J.T
+
+    def residual(self, p: _Point, layer: Layer, where: str) -> _Point:
+        if not p.gaussian:
+            raise DeriveError(f"{where}: the skip carries the output of an activation or layernorm; finite-width "
+                              "maps are derived for a residual block whose input is a Gaussian point")
+        b, X = p, "start"
+        items = list(_flat(layer.branch))
+        if items and items[0].type == "activation":
+            raise DeriveError(f"{where}: a residual branch that reads the skip through an activation first has a "
+                              "per-channel self-interaction at O(1/n) that K, V, G1 do not carry")
+        for i, item in enumerate(items, 1):
+            if item.rule.combinator:
+                raise DeriveError(f"{where}, branch layer {i}: a residual block inside a residual branch has no "
+                                  "finite-width maps yet")
+            b, X = self.step(b, item, f"{where}, branch layer {i}", X)
+        if not b.gaussian or X is None or isinstance(X, str):
+            raise DeriveError(f"{where}: the branch must end in a weighted layer")
+        if b.spatial != p.spatial:
+            raise DeriveError(f"{where}: the branch changes the positions {p.spatial} -> {b.spatial}")
+        combine = layer.rule.finite_width["combine"].xreplace(layer.values())
+        a2 = float(sp.diff(combine, FW_INPUT)) ** 2
+        c2 = float(sp.diff(combine, FW_BRANCH)) ** 2
+        M = p.K.shape[0]
+        V1 = _residual_vertex(a2, c2, p.V, np.asarray(X).reshape(M, M, M, M), b.V)
+        return _Point(a2 * p.K + c2 * b.K, V1, a2 * p.G + c2 * b.G, p.spatial)
+
+
+def _residual_vertex(a2: float, c2: float, V: np.ndarray, X: np.ndarray, Vb: np.ndarray) -> np.ndarray:
+    """V' = xi^4 V + xi^2 gamma^2 (X + X^T) + gamma^4 V_b (module docstring), a2 = xi^2, c2 = gamma^2."""
+    return a2 * a2 * V + a2 * c2 * (X + X.transpose(2, 3, 0, 1)) + c2 * c2 * Vb
+
+
 def arch_finite_width_tensor(net: Serial, inputs, *, tol: float = 1e-11) -> TensorFiniteWidth:
     """K, V and G1 over every site of ``inputs`` (N, *positions, d) through ``net`` (module docstring)."""
-    from derive.rules.activations import resolve
-
     if not isinstance(net, Serial):
         raise DeriveError(f"expected an architecture (derive.arch.Serial), got {type(net).__name__}")
     check_derivable(net)
@@ -204,58 +477,34 @@ def arch_finite_width_tensor(net: Serial, inputs, *, tol: float = 1e-11) -> Tens
         else:
             top.append((f"layer {i}", item))
     values = {"K": [], "V": [], "G1": []}
-    spatial = tuple(x.shape[1:-1])  # positions of the current Gaussian point
-    K = V = G = None
-    activation = None
-    after: list[tuple[str, Layer]] = []  # means operators applied after the activation, in order
+    walker = _Walker(N, tol)
+    p: _Point | None = None
     for where, item in top:
         for layer in (list(_flat(item)) if isinstance(item, Serial) else [item]):
             here = f"{where} ({layer.type})"
-            if layer.rule.combinator or layer.branch is not None:
-                raise DeriveError(f"{here}: residual blocks with positions or several inputs have no "
-                                  "finite-width maps yet (one input without positions is derived)")
-            if layer.width is not None:
-                raise DeriveError(f"{here}: the tensor form takes one width for every layer")
-            kind, op, expr = _statement(layer)
-            if K is None and kind != "variance":
-                raise DeriveError(f"{here}: finite-width maps start from a weighted layer on the inputs")
-            if kind == "elementwise":
-                if expr != act(0, 0, FW_INPUT):
-                    raise DeriveError(f"{here}: LayerNorm with positions or several inputs has no finite-width "
-                                      "maps yet (one input without positions is derived)")
-                activation = layer.resolved_activation()
+            if p is None:
+                p = _first(layer, x, N, here)
                 continue
-            if kind == "means":
-                if activation is None and not after:
-                    if op == "diagonal_mean":
-                        after.append((op, layer))  # flatten relabels channels: it acts at the next layer
-                        continue
-                    # pooling a Gaussian point: a linear map of each channel
-                    K, _ = _on_matrix(op, layer, K, N, spatial)
-                    G, _ = _on_matrix(op, layer, G, N, spatial)
-                    V, spatial = _on_vertex(op, layer, V, N, spatial)
-                else:
-                    after.append((op, layer))
-                continue
-            c0, c1 = _constants(expr)
-            if K is None:  # the first weighted layer, on the raw inputs: exactly Gaussian
-                flat = x.reshape(N * math.prod(spatial), -1)
-                two, spatial = _on_matrix(op, layer, flat @ flat.T / x.shape[-1], N, spatial)
-                K, V, G = c0 + c1 * two, np.zeros(two.shape * 2), np.zeros_like(two)
-                continue
-            two, cov, bias = _mean_statistics(activation or resolve("linear"), K, V, G, 1.0, tol)
-            for name, lay in [*after, (op, layer)]:
-                two, s_next = _on_matrix(name, lay, two, N, spatial)
-                bias, _ = _on_matrix(name, lay, bias, N, spatial)
-                cov, _ = _on_vertex(name, lay, cov, N, spatial)
-                spatial = s_next
-            K, V, G = c0 + c1 * two, c1**2 * cov, c1 * bias
-            activation, after = None, []
-        gaussian = activation is None and not after
-        for q, v in (("K", K), ("V", V), ("G1", G)):
-            values[q].append(v if gaussian else None)
+            p, _ = walker.step(p, layer, here)
+        for q, v in (("K", p.K), ("V", p.V), ("G1", p.G)):
+            values[q].append(v if p.gaussian else None)
     values["Theta"] = [np.asarray(t).reshape(int(np.sqrt(np.size(t))), -1) for t in theory.ntk]
     return TensorFiniteWidth(net.name, [label for label, _ in net.top_level()], N, list(theory.spatial), values)
+
+
+def _first(layer: Layer, x: np.ndarray, N: int, here: str) -> _Point:
+    """The first weighted layer, on the raw inputs: its output is exactly Gaussian."""
+    if layer.width is not None:
+        raise DeriveError(f"{here}: the tensor form takes one width for every layer")
+    kind, op, expr = _statement(layer)
+    if kind != "variance":
+        raise DeriveError(f"{here}: finite-width maps start from a weighted layer on the inputs")
+    c0, c1 = _constants(expr)
+    spatial = tuple(x.shape[1:-1])
+    flat = x.reshape(N * math.prod(spatial), -1)
+    two, spatial = _op(op, layer, jnp.asarray(flat @ flat.T / x.shape[-1]), N, spatial)
+    K = c0 + c1 * np.asarray(two)
+    return _Point(K, np.zeros(K.shape * 2), np.zeros_like(K), spatial)
 
 
 __all__ = ["TensorFiniteWidth", "arch_finite_width_tensor"]

@@ -173,6 +173,12 @@ class LayerRule:
     path: str = ""
     finite_width_table: tuple[tuple[str, sp.Expr], ...] = ()
     finite_width_ntk: tuple[tuple[str, sp.Expr], ...] = ()  # [finite_width.ntk], definitions substituted
+    finite_width_not_derived: str = ""  # why the layer has no finite-width maps (finite_width.not_derived)
+
+    def no_finite_width(self) -> str:
+        """The message for a layer without finite-width maps: the rule's own reason where it gives one."""
+        reason = self.finite_width_not_derived or "its 1/n maps are not derived yet"
+        return f"the layer rule has no [finite_width] maps: {reason}"
 
     @property
     def finite_width(self) -> dict[str, sp.Expr]:
@@ -234,6 +240,9 @@ def _load_layer(path: Path) -> LayerRule:
                                             if name != "logit_response"}}
         fw_data = dict(data.get("finite_width", {}))
         ntk_data, define_data = fw_data.pop("ntk", {}), fw_data.pop("define", {})
+        not_derived = fw_data.pop("not_derived", "")
+        if not isinstance(not_derived, str) or (not_derived and fw_data):
+            raise RuleError(f"{where}: finite_width.not_derived is a reason (text), in a table without maps")
         finite_width = tuple((key, parse_expression(str(text), fw_table, functions=fw_functions,
                                                     where=f"{where} finite_width.{key}"))
                              for key, text in fw_data.items())
@@ -246,7 +255,8 @@ def _load_layer(path: Path) -> LayerRule:
                      combinator=data.get("combinator", ""), requires=data.get("requires", ""),
                      output=data.get("output", "same"), aliases=tuple(data.get("aliases", [])),
                      description=data.get("description", ""), source=data.get("source", ""),
-                     path=str(path), finite_width_table=finite_width, finite_width_ntk=finite_width_ntk)
+                     path=str(path), finite_width_table=finite_width, finite_width_ntk=finite_width_ntk,
+                     finite_width_not_derived=not_derived)
     _check_rule(rule, where)
     return rule
 
