@@ -144,6 +144,60 @@ def _four_point(bx: BatchExpectations, single_s4: sp.Expr, K: np.ndarray, idx: t
 
 
 @dataclass
+class ChannelMeans:
+    """P_st = mean_i sigma(z_is) sigma(z_it) over the channels of a Gaussian point (K, V, G1) of width
+    n, to order 1/n: ``value`` <s_s s_t>_K, ``cov`` n Cov(P_st, P_uv), ``bias`` n (E P_st - <s_s s_t>)
+    (the formulas in :func:`iterate_batch`), and with ``second`` the table
+    ``second[s, t, c, d]`` = <d_c d_d (s_s s_t)>_K (zero unless c, d are in {s, t})."""
+
+    value: np.ndarray
+    cov: np.ndarray
+    bias: np.ndarray
+    second: np.ndarray | None = None
+
+
+def channel_means(terms: BatchTerms, K: np.ndarray, V: np.ndarray, G: np.ndarray, r: float, rule: MomentRule,
+                  numeric: NumpyMoments, second: bool = False) -> ChannelMeans:
+    """The statistics of the channel means of sigma sigma at a Gaussian point (:class:`ChannelMeans`)."""
+    bx, E2, s2, s4 = terms.pairs, terms.E2, terms.s2, terms.s4
+    single = {"g1": terms.g1, "g2": terms.g2}
+    M = K.shape[0]
+    pairs = [(a, b) for a in range(M) for b in range(M)]
+    deriv = {(a, b): _derivative_table(bx, single, K, a, b) for a, b in pairs}
+    two = np.empty((M, M))
+    for a, b in pairs:
+        two[a, b] = (float(evaluate(s2, {S.K: K[a, a]})) if a == b else _pair_values(E2, K[a, a], K[a, b], K[b, b]))
+    cov = np.empty((M,) * 4)
+    quartic: dict = {}
+    for a1, a2, a3, a4 in np.ndindex(*cov.shape):
+        key = tuple(sorted((a1, a2, a3, a4)))
+        if key not in quartic:
+            quartic[key] = _four_point(bx, s4, K, (a1, a2, a3, a4), rule, numeric)
+        m12, m34 = deriv[(a1, a2)][2], deriv[(a3, a4)][2]
+        acc = 0.0
+        for c1 in {a1, a2}:
+            for c2 in {a1, a2}:
+                for c3 in {a3, a4}:
+                    for c4 in {a3, a4}:
+                        acc += V[c1, c2, c3, c4] * _lookup(m12, (c1, c2)) * _lookup(m34, (c3, c4))
+        cov[a1, a2, a3, a4] = quartic[key] - two[a1, a2] * two[a3, a4] + r / 4 * acc
+    bias = np.empty((M, M))
+    table = np.zeros((M,) * 4) if second else None
+    for a, b in pairs:
+        m2, m4 = deriv[(a, b)][2], deriv[(a, b)][4]
+        ids = {a, b}
+        acc2 = sum(G[c, d] * _lookup(m2, (c, d)) for c in ids for d in ids)
+        acc4 = sum(V[c1, c2, c3, c4] * _lookup(m4, (c1, c2, c3, c4))
+                   for c1 in ids for c2 in ids for c3 in ids for c4 in ids)
+        bias[a, b] = r * (acc2 / 2 + acc4 / 8)
+        if second:
+            for c in ids:
+                for d in ids:
+                    table[a, b, c, d] = _lookup(m2, (c, d))
+    return ChannelMeans(two, cov, bias, table)
+
+
+@dataclass
 class BatchProfile:
     """Per-layer tensors (index 0 = layer 1): K (L, N, N), V (L, N, N, N, N), G1 (L, N, N), and how
     four-point functions on three or four distinct inputs were computed (:func:`describe_rules`)."""
@@ -202,8 +256,7 @@ def iterate_batch(activation: Activation, inputs, depth: int, C_W: float, C_b: f
     n = np.broadcast_to(np.asarray(1.0 if widths is None else widths, dtype=float), (depth,)).astype(float)
     check_quad_order(quad_order)
     terms = batch_terms(activation, tol)
-    bx, E2, s2, s4 = terms.pairs, terms.E2, terms.s2, terms.s4
-    single = {"g1": terms.g1, "g2": terms.g2}
+    s2 = terms.s2
 
     Ks = np.empty((depth, N, N))
     Vs = np.zeros((depth, N, N, N, N))
@@ -213,40 +266,13 @@ def iterate_batch(activation: Activation, inputs, depth: int, C_W: float, C_b: f
     numeric = NumpyMoments(activation.sigma_numeric, rules[0].smoothed)
     V = np.zeros((N,) * 4)
     G = np.zeros((N, N))
-    pairs = [(a, b) for a in range(N) for b in range(N)]
     for layer in range(depth):
         Ks[layer], Vs[layer], Gs[layer] = K, V, G
         if layer == depth - 1:
             break
         r_ = n[layer] / n[layer - 1] if layer >= 1 else 1.0
-        deriv = {(a, b): _derivative_table(bx, single, K, a, b) for a, b in pairs}
-        two = np.empty((N, N))
-        for a, b in pairs:
-            two[a, b] = (float(evaluate(s2, {S.K: K[a, a]})) if a == b
-                         else _pair_values(E2, K[a, a], K[a, b], K[b, b]))
-        newV = np.empty_like(V)
-        quartic_cache: dict = {}
-        for a1, a2, a3, a4 in np.ndindex(*V.shape):
-            key = tuple(sorted((a1, a2, a3, a4)))
-            if key not in quartic_cache:
-                quartic_cache[key] = _four_point(bx, s4, K, (a1, a2, a3, a4), rules[layer], numeric)
-            gauss = quartic_cache[key] - two[a1, a2] * two[a3, a4]
-            m12, m34 = deriv[(a1, a2)][2], deriv[(a3, a4)][2]
-            acc = 0.0
-            for c1 in {a1, a2}:
-                for c2 in {a1, a2}:
-                    for c3 in {a3, a4}:
-                        for c4 in {a3, a4}:
-                            acc += V[c1, c2, c3, c4] * _lookup(m12, (c1, c2)) * _lookup(m34, (c3, c4))
-            newV[a1, a2, a3, a4] = C_W**2 * gauss + r_ * C_W**2 / 4 * acc
-        newG = np.empty_like(G)
-        for a, b in pairs:
-            m2, m4 = deriv[(a, b)][2], deriv[(a, b)][4]
-            ids = {a, b}
-            acc2 = sum(G[c, dd] * _lookup(m2, (c, dd)) for c in ids for dd in ids)
-            acc4 = sum(V[c1, c2, c3, c4] * _lookup(m4, (c1, c2, c3, c4))
-                       for c1 in ids for c2 in ids for c3 in ids for c4 in ids)
-            newG[a, b] = r_ * C_W * (acc2 / 2 + acc4 / 8)
+        means = channel_means(terms, K, V, G, r_, rules[layer], numeric)
+        two, newV, newG = means.value, C_W**2 * means.cov, C_W * means.bias
         K = C_b + C_W * two
         V, G = newV, newG
     return BatchProfile(Ks, Vs, Gs, describe_rules(rules))

@@ -69,12 +69,10 @@ import sympy as sp
 from derive.arch.description import Layer, Repeat, Serial, check_derivable
 from derive.core.errors import DeriveError
 from derive.core.inputs import check_arch_inputs
-from derive.finite.batch import _derivative_table, _four_point, _lookup, _pair_values, batch_terms
+from derive.finite.batch import batch_terms, channel_means
 from derive.finite.moments import NumpyMoments, moment_rule
 from derive.kernels.arch import _attend, _logits, _patch, _pool, _spatial_mean, arch_kernels
 from derive.rules.layers import FW_BRANCH, FW_INPUT, StructuralOperator, act, mean
-from derive.symbolic.numeric import evaluate
-from derive.core import symbols as S
 
 #: Structural operators a ``variance`` or ``means`` statement may apply to the channel means.
 LINEAR_OPERATORS = ("patch", "pool", "spatial_mean", "diagonal_mean")
@@ -201,52 +199,18 @@ def _layernorm_means(p: _Point, r: float) -> _Means:
 
 
 def _activation_means(p: _Point, activation, r: float, tol: float, need_cross: bool) -> _Means:
-    """P_st = mean_i sigma(z_is) sigma(z_it) (module docstring)."""
-    K, V, G = p.K, p.V, p.G
-    terms = batch_terms(activation, tol)
-    bx, E2, s2, s4 = terms.pairs, terms.E2, terms.s2, terms.s4
-    single = {"g1": terms.g1, "g2": terms.g2}
-    rule = moment_rule(activation, "auto", float(np.max(np.diag(K))), tol)
-    numeric = NumpyMoments(activation.sigma_numeric, rule.smoothed)
+    """P_st = mean_i sigma(z_is) sigma(z_it) (module docstring; :func:`derive.finite.batch.channel_means`)."""
+    K, V = p.K, p.V
     M = K.shape[0]
-    pairs = [(a, b) for a in range(M) for b in range(M)]
-    deriv = {(a, b): _derivative_table(bx, single, K, a, b) for a, b in pairs}
-    two = np.empty((M, M))
-    for a, b in pairs:
-        two[a, b] = (float(evaluate(s2, {S.K: K[a, a]})) if a == b else _pair_values(E2, K[a, a], K[a, b], K[b, b]))
-    cov = np.empty((M,) * 4)
-    quartic: dict = {}
-    for a1, a2, a3, a4 in np.ndindex(*cov.shape):
-        key = tuple(sorted((a1, a2, a3, a4)))
-        if key not in quartic:
-            quartic[key] = _four_point(bx, s4, K, (a1, a2, a3, a4), rule, numeric)
-        m12, m34 = deriv[(a1, a2)][2], deriv[(a3, a4)][2]
-        acc = 0.0
-        for c1 in {a1, a2}:
-            for c2 in {a1, a2}:
-                for c3 in {a3, a4}:
-                    for c4 in {a3, a4}:
-                        acc += V[c1, c2, c3, c4] * _lookup(m12, (c1, c2)) * _lookup(m34, (c3, c4))
-        cov[a1, a2, a3, a4] = quartic[key] - two[a1, a2] * two[a3, a4] + r / 4 * acc
-    bias = np.empty((M, M))
-    # D[(u, v), (c, d)] = <d_c d_d (s_u s_v)>: the Jacobian 2 d<s_u s_v>/dK_cd and the cross terms
-    D = np.zeros((M, M, M, M))
-    for a, b in pairs:
-        m2, m4 = deriv[(a, b)][2], deriv[(a, b)][4]
-        ids = {a, b}
-        for c in ids:
-            for d in ids:
-                D[a, b, c, d] = _lookup(m2, (c, d))
-        acc2 = sum(G[c, d] * _lookup(m2, (c, d)) for c in ids for d in ids)
-        acc4 = sum(V[c1, c2, c3, c4] * _lookup(m4, (c1, c2, c3, c4))
-                   for c1 in ids for c2 in ids for c3 in ids for c4 in ids)
-        bias[a, b] = r * (acc2 / 2 + acc4 / 8)
-    D = D.reshape(M * M, M * M)
+    rule = moment_rule(activation, "auto", float(np.max(np.diag(K))), tol)
+    means = channel_means(batch_terms(activation, tol), K, V, p.G, r, rule,
+                          NumpyMoments(activation.sigma_numeric, rule.smoothed), second=True)
+    D = means.second.reshape(M * M, M * M)  # <d_c d_d (s_u s_v)>, the Jacobian 2 d<s_u s_v>/dK_cd
     cross = None
     if need_cross:  # n Cov(z_s z_t, P_uv) = sum_cd (K_sc K_td + r V_(st)(cd) / 2) <d_c d_d (s_u s_v)>
         KK = np.einsum("sc,td->stcd", K, K).reshape(M * M, M * M)
         cross = (KK + r / 2 * V.reshape(M * M, M * M)) @ D.T
-    return _Means(two.reshape(-1), bias.reshape(-1), cov.reshape(M * M, M * M), cross,
+    return _Means(means.value.reshape(-1), means.bias.reshape(-1), means.cov.reshape(M * M, M * M), cross,
                   lambda m: m.reshape(M, M), True, D / 2)
 
 
