@@ -3,7 +3,8 @@
 For each case (activation, N inputs of dimension d = 100, depth L dense layers) it times, on the
 same inputs and in float64:
 
-- **derive**: :func:`derive.kernels.gram.gram_matrices` on the derived expressions (the tiled method);
+- **derive**: :func:`derive.gram`, the public path: the dense network built as an architecture and
+  planned by :mod:`derive.kernels.engine` onto the tiled method of :mod:`derive.kernels.gram`;
 - **jnp**: a plain ``jax.numpy`` recursion written here, jitted, one ``lax.scan`` over the layers,
   whole N x N matrices per layer (arccos/sqrt straight formula for ReLU, arcsin for erf, a
   two-dimensional Gauss-Hermite rule for tanh);
@@ -239,6 +240,7 @@ def run_nt(nt_python: str, case, x: np.ndarray, repeats: int, workdir: str):
 def run_case(case, args, workdir: str, expressions: dict) -> dict:
     import jax.numpy as jnp
 
+    import derive
     from derive.kernels.gram import gram_matrices, plan_summary
 
     e, de = expressions[case["activation"]]
@@ -249,8 +251,9 @@ def run_case(case, args, workdir: str, expressions: dict) -> dict:
     row = {"case": case["name"], "activation": case["activation"], "N": n, "depth": depth, "dtype": dtype,
            "method": plan_summary(e, de).split(":")[0]}
 
-    def derive_call(dt=dtype):
-        return gram_matrices(e, de, x, depth, case["C_W"], case["C_b"], dtype=getattr(jnp, dt))
+    def derive_call(dt=dtype):  # the public path: the dense network as an architecture, planned by the engine
+        g = derive.gram(case["activation"], x, depth, case["C_W"], case["C_b"], dtype=dt)
+        return g.nngp, g.ntk
 
     seconds, ours = timed(derive_call, args.repeats)
     row["derive_ns"] = seconds * per_entry

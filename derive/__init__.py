@@ -5,14 +5,16 @@ imports JAX):
 
 - :func:`kernel` -- derive <sigma sigma>_K, <sigma' sigma'>_K and the NNGP/NTK recursions;
 - :func:`activation` -- resolve a rule name or an expression in z;
-- :func:`criticality` -- universality class and critical initialisations;
+- :func:`criticality` -- universality class and critical initialisations (or an architecture's
+  susceptibilities);
 - :func:`gram` -- NNGP and NTK Gram matrices of a batch through depth (jit-compiled JAX);
   :func:`arch_gram` the same for any architecture;
 - :func:`finite_width` -- the order-1/n corrections (V, G1, the NTK fluctuations, the dNTK) of a dense
   network or of an architecture;
 - :mod:`derive.arch` -- architecture descriptions (``derive.arch.serial(...)``, ``load_arch``);
 - :func:`emit_code` -- the generated JAX as readable, standalone source;
-- :func:`monte_carlo_check` -- theory against sampled finite-width networks, with z-scores;
+- :func:`validate` -- theory against sampled finite-width networks (dense or any architecture);
+  :func:`monte_carlo_check` the quick infinite-width comparison;
 - :func:`gate` -- the four-neuron multiplication gate of Lin, Tegmark & Rolnick for any activation;
 - :func:`parse_expression` -- the safe parser.
 """
@@ -27,6 +29,7 @@ _EXPORTS = {
     "gram": "api",
     "arch_gram": "api",
     "finite_width": "api",
+    "validate": "api",
     "criticality": "api",
     "emit_code": "api",
     "monte_carlo_check": "api",

@@ -24,6 +24,10 @@ from derive.symbolic.recursions import KernelDerivation, derive_kernel, numeric_
 ActivationLike = str | Activation
 
 
+def _is_architecture(spec) -> bool:
+    return isinstance(spec, Serial) or hasattr(spec, "__fspath__") or (isinstance(spec, str) and spec.endswith(".toml"))
+
+
 def _as_net(net) -> Serial:
     """An architecture, or the path of an architecture file."""
     if isinstance(net, Serial):
@@ -57,15 +61,22 @@ def kernel(spec: ActivationLike, params: Mapping[str, str] | Sequence[str] | Non
     return derive_kernel(activation(spec, params, rule_dirs), tol=tol)
 
 
-def criticality(spec: ActivationLike, params: Mapping[str, str] | Sequence[str] | None = None, *,
-                tol: float = DEFAULT_TOL, rule_dirs: Sequence[str] = ()):
-    """Universality class and critical initialisations of ``spec`` (see :mod:`derive.symbolic.critical`).
+def criticality(spec, params: Mapping[str, str] | Sequence[str] | None = None, *,
+                tol: float = DEFAULT_TOL, rule_dirs: Sequence[str] = (), k0: float = 1.0):
+    """Universality class and critical initialisations of an activation (see
+    :mod:`derive.symbolic.critical`), or, for an architecture (``derive.arch.serial(...)`` or a file),
+    the single-input kernel and susceptibilities of every block from ``K = k0``
+    (:func:`derive.symbolic.arch_criticality.arch_criticality`).
 
     Example:
         >>> import derive
         >>> derive.criticality("tanh").cls
         'K*=0'
     """
+    if _is_architecture(spec):
+        from derive.symbolic.arch_criticality import arch_criticality
+
+        return arch_criticality(_as_net(spec), k0)
     from derive.symbolic.critical import analyse
 
     return analyse(activation(spec, params, rule_dirs), tol=tol)
@@ -126,7 +137,7 @@ def finite_width(spec, depth: int | None = None, C_W=None, C_b=0.0, lambda_W=Non
         >>> [float(v) for v in p.values["V"]]
         [0.0, 5.0, 10.0, 15.0]
     """
-    if isinstance(spec, (str, Activation)) and not (isinstance(spec, str) and spec.endswith(".toml")):
+    if not _is_architecture(spec):
         if depth is None or C_W is None:
             raise DeriveError("finite_width of a dense network needs depth and C_W")
         if inputs is not None or width is not None:
@@ -148,6 +159,47 @@ def finite_width(spec, depth: int | None = None, C_W=None, C_b=0.0, lambda_W=Non
     if inputs is None:
         inputs = np.random.default_rng(0).standard_normal((1, 6, 4))
     return arch_finite_width_tensor(net, inputs, tol=tol)
+
+
+def validate(spec, C_W: float | None = None, C_b: float = 0.0, depth: int | None = None, *,
+             width: int | None = None, widths: Sequence[int] | None = None, samples: int | None = None,
+             seed: int = 0, quantities=None, inputs=None, z_max: float = 5.0, **kwargs):
+    """The derived statistics against sampled finite-width networks, with z-scores.
+
+    For an activation, the dense network of ``depth`` layers (:func:`derive.validation.validate.validate`:
+    quantities K, Theta, V, G1, Theta_var, dNTK_P, dNTK_Q; ``width`` or ``widths`` for a 1/n fit; more
+    options in ``kwargs``). For an architecture (``derive.arch.serial(...)`` or a file): with ``width``
+    the kernel of every block and the output NTK of a batch
+    (:func:`derive.sampling.arch.validate_arch`); with ``widths`` the finite-width maps K, V, G1, Theta,
+    Theta_var fitted in 1/n (:func:`derive.validation.arch.check_finite_width`).
+    """
+    if not _is_architecture(spec):
+        from derive.validation.validate import validate as validate_dense
+
+        if C_W is None or depth is None:
+            raise DeriveError("validate of a dense network needs C_W and depth")
+        return validate_dense(spec, C_W, C_b, depth, width=width, widths=widths,
+                              samples=1000 if samples is None else samples, seed=seed,
+                              quantities=("K", "Theta") if quantities is None else quantities, inputs=inputs,
+                              z_max=z_max, **kwargs)
+    net = _as_net(spec)
+    if C_W is not None or depth is not None or C_b != 0.0:
+        raise DeriveError("an architecture sets its own depth and variances")
+    if (width is None) == (widths is None):
+        raise DeriveError("give width (kernels of a batch) or widths (finite-width maps fitted in 1/n)")
+    if widths is not None:
+        from derive.validation.arch import check_finite_width
+
+        return check_finite_width(net, widths, samples=4000 if samples is None else samples, seed=seed,
+                                  z_max=z_max, quantities=("K", "V", "G1") if quantities is None else quantities,
+                                  inputs=inputs, **kwargs)
+    from derive.sampling.arch import validate_arch
+
+    if inputs is None:
+        needs_positions = any(layer.rule.structural for layer in net.distinct_layers())
+        inputs = np.random.default_rng(0).standard_normal((3, 6, 4) if needs_positions else (4, 8))
+    return validate_arch(net, inputs, width, samples=200 if samples is None else samples, seed=seed, z_max=z_max,
+                         **kwargs)
 
 
 def emit_code(spec: ActivationLike, params: Mapping[str, str] | Sequence[str] | None = None) -> str:

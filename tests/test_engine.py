@@ -69,3 +69,16 @@ def test_finite_width_facade_takes_an_activation_or_an_architecture():
     with pytest.raises(DeriveError, match="sets its own depth"):
         derive.finite_width(net, depth=3)
     assert derive.arch.serial is arch.serial
+
+
+def test_criticality_and_validate_take_an_activation_or_an_architecture():
+    assert derive.criticality("relu").cls == "scale-invariant"
+    crit = derive.criticality(arch.dense_network("relu", 3, 2.0, 0.0))
+    assert crit.chi_perp[-1] == pytest.approx(1.0) and crit.chi_par[-1] == pytest.approx(1.0)
+    dense = derive.validate("relu", 2.0, 0.0, 2, width=64, samples=50, inputs=X[:2])
+    assert dense.passed
+    net = arch.dense_network("tanh", 2, 1.5, 0.1)
+    batch = derive.validate(net, width=64, samples=50, inputs=X[:2])
+    assert batch.passed
+    with pytest.raises(DeriveError, match="width"):
+        derive.validate(net)
