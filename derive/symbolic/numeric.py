@@ -15,7 +15,18 @@ from functools import reduce
 
 import numpy as np
 import sympy as sp
-from scipy import special as sps
+
+
+def _erf(x):
+    from scipy import special  # imported on first use: it costs a fifth of a second at start-up
+
+    return special.erf(x)
+
+
+def _erfc(x):
+    from scipy import special
+
+    return special.erfc(x)
 
 
 def _heaviside(x):
@@ -46,8 +57,8 @@ NUMPY_TABLE: Mapping[type, Callable] = {
     sp.acos: lambda x: np.arccos(np.clip(x, -1.0, 1.0)),
     sp.atan: np.arctan,
     sp.atan2: np.arctan2,
-    sp.erf: sps.erf,
-    sp.erfc: sps.erfc,
+    sp.erf: _erf,
+    sp.erfc: _erfc,
     sp.Abs: np.abs,
     sp.sign: np.sign,
     sp.Heaviside: lambda x, *h: _heaviside(x),
