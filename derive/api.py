@@ -16,9 +16,9 @@ from derive.arch.description import Serial, dense_network, load_arch
 from derive.core import symbols as S
 from derive.core.errors import DeriveError
 from derive.core.inputs import check_hyperparameters, check_inputs
+from derive.kernels.engine import network_gram
 from derive.rules.activations import Activation, as_activation
 from derive.symbolic.quadrature import DEFAULT_TOL
-from derive.kernels.engine import network_gram
 from derive.symbolic.recursions import KernelDerivation, derive_kernel, numeric_kernel_expressions
 
 ActivationLike = str | Activation

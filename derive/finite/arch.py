@@ -52,7 +52,15 @@ from derive.arch.description import Layer, Repeat, Serial, check_derivable
 from derive.core import symbols as S
 from derive.core.errors import DeriveError
 from derive.finite.collective import G1, K, V, activation_table, ntk_maps, quadratic, r, segment_maps, z
-from derive.rules.layers import FW_BRANCH, FW_INPUT, FW_NTK_QUANTITIES, FW_SITES, StructuralOperator, act, mean
+from derive.rules.layers import (
+    FW_BRANCH,
+    FW_INPUT,
+    FW_NTK_QUANTITIES,
+    FW_SITES,
+    StructuralOperator,
+    act,
+    mean,
+)
 from derive.symbolic.maps import BK, BTheta, layer_maps
 from derive.symbolic.numeric import evaluate
 from derive.symbolic.quadrature import DEFAULT_TOL

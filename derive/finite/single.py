@@ -57,8 +57,8 @@ import sympy as sp
 
 from derive.core import symbols as S
 from derive.core.errors import DeriveError
-from derive.rules.activations import Activation
 from derive.finite.collective import activation_table, dense_after_activation, ntk_maps
+from derive.rules.activations import Activation
 from derive.rules.layers import act, find_layer_rule
 from derive.symbolic.expectations import expect
 from derive.symbolic.maps import activation_maps, after_dense, ntk_coefficient

@@ -177,7 +177,7 @@ def _pair_means(p: _Point, r: float) -> _Means:
 
 def _layernorm_means(p: _Point, r: float) -> _Means:
     """(a, mu) and the normalised products (a_st - mu_s mu_t)/sqrt((a_ss - mu_s^2 + eps)(a_tt - mu_t^2 + eps))."""
-    K, V, G = p.K, p.V, p.G
+    K, G = p.K, p.G
     M = K.shape[0]
     eps = float(p.layernorm.value("eps"))
     pair = _pair_means(p, r)
