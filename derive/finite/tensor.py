@@ -379,6 +379,9 @@ class _Walker:
                 K1 = (L @ p.K.reshape(-1)).reshape(M2, M2)
                 G1 = (L @ p.G.reshape(-1)).reshape(M2, M2)
                 V1 = (L @ p.V.reshape(M * M, M * M) @ L.T).reshape((M2,) * 4)
+                if isinstance(X, str):
+                    raise DeriveError(f"{here}: a residual branch that pools the skip before its first weighted "
+                                      "layer has no finite-width maps")
                 X1 = None if X is None else X @ L.T
                 return _Point(K1, V1, G1, _positions_after(op, layer, self.N, p.spatial)), X1
             q = _Point(p.K, p.V, p.G, p.spatial, p.activation, p.layernorm, [*p.after, (op, layer)])
@@ -461,8 +464,8 @@ def _first(layer: Layer, x: np.ndarray, N: int, here: str) -> _Point:
     if layer.width is not None:
         raise DeriveError(f"{here}: the tensor form takes one width for every layer")
     kind, op, expr = _statement(layer)
-    if kind != "variance":
-        raise DeriveError(f"{here}: finite-width maps start from a weighted layer on the inputs")
+    if kind != "variance" or op not in ("", "patch"):
+        raise DeriveError(f"{here}: finite-width maps start from a dense or conv layer on the inputs")
     c0, c1 = _constants(expr)
     spatial = tuple(x.shape[1:-1])
     flat = x.reshape(N * math.prod(spatial), -1)
