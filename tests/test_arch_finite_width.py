@@ -500,11 +500,16 @@ PRE_LN = arch.serial(arch.dense(1.0), arch.repeat(2,
     arch.residual(arch.dense(1.2), arch.activation("tanh"), arch.dense(1.0), xi=0.9, gamma=0.6)))
 
 
-def test_tensor_form_of_one_input_through_layernorm_and_residual_blocks_is_the_single_input_form():
+MID_LN = arch.serial(arch.dense(1.0), arch.residual(arch.dense(1.3), arch.layer_norm(), arch.dense(1.1),
+                                                  arch.activation("tanh"), arch.dense(0.9), gamma=0.8))
+
+
+@pytest.mark.parametrize("net", [PRE_LN, MID_LN], ids=["pre-LN blocks", "LayerNorm inside a branch"])
+def test_tensor_form_of_one_input_through_layernorm_and_residual_blocks_is_the_single_input_form(net):
     """One site: the numeric delta method over sites (JAX derivatives of the LayerNorm normalisation,
-    the residual cross term X) against the symbolic single-input walker."""
-    tf = arch_finite_width_tensor(PRE_LN, np.ones((1, 8)))
-    single = arch_finite_width(PRE_LN)
+    the residual cross term X, through the branch's Jacobians) against the symbolic single-input walker."""
+    tf = arch_finite_width_tensor(net, np.ones((1, 8)))
+    single = arch_finite_width(net)
     for q in ("K", "V", "G1"):
         for a, b in zip(tf.values[q], single.values[q]):
             assert (a is None) == (b is None)

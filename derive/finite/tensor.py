@@ -162,7 +162,7 @@ class _Means:
     cross: np.ndarray
     to_matrix: object
     linear: bool
-    jacobian_in_K: np.ndarray | None = None  # d<m>/dK (M^2 -> dim m), for X through a branch
+    jacobian_in_K: np.ndarray | None = None  # d<m>/dK, shape (dim m, M^2), for X through a branch
 
 
 def _pair_means(p: _Point, r: float) -> _Means:
@@ -186,8 +186,8 @@ def _layernorm_means(p: _Point, r: float) -> _Means:
     cov[M * M:, M * M:] = K
     cross = np.zeros((M * M, M * M + M))
     cross[:, :M * M] = pair.cov
-    jac = np.zeros((M * M, M * M + M))
-    jac[:, :M * M] = np.eye(M * M)
+    jac = np.zeros((M * M + M, M * M))  # d<m>/dK: a follows K, mu stays 0
+    jac[:M * M] = np.eye(M * M)
 
     def to_matrix(m):
         a, mu = m[:M * M].reshape(M, M), m[M * M:]
