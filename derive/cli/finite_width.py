@@ -187,18 +187,22 @@ def _arch_finite_width(net, path: Path, width: Optional[int], fmt: Format, out: 
     console = Console()
     console.print(f"[bold]{net.name or path.name}[/bold]: one input with x.x/n_0 = 1"
                   + (f", width {width}" if width else " (V and G1 per 1/n)"))
-    columns = ["output", "K", "V", "G1", "Theta"] + (["V/(n K^2)", "G1/(n K)"] if width else [])
-    table = Table(*columns)
+    columns = ["output", "K", "V", "G1", "Theta"] + (["V/(n K^2)", "G1/(n K)", "Var H/Th^2"] if width else [])
+    table = Table()
+    for column in columns:  # folded, never cut: every digit stays
+        table.add_column(column, overflow="fold")
     norm = result.normalised()
     for i, label in enumerate(result.labels):
-        row = [label] + ["-" if result.values[q][i] is None else f"{result.values[q][i]:.6g}"
+        row = [label] + ["-" if result.values[q][i] is None else f"{result.values[q][i]:.5g}"
                          for q in ("K", "V", "G1", "Theta")]
         if width:
-            row += ["-" if not np.isfinite(norm[k][i]) else f"{norm[k][i]:.4g}" for k in ("V_over_nK2", "G1_over_nK")]
+            row += ["-" if not np.isfinite(norm[k][i]) else f"{norm[k][i]:.4g}"
+                    for k in ("V_over_nK2", "G1_over_nK", "varH_over_Theta2")]
         table.add_row(*row)
     console.print(table)
-    console.print("'-': the output of an activation or layernorm is not a Gaussian point; its statistics "
-                  "enter the next dense layer")
+    console.print("'-': the output of an activation or layernorm is not a Gaussian point (its statistics "
+                  "enter the next dense layer), or Var(H) = (A + 2B)/n is not derived there (after LayerNorm "
+                  "or a residual block); --format json has A, B, D, F, P, Q")
     if out is not None:
         console.print(f"wrote {out}")
 

@@ -103,10 +103,13 @@ class ArchFiniteWidth:
     width: int | None
 
     def normalised(self) -> dict:
-        K, V, G1 = (np.array([np.nan if v is None else v for v in self.values[q]]) for q in ("K", "V", "G1"))
+        """V/(n K^2), G1/(n K) and, where A and B are derived, Var(H)/Theta^2 = (A + 2B)/(n Theta^2)."""
+        K, V, G1, Th, A, B = (np.array([np.nan if v is None else v for v in self.values[q]], dtype=float)
+                              for q in ("K", "V", "G1", "Theta", "A", "B"))
         n = np.inf if self.width is None else float(self.width)
         with np.errstate(all="ignore"):
-            return {"V_over_nK2": V / (n * K**2), "G1_over_nK": G1 / (n * K)}
+            return {"V_over_nK2": V / (n * K**2), "G1_over_nK": G1 / (n * K),
+                    "varH_over_Theta2": (A + 2 * B) / (n * Th**2)}
 
     def as_dict(self) -> dict:
         out = {"architecture": self.name, "labels": self.labels, **self.values, "width": self.width}
