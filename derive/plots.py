@@ -88,8 +88,8 @@ def finite_width_plot(report: dict, out: str) -> None:
 
 
 def arch_finite_width_plot(result, out: str) -> None:
-    """V/(n K^2) and G1/(n K) at every Gaussian-point output of an architecture, with the 0.1 line
-    beyond which the 1/n expansion is no longer trustworthy."""
+    """V/(n K^2), G1/(n K) and, where derived, Var(H)/Theta^2 at every Gaussian-point output of an
+    architecture, with the 0.1 line beyond which the 1/n expansion is no longer trustworthy."""
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
@@ -97,10 +97,12 @@ def arch_finite_width_plot(result, out: str) -> None:
     x = np.arange(1, len(result.labels) + 1)
     fig = Figure(figsize=(6.4, 4.0))
     ax = fig.add_subplot()
-    for key, label, style in (("V_over_nK2", r"$V/(nK^2)$", "o-"), ("G1_over_nK", r"$G_1/(nK)$", "s--")):
+    for key, label, style in (("V_over_nK2", r"$V/(nK^2)$", "o-"), ("G1_over_nK", r"$G_1/(nK)$", "s--"),
+                              ("varH_over_Theta2", r"$\mathrm{Var}\,H/\Theta^2 = (A+2B)/(n\Theta^2)$", "^-.")):
         y = norm[key]
         keep = np.isfinite(y)
-        ax.plot(x[keep], y[keep], style, ms=3, label=label)
+        if keep.any():
+            ax.plot(x[keep], y[keep], style, ms=3, label=label)
     ax.axhline(0.1, color="0.4", lw=0.8, ls=":", label="0.1: the 1/n expansion stops being trustworthy")
     ax.axhline(0.0, color="0.7", lw=0.6)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
