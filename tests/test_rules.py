@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import random
 from fractions import Fraction
+from pathlib import Path
 
 import mpmath as mp
 import pytest
@@ -224,3 +225,20 @@ def test_closed_form_activations(name):
 @pytest.mark.parametrize("name", QUADRATURE)
 def test_quadrature_activations(name):
     assert not derive_kernel(resolve(name)).closed_form
+
+
+def test_builtin_rules_found_next_to_the_source_tree(monkeypatch):
+    """From a checkout the shipped rules are the checkout's ``rules/`` folder, found without the
+    installed package data (which a checkout run with a non-editable install does not have)."""
+    import derive
+    import derive.rules.files as files
+
+    checkout = Path(derive.__file__).resolve().parent.parent
+    if not (checkout / "rules" / "activations").is_dir():
+        pytest.skip("derive is imported from an installed copy, not a checkout")
+
+    def no_package_data(name):
+        raise ModuleNotFoundError(f"No module named '{name}'")
+
+    monkeypatch.setattr(files.resources, "files", no_package_data)
+    assert builtin_rules_dir() == checkout / "rules"

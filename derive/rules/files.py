@@ -24,7 +24,7 @@ from derive.core.parse import parse_expression
 
 def builtin_rules_dir() -> Path:
     """The shipped ``rules/`` folder (source checkout or installed package data)."""
-    here = Path(__file__).resolve().parent.parent / "rules"
+    here = Path(__file__).resolve().parents[2] / "rules"
     if (here / "activations").is_dir():
         return here
     return Path(str(resources.files("derive._rules")))
