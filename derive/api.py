@@ -93,8 +93,12 @@ class GramResult:
 def gram(spec: ActivationLike, inputs, depth: int, C_W: float, C_b: float = 0.0,
          lambda_W: float | None = None, lambda_b: float | None = None, *,
          params: Mapping[str, str] | Sequence[str] | None = None, dtype: str = "float64",
-         method: str = "auto", devices=None) -> GramResult:
+         method: str = "auto", devices=None, x_test=None) -> GramResult:
     """NNGP and NTK Gram matrices of ``inputs`` (N, d) at depth L (L dense layers).
+
+    With ``x_test`` (M, d), the blocks between the test and the training inputs instead:
+    ``nngp[i, a]`` = K^(L)(x_test[i], inputs[a]), shape (M, N), the orientation of Neural Tangents'
+    ``kernel_fn(x_test, x_train)`` (:func:`derive.kernels.engine.network_cross_gram`).
 
     The dense network ``dense, (activation, dense) x (L - 1)`` as an architecture
     (:func:`derive.arch.dense_network`) through :func:`derive.kernels.engine.network_gram`:
@@ -105,16 +109,72 @@ def gram(spec: ActivationLike, inputs, depth: int, C_W: float, C_b: float = 0.0,
     """
     C_W, C_b, lw, lb = check_hyperparameters(C_W, C_b, lambda_W, lambda_b, depth)
     x = check_inputs(inputs)
+    x2 = None if x_test is None else _same_features(check_inputs(x_test), x)
     net = dense_network(activation(spec, params), int(depth), C_W, C_b, lw, lb)
-    nngp, ntk = network_gram(net, x, dtype=dtype, method=method, devices=devices)
+    if x2 is None:
+        nngp, ntk = network_gram(net, x, dtype=dtype, method=method, devices=devices)
+    else:
+        nngp, ntk = network_gram(net, x2, x, dtype=dtype, method=method, devices=devices)
     return GramResult(nngp, ntk)
 
 
-def arch_gram(net, inputs, *, dtype: str = "float64", method: str = "auto", devices=None) -> GramResult:
+def _same_features(x_test: np.ndarray, x_train: np.ndarray) -> np.ndarray:
+    if x_test.shape[1:] != x_train.shape[1:]:
+        raise DeriveError(f"test inputs have shape {x_test.shape} but training inputs {x_train.shape}: "
+                          f"they must agree after the first axis")
+    return x_test
+
+
+def arch_gram(net, inputs, *, dtype: str = "float64", method: str = "auto", devices=None,
+              x_test=None) -> GramResult:
     """NNGP and NTK of an architecture's output for ``inputs`` (N, d) or (N, *positions, d)
-    (:func:`derive.kernels.engine.network_gram`; dense networks take the fast Gram evaluation)."""
-    nngp, ntk = network_gram(_as_net(net), inputs, dtype=dtype, method=method, devices=devices)
+    (:func:`derive.kernels.engine.network_gram`; dense networks take the fast Gram evaluation);
+    with ``x_test`` the (M, N) test-train blocks, as in :func:`gram`."""
+    x2 = None if x_test is None else _same_features(np.asarray(x_test), np.asarray(inputs))
+    nngp, ntk = network_gram(_as_net(net), inputs if x2 is None else x2, None if x2 is None else inputs,
+                             dtype=dtype, method=method, devices=devices)
     return GramResult(nngp, ntk)
+
+
+def predict(spec, x_train, y_train, x_test, depth: int | None = None, C_W=None, C_b=0.0, lambda_W=None,
+            lambda_b=None, *, t=None, steps=None, learning_rate: float = 1.0, noise: float = 0.0,
+            get=("nngp", "ntk"), covariance: str | None = "diagonal",
+            params: Mapping[str, str] | Sequence[str] | None = None, chunk: int | None = None):
+    """Predictions of infinitely wide networks on ``x_test`` after training on (``x_train``, ``y_train``).
+
+    ``spec`` is an activation (then the dense network of ``depth`` layers with C_W, C_b, lambda_W,
+    lambda_b, as in :func:`gram`) or an architecture (a description or a file; its output without
+    positions). Returns a :class:`~derive.inference.predict.Prediction`: per mode ("nngp": the GP
+    posterior, or only the last layer trained for time t; "ntk": the infinite ensemble trained by
+    gradient descent on the MSE; "ntkgp": the GP posterior with the NTK as prior) the mean and the
+    variances (``covariance="full"``: the (M, M) covariance) of the test outputs. ``t`` is the
+    gradient-flow time (None: trained to convergence), ``steps`` the number of discrete gradient
+    descent steps instead; ``noise`` the observation noise variance. Formulas and conventions (those of
+    Neural Tangents' ``nt.predict``) in :mod:`derive.inference.infinite`.
+
+    Example:
+        >>> import numpy as np, derive
+        >>> x = np.random.default_rng(0).normal(size=(20, 3)); y = np.sin(x[:, 0])
+        >>> p = derive.predict("relu", x[:15], y[:15], x[15:], depth=3, C_W=2.0)
+        >>> p.ntk.mean.shape, p.nngp.variance.shape
+        ((5,), (5,))
+    """
+    from derive.inference.predict import predict_network
+
+    if _is_architecture(spec):
+        if depth is not None or C_W is not None:
+            raise DeriveError("an architecture carries its own depth and variances; drop depth and C_W")
+        net = _as_net(spec)
+    else:
+        if depth is None or C_W is None:
+            raise DeriveError("predict with an activation needs depth and C_W (the dense network's)")
+        C_W, C_b, lw, lb = check_hyperparameters(C_W, C_b, lambda_W, lambda_b, depth)
+        net = dense_network(activation(spec, params), int(depth), C_W, C_b, lw, lb)
+    x = check_inputs(x_train) if not _is_architecture(spec) else np.asarray(x_train, dtype=float)
+    x2 = check_inputs(x_test) if not _is_architecture(spec) else np.asarray(x_test, dtype=float)
+    _same_features(x2, x)
+    return predict_network(net, x, y_train, x2, t=t, steps=steps, learning_rate=learning_rate, noise=noise,
+                           get=get, covariance=covariance, chunk=chunk)
 
 
 def finite_width(spec, depth: int | None = None, C_W=None, C_b=0.0, lambda_W=None, lambda_b=None, *,

@@ -45,14 +45,18 @@ def dense_plan(net: Serial) -> tuple | None:
     return expectation, derivative, dense.depth, hyper
 
 
-def network_gram(net: Serial, inputs, *, dtype: str = "float64", method: str = "auto",
+def network_gram(net: Serial, inputs, inputs2=None, *, dtype: str = "float64", method: str = "auto",
                  devices=None) -> tuple[np.ndarray, np.ndarray]:
     """The NNGP kernel and NTK of ``net``'s output for ``inputs`` (N, d) or (N, *positions, d).
 
     Returns arrays of shape (N, N), or (N, *positions, N, *positions) for outputs with positions.
-    ``method`` and ``devices`` choose the evaluation of dense networks (module docstring); other
-    architectures take the default only.
+    With ``inputs2`` (M, ...) the blocks between the two sets, K(inputs[a], inputs2[b]) of shape
+    (N, M) (:func:`network_cross_gram`). ``method`` and ``devices`` choose the evaluation of dense
+    networks (module docstring); other architectures take the default only.
     """
+    if inputs2 is not None:
+        K, Theta, _, _ = network_cross_gram(net, inputs, inputs2, dtype=dtype, method=method, devices=devices)
+        return K, Theta
     if not isinstance(net, Serial):
         raise DeriveError(f"expected an architecture (derive.arch.Serial), got {type(net).__name__}")
     if dtype not in ("float64", "float32"):
@@ -79,4 +83,58 @@ def network_gram(net: Serial, inputs, *, dtype: str = "float64", method: str = "
     return arch_kernels(net, x, dtype=getattr(jnp, dtype)).output
 
 
-__all__ = ["METHODS", "dense_plan", "network_gram"]
+#: Largest number of rows of the first set evaluated together with the second set by
+#: :func:`network_cross_gram` (its default chunk is the size of the second set, within [64, this]).
+CROSS_CHUNK = 4096
+
+
+def network_cross_gram(net: Serial, rows, columns, *, chunk: int | None = None, dtype: str = "float64",
+                       method: str = "auto", devices=None):
+    """Kernel blocks between two sets of inputs, and the first set's own diagonal.
+
+    Returns (K, Theta, K_diagonal, Theta_diagonal): K[a, b] = K^(L)(rows[a], columns[b]) (shape
+    (N, M), with positions (N, *P, M, *P)) and likewise Theta, and K^(L)(rows[a], rows[a]),
+    Theta^(L)(rows[a], rows[a]) (shape (N,), with positions (N, *P, *P)). An entry depends only on
+    its two inputs, so each chunk of rows is evaluated together with ``columns`` as one batch
+    (:func:`network_gram` of the stacked inputs) and the blocks are read off: about twice the work
+    of the (N, M) block alone at the default chunk (M rows), and memory for (M + chunk)^2 entries,
+    not (N + M)^2. Entries equal those of one Gram matrix of all inputs to rounding.
+    """
+    rows, columns = check_arch_inputs(rows), check_arch_inputs(columns)
+    if rows.shape[1:] != columns.shape[1:]:
+        raise DeriveError(f"the two input sets must have the same shape after their first axis, "
+                          f"got {rows.shape} and {columns.shape}")
+    n, m = rows.shape[0], columns.shape[0]
+    if chunk is None:
+        chunk = min(max(m, 64), CROSS_CHUNK)
+    if isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 1:
+        raise DeriveError(f"chunk must be a positive integer, got {chunk!r}")
+    positions = rows.ndim - 2
+    blocks: list = [[], [], [], []]
+    for start in range(0, n, int(chunk)):
+        part = rows[start:start + int(chunk)]
+        K, Theta = network_gram(net, np.concatenate([columns, part]), dtype=dtype, method=method,
+                                devices=devices)
+        p = part.shape[0]
+        for i, full in enumerate((K, Theta)):
+            blocks[i].append(_block(full, slice(m, m + p), slice(0, m), positions))
+            blocks[2 + i].append(_diagonal(_block(full, slice(m, m + p), slice(m, m + p), positions), positions))
+    K, Theta, K_diag, Theta_diag = (np.concatenate(b) for b in blocks)
+    return K, Theta, K_diag, Theta_diag
+
+
+def _block(full: np.ndarray, a: slice, b: slice, positions: int) -> np.ndarray:
+    """Rows ``a`` and columns ``b`` of a Gram array (N, *P, N, *P)."""
+    index = (a,) + (slice(None),) * positions + (b,)
+    return full[index]
+
+
+def _diagonal(square: np.ndarray, positions: int) -> np.ndarray:
+    """Entries (a, ..., a, ...) of a square block (p, *P, p, *P): shape (p, *P, *P)."""
+    p = square.shape[0]
+    index = np.arange(p)
+    moved = np.moveaxis(square, 1 + positions, 1)  # (p, p, *P, *P)
+    return moved[index, index]
+
+
+__all__ = ["CROSS_CHUNK", "METHODS", "dense_plan", "network_cross_gram", "network_gram"]
