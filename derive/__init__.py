@@ -11,6 +11,8 @@ imports JAX):
   :func:`arch_gram` the same for any architecture;
 - :func:`finite_width` -- the order-1/n corrections (V, G1, the NTK fluctuations, the dNTK) of a dense
   network or of an architecture;
+- :func:`predict` -- infinite-width predictions of trained networks: the GP posterior and gradient
+  descent on the MSE at any time (``nt.predict``'s conventions), for an activation or an architecture;
 - :mod:`derive.arch` -- architecture descriptions (``derive.arch.serial(...)``, ``load_arch``);
 - :func:`emit_code` -- the generated JAX as readable, standalone source;
 - :func:`validate` -- theory against sampled finite-width networks (dense or any architecture);
@@ -29,6 +31,7 @@ _EXPORTS = {
     "gram": "api",
     "arch_gram": "api",
     "finite_width": "api",
+    "predict": "api",
     "validate": "api",
     "criticality": "api",
     "emit_code": "api",

@@ -132,3 +132,14 @@ def test_every_public_name_resolves():
 
     for name in derive.__all__:
         assert getattr(derive, name) is not None, name
+
+
+def test_every_subpackage_is_installed():
+    """pyproject.toml lists its packages by hand: a subpackage missing there imports from a checkout
+    but not from an installed copy."""
+    import tomllib
+
+    root = PACKAGE.parent
+    listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    packages = {".".join(p.parent.relative_to(root).parts) for p in PACKAGE.rglob("__init__.py")}
+    assert packages <= listed, sorted(packages - listed)
