@@ -13,7 +13,7 @@ import typer
 
 # importing a command module registers its commands on the app, in this order in --help
 # isort: off
-from derive.cli import kernel, criticality, finite_width, gram, validate, check, gate  # noqa: F401
+from derive.cli import kernel, criticality, finite_width, gram, predict, validate, check, gate  # noqa: F401
 # isort: on
 from derive.cli.app import app
 

@@ -239,3 +239,54 @@ def test_cross_gram_of_an_architecture_with_positions():
     np.testing.assert_allclose(T, Tf[2:, :, :2], rtol=1e-12, atol=1e-15)
     np.testing.assert_allclose(Kd, np.stack([Kf[2 + i, :, 2 + i] for i in range(3)]), rtol=1e-12, atol=1e-15)
     assert Td.shape == (3, 5, 5)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The command
+
+
+def _cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True, text=True, timeout=300,
+                          cwd=cwd or ROOT)
+
+
+def test_cli_predict_files_json_and_npz(tmp_path):
+    for name, value in (("x", X_TRAIN), ("y", Y_TRAIN), ("xt", X_TEST)):
+        np.save(tmp_path / f"{name}.npy", value)
+    out = tmp_path / "pred.npz"
+    res = _cli("predict", "-a", "tanh", "-L", "3", "--cw", "1.8", "--cb", "0.2", "--inputs", str(tmp_path / "x.npy"),
+               "--targets", str(tmp_path / "y.npy"), "--test-inputs", str(tmp_path / "xt.npy"), "--time", "3",
+               "--lr", "0.8", "--full-covariance", "--format", "json", "--out", str(out))
+    assert res.returncode == 0, res.stderr
+    got = json.loads(res.stdout)
+    api = derive.predict("tanh", X_TRAIN, Y_TRAIN, X_TEST, **NET, t=3.0, learning_rate=0.8, covariance="full")
+    for mode in ("nngp", "ntk"):
+        np.testing.assert_allclose(got["modes"][mode]["mean"], api[mode].mean, rtol=1e-12)
+        np.testing.assert_allclose(got["modes"][mode]["covariance"], api[mode].covariance, rtol=1e-12)
+    with np.load(out) as f:
+        np.testing.assert_allclose(f["ntk_variance"], api.ntk.variance, rtol=1e-12)
+        assert f["nngp_covariance"].shape == (4, 4)
+
+
+def test_cli_predict_demo_text_fits_80_columns_and_bad_requests_exit_2(tmp_path):
+    res = _cli("predict", "-a", "relu", "-L", "3", "--cw", "2", "--time", "1", "--time", "5")
+    assert res.returncode == 0, res.stderr
+    assert "Demo task" in res.stdout and "ntk: all layers trained" in res.stdout
+    assert max(len(line) for line in res.stdout.splitlines()) <= 80
+    for args, message in ((("--time", "1", "--steps", "3"), "not both"),
+                          (("--steps", "5", "--lr", "1e6"), "diverges"),
+                          (("--inputs", str(tmp_path / "none.npy")), "together"),
+                          (("--time", "inf", "--time", "2"), "on its own")):
+        bad = _cli("predict", "-a", "relu", "-L", "3", "--cw", "2", *args)
+        assert bad.returncode == 2 and message in bad.stderr, (args, bad.stderr)
+        assert len(bad.stderr.strip().splitlines()) == 1 and "Traceback" not in bad.stderr
+
+
+def test_cli_gram_test_inputs(tmp_path):
+    np.save(tmp_path / "x.npy", X_TRAIN)
+    np.save(tmp_path / "xt.npy", X_TEST)
+    res = _cli("gram", "-a", "erf", "--depth", "3", "--cw", "1.8", "--cb", "0.2", "--inputs", str(tmp_path / "x.npy"),
+               "--test-inputs", str(tmp_path / "xt.npy"), "--format", "json")
+    assert res.returncode == 0, res.stderr
+    block = derive.gram("erf", X_TRAIN, **NET, x_test=X_TEST)
+    np.testing.assert_allclose(json.loads(res.stdout)["ntk"], block.ntk, rtol=1e-12)

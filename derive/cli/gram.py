@@ -33,6 +33,7 @@ def gram(
     lambda_w: Optional[float] = typer.Option(None, "--lambda-w", help="NTK weight learning-rate factor (default C_W)."),
     lambda_b: Optional[float] = typer.Option(None, "--lambda-b", help="NTK bias learning-rate factor (default C_b)."),
     inputs: Optional[Path] = typer.Option(None, "--inputs", help="Inputs as a .npy array of shape (N, d). Default: 4 inputs in d = 8 drawn with seed 0."),
+    test_inputs: Optional[Path] = typer.Option(None, "--test-inputs", help="Test inputs (M, d) as .npy: the (M, N) test-train blocks K(x_test, x_train) instead of the Gram matrices of --inputs (the training inputs)."),
     input_kernel: Optional[Path] = typer.Option(None, "--input-kernel", help="Instead of --inputs: the input covariance x.x'/d as an (N, N) .npy matrix (checked PSD)."),
     param: Optional[List[str]] = typer.Option(None, "--param", "-p", help=PARAM_HELP),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write arrays 'nngp' and 'ntk' to this .npz file."),
@@ -51,6 +52,8 @@ def gram(
       derive gram --activation tanh --depth 10 --cw 1.5 --cb 0.1 --inputs x.npy --out kernels.npz
 
       derive gram --arch examples/architectures/cnn.toml --out cnn.npz
+
+      derive gram -a relu --depth 3 --cw 2 --inputs train.npy --test-inputs test.npy
     """
     import numpy as np
 
@@ -58,7 +61,7 @@ def gram(
     if arch is not None:
         if depth is not None or cw is not None or input_kernel is not None:
             fail("gram --arch: the architecture file sets the depth and variances (no --depth, --cw, --input-kernel)")
-        _arch_gram(arch, inputs, out, fmt)
+        _arch_gram(arch, inputs, out, fmt, test_inputs)
         return
     if depth is None or cw is None:
         fail("gram: --depth and --cw are required with --activation")
@@ -67,6 +70,8 @@ def gram(
 
     if inputs is not None and input_kernel is not None:
         fail("give --inputs or --input-kernel, not both")
+    if test_inputs is not None and inputs is None:
+        fail("--test-inputs needs --inputs (the training inputs)")
     if inputs is not None:
         x = load_npy(inputs, "--inputs")
     elif input_kernel is not None:
@@ -77,8 +82,9 @@ def gram(
         fail(f"--method must be auto, tiled or direct, got {method!r}")
     if devices is not None and devices < 1:
         fail("--devices must be at least 1")
+    x_test = None if test_inputs is None else load_npy(test_inputs, "--test-inputs")
     res = api.gram(activation, x, depth, cw, cb, lambda_w, lambda_b, params=param, dtype=dtype.value,
-                   method=method, devices=devices)
+                   method=method, devices=devices, x_test=x_test)
     if out is not None:
         write_atomic(out, lambda tmp: np.savez(open(tmp, "wb"), nngp=res.nngp, ntk=res.ntk))
     if fmt is NumFormat.json:
@@ -88,21 +94,27 @@ def gram(
                                "dtype": dtype.value, "nngp": res.nngp.tolist(), "ntk": res.ntk.tolist()}))
         return
     with np.printoptions(precision=6, suppress=False, linewidth=120):
-        typer.echo(f"NNGP K^({depth}):\n{res.nngp}\nNTK Theta^({depth}):\n{res.ntk}")
+        which = "" if x_test is None else " (test x train)"
+        typer.echo(f"NNGP K^({depth}){which}:\n{res.nngp}\nNTK Theta^({depth}){which}:\n{res.ntk}")
     if out is not None:
         typer.echo(f"wrote {out}")
 
 
 
 
-def _arch_gram(path: Path, inputs: Optional[Path], out: Optional[Path], fmt: NumFormat) -> None:
+def _arch_gram(path: Path, inputs: Optional[Path], out: Optional[Path], fmt: NumFormat,
+               test_inputs: Optional[Path] = None) -> None:
     import numpy as np
 
-    from derive.kernels.engine import network_gram
+    from derive import api
 
     net = load_arch_file(path)
+    if test_inputs is not None and inputs is None:
+        fail("--test-inputs needs --inputs (the training inputs)")
     x = load_npy(inputs, "--inputs") if inputs is not None else default_arch_inputs(net)
-    nngp, ntk = network_gram(net, x)
+    x_test = None if test_inputs is None else load_npy(test_inputs, "--test-inputs")
+    res = api.arch_gram(net, x, x_test=x_test)
+    nngp, ntk = res.nngp, res.ntk
     if out is not None:
         write_atomic(out, lambda tmp: np.savez(open(tmp, "wb"), nngp=nngp, ntk=ntk))
     if fmt is NumFormat.json:
