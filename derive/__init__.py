@@ -13,6 +13,7 @@ imports JAX):
   network or of an architecture;
 - :func:`predict` -- infinite-width predictions of trained networks: the GP posterior and gradient
   descent on the MSE at any time (``nt.predict``'s conventions), for an activation or an architecture;
+- :func:`validate_trained` -- those predictions against ensembles of trained finite-width networks;
 - :mod:`derive.arch` -- architecture descriptions (``derive.arch.serial(...)``, ``load_arch``);
 - :func:`emit_code` -- the generated JAX as readable, standalone source;
 - :func:`validate` -- theory against sampled finite-width networks (dense or any architecture);
@@ -32,6 +33,7 @@ _EXPORTS = {
     "arch_gram": "api",
     "finite_width": "api",
     "predict": "api",
+    "validate_trained": "api",
     "validate": "api",
     "criticality": "api",
     "emit_code": "api",

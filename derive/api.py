@@ -177,6 +177,39 @@ def predict(spec, x_train, y_train, x_test, depth: int | None = None, C_W=None, 
                            get=get, covariance=covariance, chunk=chunk)
 
 
+def validate_trained(spec, x_train, y_train, x_test, depth: int, C_W: float, C_b: float = 0.0, lambda_W=None,
+                     lambda_b=None, *, widths=(32, 64, 128), n_networks: int = 1000, steps=(0, 50, 500),
+                     learning_rate: float = 1.0, seed: int = 0, mode: str = "ntk", z_max: float = 5.0,
+                     params: Mapping[str, str] | Sequence[str] | None = None, progress=None):
+    """Infinite-width predictions against ensembles of dense networks trained by gradient descent.
+
+    At each of ``widths`` (three or more), ``n_networks`` networks of ``depth`` dense layers are
+    trained on (``x_train``, ``y_train``) for ``steps`` steps (checkpoints) of size ``learning_rate``
+    on the MSE (:mod:`derive.sampling.training`); the ensemble mean and variance of every test output
+    are fitted as a + b/n and the intercept compared with :func:`predict` (``mode`` "ntk"; "nngp" is
+    the last-layer-only dynamics, which trained networks reject). Returns a
+    :class:`~derive.validation.trained.TrainedValidation` (``passed``, rows with z-scores and the
+    measured 1/n slopes, ``plot()``). ``progress(message)`` is called before each width.
+    """
+    from derive.validation.trained import validate_trained_dense
+
+    if _is_architecture(spec):
+        raise DeriveError("validate_trained trains dense networks: give an activation (architectures are not "
+                          "trained yet)")
+    C_W, C_b, lw, lb = check_hyperparameters(C_W, C_b, lambda_W, lambda_b, depth)
+    x, x2 = check_inputs(x_train), check_inputs(x_test)
+    _same_features(x2, x)
+    for name, value, least in (("n_networks", n_networks, 2), ("seed", seed, 0)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
+            raise DeriveError(f"{name} must be an integer >= {least}, got {value!r}")
+    if not (isinstance(z_max, (int, float)) and z_max > 0):
+        raise DeriveError(f"z_max must be positive, got {z_max!r}")
+    return validate_trained_dense(activation(spec, params), x, y_train, x2, int(depth), C_W, C_b, lw, lb,
+                                  widths=widths, n_networks=int(n_networks), steps=steps,
+                                  learning_rate=learning_rate, seed=int(seed), mode=mode, z_max=float(z_max),
+                                  progress=progress)
+
+
 def finite_width(spec, depth: int | None = None, C_W=None, C_b=0.0, lambda_W=None, lambda_b=None, *,
                  widths=None, k1: float | None = None, width: int | None = None, inputs=None,
                  params: Mapping[str, str] | Sequence[str] | None = None, tol: float = DEFAULT_TOL):

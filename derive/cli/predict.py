@@ -171,3 +171,86 @@ def _text(res, network: dict, demo: bool) -> str:
         if len(mean) > SHOWN:
             lines.append(f"({SHOWN} of {len(mean)} test points shown; --out FILE.npz or --format json for all)")
     return "\n".join(lines)
+
+
+def _widths(text: str) -> list[int]:
+    try:
+        return [int(w) for w in text.split(",") if w.strip()]
+    except ValueError:
+        fail(f"--widths: expected comma-separated integers, got {text!r}")
+
+
+@app.command("validate-trained")
+def validate_trained(
+    activation: str = typer.Option(..., "--activation", "-a", help=ACTIVATION_HELP),
+    depth: int = typer.Option(..., "--depth", "-L", help="Number of dense layers L."),
+    cw: float = typer.Option(..., "--cw", help="Weight variance C_W."),
+    cb: float = typer.Option(0.0, "--cb", help="Bias variance C_b."),
+    lambda_w: Optional[float] = typer.Option(None, "--lambda-w", help="NTK weight learning-rate factor (default C_W)."),
+    lambda_b: Optional[float] = typer.Option(None, "--lambda-b", help="NTK bias learning-rate factor (default C_b)."),
+    param: Optional[List[str]] = typer.Option(None, "--param", "-p", help=PARAM_HELP),
+    inputs: Optional[Path] = typer.Option(None, "--inputs", help="Training inputs (N, d) .npy (with --targets and --test-inputs; default: the demo task of 'derive predict', 8 training and 4 test points)."),
+    targets: Optional[Path] = typer.Option(None, "--targets", help="Training targets (N,) or (N, k) .npy."),
+    test_inputs: Optional[Path] = typer.Option(None, "--test-inputs", help="Test inputs (M, d) .npy."),
+    widths: str = typer.Option("32,64,128", "--widths", help="Hidden widths n (three or more, comma-separated): the ensemble statistics are fitted as a + b/n."),
+    networks: int = typer.Option(1000, "--networks", "-S", help="Networks trained per width."),
+    steps: Optional[List[int]] = typer.Option(None, "--steps", help="Checkpoints: gradient-descent steps at which the test outputs are compared (repeatable; default 0, 50, 500)."),
+    learning_rate: float = typer.Option(1.0, "--learning-rate", "--lr", help="Learning rate eta (loss |f(X) - Y|^2 / (2 |Y|))."),
+    seed: int = typer.Option(0, "--seed", help="Random seed: the same seed gives the same numbers."),
+    mode: str = typer.Option("ntk", "--mode", help="Prediction compared: ntk (every layer trained: what the networks do) or nngp (only the last layer; trained networks reject it when the run has power)."),
+    z_max: float = typer.Option(5.0, "--z-max", help="A |z| at or above this fails the check (exit status 1)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Plot the ensemble statistics against 1/n (.png, .pdf or .svg)."),
+    fmt: NumFormat = typer.Option(NumFormat.text, "--format", "-f", help="Output format."),
+) -> None:
+    """Infinite-width predictions against ensembles of finite-width networks trained by gradient
+    descent: at each width, the mean and variance of every test output over the ensemble, fitted in
+    1/n and compared with 'derive predict --steps' at n = infinity. Exit status 0 when every |z| <
+    --z-max, 1 otherwise.
+
+    Examples:
+
+      derive validate-trained -a tanh -L 3 --cw 1.5 --cb 0.05 --widths 16,32,64 --networks 500
+
+      derive validate-trained -a relu -L 3 --cw 2 --steps 0 --steps 200 --out trained.png
+    """
+    import sys
+
+    from derive import api
+    from derive.cli.app import check_png
+
+    given = [p is not None for p in (inputs, targets, test_inputs)]
+    if any(given) and not all(given):
+        fail("validate-trained: give --inputs, --targets and --test-inputs together (or none for the demo task)")
+    if all(given):
+        x_train, y_train, x_test = (load_npy(p, o) for p, o in ((inputs, "--inputs"), (targets, "--targets"),
+                                                                 (test_inputs, "--test-inputs")))
+    else:
+        x_train, y_train, x_test = demo_data()
+        x_train, y_train, x_test = x_train[:8], y_train[:8], x_test[:4]
+    if out is not None:
+        check_png(out)
+    report = api.validate_trained(activation, x_train, y_train, x_test, depth, cw, cb, lambda_w, lambda_b,
+                                  widths=_widths(widths), n_networks=networks, steps=tuple(steps or (0, 50, 500)),
+                                  learning_rate=learning_rate, seed=seed, mode=mode, z_max=z_max, params=param,
+                                  progress=lambda message: print(message, file=sys.stderr, flush=True))
+    if out is not None:
+        write_atomic(out, lambda tmp: report.plot(tmp))
+    if fmt is NumFormat.json:
+        typer.echo(json.dumps({"activation": activation, "depth": depth, "C_W": cw, "C_b": cb,
+                               "demo_data": not all(given), **report.to_dict()}))
+    else:
+        verdict = "PASSED" if report.passed else "FAILED"
+        lines = [f"Trained ensembles ({activation}, depth {depth}, C_W {cw:g}, C_b {cb:g}; widths {widths}, "
+                 f"{networks} networks each, learning rate {learning_rate:g}) against the infinite-width "
+                 f"{mode} prediction: {verdict} (worst |z| = {abs(report.worst.z):.2f}, limit {z_max:g})",
+                 "fit n->inf: the intercept of a + b/n over the widths; '"
+                 f"{z_max:g} se': the smallest deviation this run could detect.", ""]
+        import textwrap
+
+        typer.echo("\n".join(textwrap.fill(line, 78) if len(line) > 80 else line for line in lines))
+        typer.echo("\n".join(report.table()))
+        loss = ", ".join(f"n={w}: {v:.3g}" for w, v in report.final_loss.items())
+        typer.echo(textwrap.fill(f"mean training loss at the last checkpoint: {loss}", 78))
+        if out is not None:
+            typer.echo(f"wrote {out}")
+    raise typer.Exit(0 if report.passed else 1)

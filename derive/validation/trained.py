@@ -1,0 +1,219 @@
+"""Infinite-width predictions against ensembles of trained finite-width networks.
+
+At each width n of ``widths``, S networks (:func:`derive.sampling.training.train_ensemble`) are
+trained by ``steps`` steps of gradient descent on the MSE; at every checkpoint the ensemble mean and
+variance of each test output are measured with standard errors (s / sqrt(S); for the variance
+sqrt((m4 - s^4) / S)). To order 1/n
+
+    E[f_n(x)] = mean_inf(x) + b/n,       Var[f_n(x)] = var_inf(x) + b'/n,
+
+so a weighted fit a + b/n over the widths (:func:`derive.sampling.estimators.fit_inverse_width`)
+gives the infinite-width intercept a with its standard error, compared with the prediction of
+:func:`derive.inference.infinite` at the same step count (mode "ntk": every layer trained; "nngp":
+only the last layer, the wrong dynamics for these networks, which a run with power rejects): z =
+(a - theory) / se(a). The slope b is the measured 1/n coefficient, reported with its error. Every
+row states the smallest deviation the run could detect (z_max standard errors of the intercept), so
+that a check without power shows as one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from derive.core.errors import DeriveError
+from derive.sampling.estimators import fit_inverse_width, z_score
+
+#: What is compared per test output.
+QUANTITIES = ("mean", "variance")
+
+
+@dataclass(frozen=True)
+class TrainedRow:
+    quantity: str
+    step: int
+    point: int
+    output: int
+    theory: float
+    intercept: float
+    intercept_stderr: float
+    slope: float
+    slope_stderr: float
+    chi2: float
+    dof: int
+    z: float
+    detectable: float
+    estimates: tuple
+    stderrs: tuple
+
+    def as_dict(self) -> dict:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
+
+
+@dataclass(frozen=True)
+class TrainedValidation:
+    """Rows per (quantity, checkpoint, test point, output); ``passed`` when every |z| < ``z_max``."""
+
+    rows: tuple
+    widths: tuple
+    n_networks: int
+    steps: tuple
+    learning_rate: float
+    mode: str
+    z_max: float
+    final_loss: dict
+
+    @property
+    def passed(self) -> bool:
+        return all(abs(r.z) < self.z_max for r in self.rows)
+
+    @property
+    def worst(self) -> TrainedRow:
+        return max(self.rows, key=lambda r: abs(r.z))
+
+    def to_dict(self) -> dict:
+        return {"passed": self.passed, "mode": self.mode, "widths": list(self.widths),
+                "n_networks": self.n_networks, "steps": list(self.steps), "learning_rate": self.learning_rate,
+                "z_max": self.z_max, "final_training_loss": {str(k): v for k, v in self.final_loss.items()},
+                "rows": [r.as_dict() for r in self.rows]}
+
+    def __repr__(self) -> str:
+        verdict = "passed" if self.passed else "FAILED"
+        w = self.worst
+        return (f"TrainedValidation({verdict}: {len(self.rows)} comparisons against the {self.mode} prediction, "
+                f"widths {list(self.widths)}, {self.n_networks} networks each; worst |z| = {abs(w.z):.2f} "
+                f"({w.quantity}, step {w.step}, point {w.point}))")
+
+    def table(self) -> list[str]:
+        """Text rows within 80 columns."""
+        head = f"{'quantity':<9}{'step':>6}{'pt':>4}{'theory':>12}{'fit n->inf':>12}{'+-':>10}{'z':>7}{'5 se':>10}"
+        lines = [head.replace("5 se", f"{self.z_max:g} se")]
+        for r in self.rows:
+            lines.append(f"{r.quantity:<9}{r.step:>6}{r.point:>4}{r.theory:>12.5g}{r.intercept:>12.5g}"
+                         f"{r.intercept_stderr:>10.2g}{r.z:>7.2f}{r.detectable:>10.2g}")
+        return lines
+
+    def _repr_markdown_(self) -> str:
+        verdict = "passed" if self.passed else "**failed**"
+        lines = [f"**Trained ensembles against the infinite-width `{self.mode}` prediction**: {verdict} "
+                 f"(widths {list(self.widths)}, {self.n_networks} networks each, learning rate "
+                 f"{self.learning_rate:g})", "",
+                 "| quantity | step | point | theory | fit n→∞ | ± | z | 1/n slope |",
+                 "|---|---|---|---|---|---|---|---|"]
+        for r in self.rows:
+            lines.append(f"| {r.quantity} | {r.step} | {r.point} | {r.theory:.6g} | {r.intercept:.6g} | "
+                         f"{r.intercept_stderr:.2g} | {r.z:.2f} | {r.slope:.3g} ± {r.slope_stderr:.2g} |")
+        return "\n".join(lines)
+
+    def plot(self, out: str | None = None, points: int = 4, step: int | None = None):
+        """Deviation of the ensemble mean and variance from the infinite-width prediction against 1/n
+        for the first ``points`` test points (output 0) at one checkpoint (default: the one with the
+        largest |z|): estimates with error bars, the fit a + b/n, zero = the prediction. Returns the
+        matplotlib Figure; saved to ``out`` (.png, .pdf, .svg) when given."""
+        from matplotlib.figure import Figure
+
+        step = self.worst.step if step is None else step
+        fig = Figure(figsize=(9, 4), layout="constrained")
+        axes = fig.subplots(1, 2)
+        colours = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9"]
+        inv = 1.0 / np.asarray(self.widths, dtype=float)
+        grid = np.linspace(0.0, inv.max() * 1.05, 50)
+        for ax, quantity in zip(axes, QUANTITIES):
+            rows = [r for r in self.rows if r.quantity == quantity and r.step == step and r.output == 0][:points]
+            ax.axhline(0.0, color="black", lw=1, ls="--", label=f"infinite-width prediction ({self.mode})")
+            for k, (colour, r) in enumerate(zip(colours, rows)):
+                dodge = (k - (len(rows) - 1) / 2) * 0.008 * inv.max()  # side by side, not on top
+                ax.errorbar(inv + dodge, np.asarray(r.estimates) - r.theory, yerr=r.stderrs, fmt="o",
+                            color=colour, capsize=3, ms=4, label=f"test point {r.point}: z = {r.z:.1f}")
+                ax.errorbar([dodge], [r.intercept - r.theory], yerr=[r.intercept_stderr], fmt="s", mfc="white",
+                            color=colour, capsize=3, ms=5)
+                ax.plot(grid, r.intercept - r.theory + r.slope * grid, "-", color=colour, lw=1)
+            ax.set_xlabel(r"$1/n$ (inverse hidden width)")
+            symbol = r"$\mathbb{E}[f(x)]$" if quantity == "mean" else r"$\mathrm{Var}[f(x)]$"
+            ax.set_ylabel(f"ensemble {quantity} {symbol} minus prediction")
+            ax.set_xlim(left=-0.03 * inv.max())
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7, loc="best")
+        verdict = "agree" if self.passed else "DISAGREE"
+        fig.suptitle(f"Trained ensembles after {step} steps ({self.n_networks} networks per width): theory and "
+                     f"sampling {verdict} (max |z| = {abs(self.worst.z):.2f} at step {self.worst.step})\n"
+                     f"lines: fits a + b/n; squares at 1/n = 0: the fitted intercepts with their errors",
+                     fontsize=9)
+        if out is not None:
+            fig.savefig(out, dpi=150)
+        return fig
+
+
+def compare(ensembles: Sequence, theory, *, mode: str, z_max: float, learning_rate: float) -> TrainedValidation:
+    """Rows from trained ensembles (one per width, the same checkpoints) and the infinite-width
+    :class:`~derive.inference.predict.Prediction` at those step counts."""
+    widths = tuple(e.width for e in ensembles)
+    steps = ensembles[0].checkpoints
+    estimates = {"mean": [e.mean() for e in ensembles], "variance": [e.variance() for e in ensembles]}
+    g = theory[mode]
+    expected = {"mean": np.asarray(g.mean), "variance": np.asarray(g.variance)}
+    rows = []
+    for quantity in QUANTITIES:
+        values = np.stack([v for v, _ in estimates[quantity]])  # (widths, checkpoints, M, k)
+        errors = np.stack([s for _, s in estimates[quantity]])
+        _, T, M, K = values.shape
+        for c in range(T):
+            for i in range(M):
+                for j in range(K):
+                    th = expected[quantity][c, i, j] if expected[quantity].ndim == 3 else expected[quantity][c, i]
+                    y, s = values[:, c, i, j], errors[:, c, i, j]
+                    if np.all(s == 0):  # step 0 with zero variance cannot happen; guard the fit
+                        s = np.full_like(s, np.finfo(float).tiny)
+                    fit = fit_inverse_width(widths, y, np.maximum(s, 1e-300))
+                    z = z_score(fit.intercept, fit.intercept_stderr, float(th))
+                    rows.append(TrainedRow(quantity, int(steps[c]), i, j, float(th), fit.intercept,
+                                           fit.intercept_stderr, fit.slope, fit.slope_stderr, fit.chi2, fit.dof,
+                                           float(z), z_max * fit.intercept_stderr, tuple(map(float, y)),
+                                           tuple(map(float, s))))
+    final_loss = {e.width: float(np.mean(e.losses[:, -1])) for e in ensembles}
+    return TrainedValidation(tuple(rows), widths, ensembles[0].n_networks, tuple(steps), float(learning_rate),
+                             mode, float(z_max), final_loss)
+
+
+def validate_trained_dense(activation, x_train, y_train, x_test, depth: int, C_W: float, C_b: float,
+                           lambda_W: float, lambda_b: float, *, widths: Sequence[int], n_networks: int,
+                           steps: Sequence[int], learning_rate: float, seed: int, mode: str, z_max: float,
+                           progress: Callable[[str], None] | None = None) -> TrainedValidation:
+    """Train ensembles of the dense network of ``activation`` at each width and compare (module
+    docstring). ``activation`` is an :class:`~derive.rules.activations.Activation`."""
+    from derive.arch.description import dense_network
+    from derive.backends.codegen import jax_activation
+    from derive.inference.predict import predict_network
+    from derive.sampling.training import train_ensemble
+
+    widths = tuple(int(w) for w in widths)
+    if len(widths) < 3 or len(set(widths)) != len(widths) or min(widths) < 1:
+        raise DeriveError(f"widths must be at least three distinct positive widths (a 1/n fit with a check "
+                          f"of its own), got {list(widths)}")
+    if mode not in ("nngp", "ntk"):
+        raise DeriveError(f"mode must be 'ntk' (every layer trained) or 'nngp' (the last layer only), got {mode!r}")
+    steps = tuple(int(s) for s in np.atleast_1d(steps))
+    net = dense_network(activation, depth, C_W, C_b, lambda_W, lambda_b)
+    theory = predict_network(net, x_train, y_train, x_test, steps=list(steps), learning_rate=learning_rate,
+                             get=(mode,), covariance="diagonal")
+    y = np.asarray(y_train, dtype=float)
+    y2 = y.reshape(-1, 1) if y.ndim == 1 else y
+    if y.ndim == 1:  # the comparison runs on (M, k) arrays
+        theory = type(theory)({mode: type(theory[mode])(theory[mode].mean[..., None],
+                                                          theory[mode].covariance[..., None])},
+                              theory.times, theory.steps, theory.learning_rate, theory.noise, theory.jitter,
+                              theory.n_train, theory.n_test)
+    sigma = jax_activation(activation)
+    ensembles = []
+    for w in widths:
+        if progress is not None:
+            progress(f"training {n_networks} networks of width {w}")
+        ensembles.append(train_ensemble(sigma, x_train, y2, x_test, depth, w, C_W, C_b, lambda_W, lambda_b,
+                                        steps=steps, learning_rate=learning_rate, n_networks=n_networks,
+                                        seed=seed + 7919 * w))
+    return compare(ensembles, theory, mode=mode, z_max=z_max, learning_rate=learning_rate)
+
+
+__all__ = ["QUANTITIES", "TrainedRow", "TrainedValidation", "compare", "validate_trained_dense"]
