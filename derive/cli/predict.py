@@ -35,6 +35,17 @@ def demo_data():
     return x_train, np.sin(x_train @ w) + 0.05 * rng.standard_normal(32), x_test
 
 
+def task(inputs: Optional[Path], targets: Optional[Path], test_inputs: Optional[Path], command: str):
+    """(x_train, y_train, x_test, demo?): the three files, or the demo task when none is given."""
+    given = [p is not None for p in (inputs, targets, test_inputs)]
+    if any(given) and not all(given):
+        fail(f"{command}: give --inputs, --targets and --test-inputs together (or none of them for the demo task)")
+    if not any(given):
+        return (*demo_data(), True)
+    return (*(load_npy(p, o) for p, o in ((inputs, "--inputs"), (targets, "--targets"),
+                                          (test_inputs, "--test-inputs"))), False)
+
+
 def _times(values: Optional[List[str]], option: str):
     if not values:
         return None
@@ -89,14 +100,7 @@ def predict(
     from derive import api
 
     activation_or_arch(activation, arch, "predict")
-    given = [p is not None for p in (inputs, targets, test_inputs)]
-    if any(given) and not all(given):
-        fail("predict: give --inputs, --targets and --test-inputs together (or none of them for the demo task)")
-    if all(given):
-        x_train, y_train, x_test = (load_npy(p, o) for p, o in ((inputs, "--inputs"), (targets, "--targets"),
-                                                                 (test_inputs, "--test-inputs")))
-    else:
-        x_train, y_train, x_test = demo_data()
+    x_train, y_train, x_test, demo = task(inputs, targets, test_inputs, "predict")
     t = _times(time, "--time")
     if t is not None and steps:
         fail("predict: give --time or --steps, not both")
@@ -132,9 +136,9 @@ def predict(
                 arrays[f"{m}_covariance"] = g.covariance
         write_atomic(out, lambda tmp: np.savez(open(tmp, "wb"), **arrays))
     if fmt is NumFormat.json:
-        typer.echo(json.dumps({**network, "demo_data": not all(given), **res.to_dict()}))
+        typer.echo(json.dumps({**network, "demo_data": demo, **res.to_dict()}))
         return
-    typer.echo(_text(res, network, not all(given)))
+    typer.echo(_text(res, network, demo))
     if out is not None:
         typer.echo(f"wrote {out}")
 
@@ -218,14 +222,8 @@ def validate_trained(
     from derive import api
     from derive.cli.app import check_png
 
-    given = [p is not None for p in (inputs, targets, test_inputs)]
-    if any(given) and not all(given):
-        fail("validate-trained: give --inputs, --targets and --test-inputs together (or none for the demo task)")
-    if all(given):
-        x_train, y_train, x_test = (load_npy(p, o) for p, o in ((inputs, "--inputs"), (targets, "--targets"),
-                                                                 (test_inputs, "--test-inputs")))
-    else:
-        x_train, y_train, x_test = demo_data()
+    x_train, y_train, x_test, demo = task(inputs, targets, test_inputs, "validate-trained")
+    if demo:  # a smaller task: training runs per network
         x_train, y_train, x_test = x_train[:8], y_train[:8], x_test[:4]
     if out is not None:
         check_png(out)
@@ -237,7 +235,7 @@ def validate_trained(
         write_atomic(out, lambda tmp: report.plot(tmp))
     if fmt is NumFormat.json:
         typer.echo(json.dumps({"activation": activation, "depth": depth, "C_W": cw, "C_b": cb,
-                               "demo_data": not all(given), **report.to_dict()}))
+                               "demo_data": demo, **report.to_dict()}))
     else:
         verdict = "PASSED" if report.passed else "FAILED"
         lines = [f"Trained ensembles ({activation}, depth {depth}, C_W {cw:g}, C_b {cb:g}; widths {widths}, "
