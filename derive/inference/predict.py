@@ -18,7 +18,8 @@ from derive.core.errors import DeriveError
 from derive.inference.infinite import MODES, Gaussian, check_learning_rate, ensemble, prepare
 from derive.kernels.engine import network_cross_gram, network_gram
 
-#: Test points per chunk (their kernel blocks and predictions are formed together).
+#: Test points per chunk (their kernel blocks and predictions are formed together; the kernel blocks in
+#: turn are evaluated in chunks of at most as many rows as there are training points).
 TEST_CHUNK = 2048
 #: Values of ``covariance``: none, the per-point variances, or the full test covariance.
 COVARIANCES = (None, "diagonal", "full")
@@ -127,6 +128,11 @@ def _times(t, steps) -> tuple[tuple | None, bool, bool]:
     return tuple(float(v) for v in arr), steps is not None, scalar
 
 
+def _first(g: Gaussian, p: int) -> Gaussian:
+    """The first ``p`` test points of a chunk's predictions (per-point variances)."""
+    return Gaussian(g.mean[:, :p], None if g.covariance is None else g.covariance[:, :p], g.full)
+
+
 def predict_network(net: Serial, x_train, y_train, x_test, *, t=None, steps=None, learning_rate: float = 1.0,
                     noise: float = 0.0, get=("nngp", "ntk"), covariance: str | None = "diagonal",
                     chunk: int | None = None, dtype: str = "float64") -> Prediction:
@@ -199,7 +205,16 @@ def predict_network(net: Serial, x_train, y_train, x_test, *, t=None, steps=None
     if covariance == "full":
         parts = [chunk_predictions(x_test, network_gram(net, x_test, dtype=dtype))]
     else:
-        parts = [chunk_predictions(x_test[i:i + chunk]) for i in range(0, x_test.shape[0], chunk)]
+        # chunks of equal size (the last one padded by copies of its last point, dropped again), so
+        # that the kernels compile once
+        chunk = min(chunk, x_test.shape[0])
+        parts = []
+        for i in range(0, x_test.shape[0], chunk):
+            part = x_test[i:i + chunk]
+            p = part.shape[0]
+            if p < chunk:
+                part = np.concatenate([part, np.repeat(part[-1:], chunk - p, axis=0)])
+            parts.append({m: _first(g, p) for m, g in chunk_predictions(part).items()})
     out = {}
     for mode in modes:
         mean = np.concatenate([p[mode].mean for p in parts], axis=1)

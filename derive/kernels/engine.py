@@ -111,11 +111,15 @@ def network_cross_gram(net: Serial, rows, columns, *, chunk: int | None = None, 
         raise DeriveError(f"chunk must be a positive integer, got {chunk!r}")
     positions = rows.ndim - 2
     blocks: list = [[], [], [], []]
-    for start in range(0, n, int(chunk)):
-        part = rows[start:start + int(chunk)]
-        K, Theta = network_gram(net, np.concatenate([columns, part]), dtype=dtype, method=method,
-                                devices=devices)
+    chunk = min(int(chunk), n)
+    for start in range(0, n, chunk):
+        part = rows[start:start + chunk]
         p = part.shape[0]
+        # Every chunk has the same shape (the last one padded with copies of its last row, whose
+        # entries are dropped), so the evaluation compiles once for all chunks.
+        padded = np.concatenate([part, np.repeat(part[-1:], chunk - p, axis=0)]) if p < chunk else part
+        K, Theta = network_gram(net, np.concatenate([columns, padded]), dtype=dtype, method=method,
+                                devices=devices)
         for i, full in enumerate((K, Theta)):
             blocks[i].append(_block(full, slice(m, m + p), slice(0, m), positions))
             blocks[2 + i].append(_diagonal(_block(full, slice(m, m + p), slice(m, m + p), positions), positions))
