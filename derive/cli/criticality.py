@@ -187,8 +187,10 @@ def profile(
         typer.echo(f"layer {i + 1:>6}: K = {prof.K[i]:.6g}  rho = {prof.rho[i]:.6g}  "
                    f"chi_par = {prof.chi_par[i]:.6g}  chi_perp = {prof.chi_perp[i]:.6g}")
     for f in fps:
-        typer.echo(f"correlation fixed point rho* = {f['rho']:.10g}: chi_c = {f['chi_c']:.6g}, "
-                   f"{'stable' if f['stable'] else 'unstable'}, depth scale {f['depth_scale']:.6g}")
+        kind = "marginal (tangent; a power-law approach)" if f["marginal"] else (
+            "stable" if f["stable"] else "unstable")
+        typer.echo(f"correlation fixed point rho* = {f['rho']:.10g}: chi_c = {f['chi_c']:.6g}, {kind}, "
+                   f"depth scale {f['depth_scale']:.6g}")
     if out is not None:
         typer.echo(f"wrote {out}")
 

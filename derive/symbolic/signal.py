@@ -69,7 +69,8 @@ def depth_profile(activation, C_W: float, C_b: float, depth: int, K0: float = 1.
         k, k12 = C_b + C_W * float(one(k)), C_b + C_W * float(two(k, k12, k))
     with np.errstate(all="ignore"):
         rho = np.clip(K12 / K, -1.0, 1.0)
-        cpar, cperp = chi_par(K), chi_perp(K)
+        # a constant susceptibility (relu's, say) evaluates to a scalar: one value per layer all the same
+        cpar, cperp = (np.array(np.broadcast_to(f(K), K.shape), dtype=float) for f in (chi_par, chi_perp))
     return Profile(K, K12, rho, cpar, cperp)
 
 
@@ -95,24 +96,69 @@ def chi_perp_at_fixed_point(activation, C_W, C_b, K0: float = 1.0, layers: int =
 
 
 def correlation_fixed_points(activation, C_W: float, C_b: float, K_star: float, grid: int = 2001) -> list[dict]:
-    """Fixed points rho* of the correlation map at K*, with slope chi_c and depth scale xi."""
+    """Fixed points rho* of the correlation map at K*, with slope chi_c and depth scale xi.
+
+    The map is rho -> (C_b + C_W <sigma(z1) sigma(z2)>) / (C_b + C_W <sigma^2>), both at
+    (K*, rho K*, K*): the next layer's correlation, normalised by the next layer's diagonal, so that
+    rho = 1 (identical inputs stay identical) is a fixed point exactly, also where K* is reached
+    only slowly (a power law at a half-stable point) and the profile's last K is not yet K*. At the
+    fixed point of the single-input map the normalisation is K* itself (PDLT sec. 5.1). Roots are
+    found where the residual changes sign on a ``grid`` of rho (or vanishes on it) and where it
+    touches zero without changing sign (a tangent, double root: refined at the zero of its slope).
+    The slope is chi_c = C_W <sigma' sigma'> K* / K' (at rho = 1 and the fixed point, chi_perp)
+    for a continuous sigma, and the map's difference quotient where sigma jumps (step, sign: there
+    the slope at rho = 1 is infinite and identical inputs separate). ``marginal``:
+    |chi_c - 1| < 1e-6 (the map is tangent there; the approach is a power law, no depth scale).
+    """
+    from scipy.optimize import brentq
+
     d = derive_kernel(activation)
     two = _fn(d.numeric(d.expectation), S.K11, S.K12, S.K22)
     dtwo = _fn(d.numeric(d.derivative_expectation), S.K11, S.K12, S.K22)
-    rho = np.linspace(-1.0, 1.0, grid)
-    resid = (C_b + C_W * two(K_star, rho * K_star, K_star)) / K_star - rho
-    out = []
-    from scipy.optimize import brentq
+    K_next = float(C_b + C_W * two(K_star, K_star, K_star))
 
     def r(x):
-        return float((C_b + C_W * two(K_star, x * K_star, K_star)) / K_star - x)
+        return float((C_b + C_W * two(K_star, x * K_star, K_star)) / K_next - x)
 
-    roots = [1.0] if abs(resid[-1]) < 1e-9 else []
+    def price_slope(x):
+        return float(C_W * dtwo(K_star, x * K_star, K_star) * K_star / K_next)
+
+    def difference_slope(x, h=1e-7):
+        lo, hi = max(-1.0, x - h), min(1.0, x + h)
+        return (r(hi) - r(lo)) / (hi - lo) + 1.0
+
+    # d<sigma sigma>/dK12 = <sigma' sigma'> (Price's theorem) needs a continuous sigma; a jump (step,
+    # sign) puts a delta function in sigma' that the almost-everywhere derivative leaves out, and the
+    # slope is then the map's own (by differences; infinite at rho = +-1 for a jump).
+    probe = difference_slope(0.3, 1e-5)
+    slope = price_slope if abs(price_slope(0.3) - probe) <= 1e-4 * max(1.0, abs(probe)) else difference_slope
+
+    rho = np.linspace(-1.0, 1.0, grid)
+    with np.errstate(all="ignore"):
+        resid = (C_b + C_W * two(K_star, rho * K_star, K_star)) / K_next - rho
+    scale = max(1.0, float(np.max(np.abs(resid[np.isfinite(resid)]), initial=0.0)))
+    roots = [1.0] if abs(resid[-1]) <= 1e-12 * scale else []
+    if abs(resid[0]) <= 1e-12 * scale:
+        roots.append(-1.0)
     for i in range(grid - 1):
-        if np.sign(resid[i]) != np.sign(resid[i + 1]) and resid[i] != 0 and abs(rho[i + 1] - 1.0) > 1e-12:
+        a, b = resid[i], resid[i + 1]
+        if a == 0:
+            roots.append(float(rho[i]))  # an exact root on the grid (rho = 0 of an odd activation, say)
+        elif np.sign(a) != np.sign(b) and b != 0:
             roots.append(brentq(r, rho[i], rho[i + 1], xtol=1e-14))
+        elif 0 < i and np.sign(resid[i - 1]) == np.sign(a) == np.sign(b) and abs(a) < 1e-6 * scale \
+                and abs(a) <= abs(resid[i - 1]) and abs(a) <= abs(b):
+            # a local minimum of |residual| near zero: a tangent root is where the slope is 1
+            lo, hi = rho[i - 1], rho[i + 1]
+            if np.sign(slope(lo) - 1) != np.sign(slope(hi) - 1):
+                x = brentq(lambda t: slope(t) - 1, lo, hi, xtol=1e-14)
+                if abs(r(x)) < 1e-9 * scale:
+                    roots.append(x)
+    out = []
     for x in sorted(set(roots)):
-        chi_c = float(C_W * dtwo(K_star, x * K_star, K_star))
-        xi = -1.0 / np.log(chi_c) if 0 < chi_c < 1 else float("inf")
-        out.append({"rho": float(x), "chi_c": chi_c, "stable": bool(chi_c < 1), "depth_scale": float(xi)})
+        chi_c = slope(x)
+        marginal = abs(chi_c - 1) < 1e-6
+        xi = -1.0 / np.log(chi_c) if 0 < chi_c < 1 and not marginal else float("inf")
+        out.append({"rho": float(x), "chi_c": chi_c, "stable": bool(chi_c < 1 and not marginal),
+                    "marginal": bool(marginal), "depth_scale": float(xi)})
     return out
