@@ -1,8 +1,9 @@
 """Universality classes and critical initialisations of several activations, and a phase diagram.
 
-Run: python examples/criticality.py        (writes tanh-phase.png next to this file)
+Run: python examples/criticality.py [OUT.png]   (writes tanh-phase.png in the current folder by default)
 """
 
+import sys
 from pathlib import Path
 
 import derive
@@ -19,6 +20,6 @@ for name in ["relu", "leaky_relu", "tanh", "sin", "erf", "gelu", "swish", "softp
 print("z**2 + 1:", derive.criticality("z**2 + 1").reason)
 
 tanh = derive.criticality("tanh")
-out = Path(__file__).with_name("tanh-phase.png")
+out = Path(sys.argv[1] if len(sys.argv) > 1 else "tanh-phase.png")
 phase_diagram(tanh.activation, str(out), critical_points=[p.as_dict() for p in tanh.critical_points], grid=40)
 print("wrote", out)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -14,9 +15,10 @@ from derive.core.parse import parse_expression
 from derive.symbolic.numeric import evaluate
 
 
-def run(*args: str, cwd=None) -> subprocess.CompletedProcess:
+def run(*args: str, cwd=None, env_columns: int | None = None) -> subprocess.CompletedProcess:
+    env = None if env_columns is None else {**os.environ, "COLUMNS": str(env_columns)}
     return subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True, text=True, cwd=cwd,
-                          timeout=300)
+                          timeout=300, env=env)
 
 
 def test_kernel_relu_json_keys_and_values():
@@ -132,3 +134,18 @@ def test_finite_width_json_has_the_dntk_and_its_closed_form():
         expr = parse_expression(out["closed_form"][q], variables={"l": l})
         assert [float(expr.subs(l, k)) for k in range(1, 8)] == pytest.approx(out[q], rel=1e-12)
     assert out["depth_to_width"]["dH_over_nTheta2_slope"] > 0
+
+
+def test_kernel_small_surface_fixes():
+    """A paste-ready LaTeX align block; the header names every quadrature order the table shows; a
+    misspelt activation gets a suggestion; --help shows the architecture file's [[layers]] table."""
+    latex = run("kernel", "--activation", "relu", "--format", "latex")
+    assert latex.returncode == 0, latex.stderr
+    body = [line for line in latex.stdout.splitlines() if not line.startswith("%")]
+    assert body[0] == r"\begin{align}" and body[-1] == r"\end{align}" and not body[-2].endswith("\\\\")
+    assert all(line.endswith(" \\\\") for line in body[1:-2]) and all("&=" in line for line in body[1:-1])
+    text = run("kernel", "--activation", "tanh", env_columns=200)
+    assert "orders 129, 193" in text.stdout, text.stdout[:300]
+    bad = run("kernel", "--activation", "relus")
+    assert bad.returncode == 2 and "did you mean 'relu'?" in bad.stderr
+    assert "[[layers]]" in run("validate", "--help", env_columns=200).stdout

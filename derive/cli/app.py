@@ -51,7 +51,7 @@ PARAM_HELP = "Activation parameter NAME=VALUE, repeatable, e.g. --param a=0.2 fo
 RULES_HELP = "Extra folder of rule files (activations/*.toml, identities/*.toml), searched first."
 
 
-ARCH_HELP = ("Architecture file (TOML: [[layers]] of dense, activation, layernorm, residual, conv, avg_pool, "
+ARCH_HELP = ("Architecture file (TOML: \\[\\[layers]] of dense, activation, layernorm, residual, conv, avg_pool, "
              "global_avg_pool, flatten, attention, repeat; see examples/architectures/) instead of --activation.")
 
 

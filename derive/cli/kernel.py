@@ -86,9 +86,10 @@ def kernel(
             "single_input": r"K^{(\ell+1)}",
             "single_input_ntk": r"\Theta^{(\ell+1)}",
         }
+        # a paste-ready align block (amsmath): one aligned line per quantity, no trailing break
+        lines = [rf"{labels[k]} &= {sp.latex(v)}" for k, v in items.items()]
         typer.echo(rf"% {act.name}: \sigma(z) = {sp.latex(act.expression)}")
-        for k, v in items.items():
-            typer.echo(rf"{labels[k]} = {sp.latex(v)} \\")
+        typer.echo("\\begin{align}\n" + " \\\\\n".join(lines) + "\n\\end{align}")
         return
     from rich.console import Console
     from rich.table import Table
@@ -99,7 +100,9 @@ def kernel(
     if d.closed_form:
         console.print("closed form: yes")
     else:
-        console.print(f"closed form: no (quadrature nodes, order {d.quadrature_order}, tolerance {d.tol:g})")
+        orders = sorted({n.order for n in d.nodes()})
+        which = f"order {orders[0]}" if len(orders) == 1 else f"orders {', '.join(map(str, orders))}"
+        console.print(f"closed form: no (quadrature nodes, {which} points per dimension, tolerance {d.tol:g})")
     table = Table(show_header=True, header_style="bold")
     table.add_column("quantity")
     table.add_column("derived expression (symbols K11, K12, K22, K, C_W, C_b, lambda_W, lambda_b, Theta12)")

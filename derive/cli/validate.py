@@ -36,7 +36,7 @@ def validate(
     widths: Optional[str] = typer.Option(None, "--widths", help="Several uniform widths n1,n2,... (comma-separated): each is sampled and every estimate is extrapolated in 1/n to infinite width, where it is compared with the theory."),
     samples: int = typer.Option(1000, "--samples", "-S", help="Networks sampled per width."),
     seed: int = typer.Option(0, "--seed", help="Random seed: the same seed gives the same numbers."),
-    quantities: str = typer.Option("K,Theta", "--quantities", "-q", help="Comma-separated: K (kernel, every layer and input pair), Theta (output NTK), V (four-point vertex), G1 (NLO kernel), Theta_var (NTK fluctuation A + 2B/n), dNTK_P and dNTK_Q (the dNTK's correlations with the preactivations, PDLT ch. 11; slower: second derivatives per network)."),
+    quantities: str = typer.Option("K,Theta", "--quantities", "-q", help="Comma-separated: K (kernel, every layer and input pair), Theta (output NTK), V (four-point vertex), G1 (NLO kernel), Theta_var (the NTK's fluctuation, n Var(Theta) = A + 2B), dNTK_P and dNTK_Q (the dNTK's correlations with the preactivations, PDLT ch. 11; slower: second derivatives per network)."),
     lambda_w: Optional[float] = typer.Option(None, "--lambda-w", help="NTK weight learning-rate factor (default C_W)."),
     lambda_b: Optional[float] = typer.Option(None, "--lambda-b", help="NTK bias learning-rate factor (default C_b)."),
     inputs: Optional[Path] = typer.Option(None, "--inputs", help="Inputs as a .npy array of shape (N, d). Default: three fixed inputs in d = 8."),

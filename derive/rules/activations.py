@@ -7,6 +7,7 @@ given a value), and the almost-everywhere derivative sigma'(z) used by the NTK.
 
 from __future__ import annotations
 
+import difflib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -139,8 +140,11 @@ def resolve(spec: str, params: Mapping[str, str] | list[str] | None = None,
         return Activation(rule.name, rule.expression, rule.params, parse_params(params, rule), rule)
     text = spec.strip()
     if _IDENT.match(text) and text not in ("z", "x"):
-        known = ", ".join(activation_names(tuple(rule_dirs)))
-        raise UnknownActivation(f"unknown activation '{text}' (known: {known}; or an expression in z, e.g. 'z*erf(z)')")
+        names = activation_names(tuple(rule_dirs))
+        close = difflib.get_close_matches(text.lower(), names, n=1, cutoff=0.7)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        raise UnknownActivation(f"unknown activation '{text}' ({hint}known: {', '.join(names)}; or an expression "
+                                f"in z, e.g. 'z*erf(z)')")
     uses_x = bool(re.search(r"\bx\b", text))
     uses_z = bool(re.search(r"\bz\b", text))
     if uses_x and uses_z:
