@@ -191,3 +191,21 @@ def test_cli_bad_input_exits_two_with_one_line(args):
     res = run("-a", "relu", "--cw", "2", "--depth", "2", *args)
     assert res.returncode == 2
     assert res.stderr.strip().startswith("error:") and len(res.stderr.strip().splitlines()) == 1
+
+
+def test_rows_state_their_power():
+    """Every checked row says the smallest deviation it could detect (z_max standard errors) and
+    whether a deviation as large as the value itself would pass; G1 at these sizes has no power."""
+    from derive.validation.validate import validate as run_validation
+    from derive.validation.validate import weak_quantities
+
+    report = run_validation("tanh", 1.5, 0.1, 3, widths=(32, 64, 128), samples=100, seed=0,
+                            quantities=("K", "G1"))
+    for r in report.results:
+        if r["checked"]:
+            assert r["detectable"] == pytest.approx(report.z_max * r["stderr"])
+            if r["theory"]:
+                assert r["weak"] == (r["detectable"] >= abs(r["theory"]))
+    weak = weak_quantities(report)
+    assert "G1" in weak and weak["G1"][0] >= 1
+    assert "K" not in weak or weak["K"][0] < weak["K"][1]

@@ -84,7 +84,7 @@ def validate(
         return
     if cw is None or depth is None:
         fail("validate: --cw and --depth are required with --activation")
-    from derive.validation.validate import EXTRAPOLATED
+    from derive.validation.validate import EXTRAPOLATED, weak_quantities
     from derive.validation.validate import validate as run_validation
 
     several = None
@@ -119,8 +119,8 @@ def validate(
                   f"width{'s' if len(report.widths) > 1 else ''} {', '.join(map(str, report.widths))}, "
                   f"{report.samples} networks per width, seed {report.seed}"
                   + (", conditional sampler" if report.method == "conditional" else ""))
-    table = Table("quantity", "layer", "inputs", "width", "theory", "estimate", "+- error", "z", box=box.SIMPLE,
-                  pad_edge=False)
+    table = Table("quantity", "layer", "inputs", "width", "theory", "estimate", "+- error", "z", "detects",
+                  box=box.SIMPLE, pad_edge=False)
     for r in report.results:
         z = r["z"]
         bad = r["checked"] and z is not None and not abs(z) < report.z_max
@@ -129,9 +129,17 @@ def validate(
             z_text = f"[bold red]{z_text}[/bold red]"
         elif not r["checked"] and z is not None:
             z_text = f"[dim]{z_text}[/dim]"
+        detects = "-" if r["detectable"] is None or not r["checked"] else f"{r['detectable']:.2g}"
+        if r["checked"] and r["weak"]:
+            detects += " [yellow](weak)[/yellow]"
         table.add_row(r["quantity"], str(r["layer"]), ",".join(map(str, r["inputs"])), str(r["width"]),
-                      number(r["theory"]), number(r["estimate"]), f"{r['stderr']:.2g}", z_text)
+                      number(r["theory"]), number(r["estimate"]), f"{r['stderr']:.2g}", z_text, detects)
     console.print(table)
+    console.print(f"detects: the smallest deviation from the theory a checked row could detect ({report.z_max:g} "
+                  "standard errors); (weak): not even a deviation as large as the value itself")
+    for quantity, (weak, checked) in weak_quantities(report).items():
+        console.print(f"[yellow]no power[/yellow]: {quantity} in {weak} of {checked} checked rows (more networks, "
+                      "or for 1/n quantities smaller widths, give it power)")
     if len(report.widths) > 1:
         console.print(f"rows at width {EXTRAPOLATED}: intercept a of a + b/n fitted over the widths; they "
                       "decide the check (per-width z include the O(1/n) bias and are dimmed)")

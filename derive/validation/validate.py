@@ -38,7 +38,7 @@ from derive.sampling.estimators import fit_inverse_width, z_score
 from derive.symbolic.recursions import derive_kernel, numeric_kernel_expressions
 from derive.validation.quantities import QUANTITIES, Quantity, Setup, quantity_rows
 
-__all__ = ["validate", "ValidationReport", "plot_validation", "default_inputs", "EXTRAPOLATED"]
+__all__ = ["validate", "ValidationReport", "plot_validation", "default_inputs", "weak_quantities", "EXTRAPOLATED"]
 
 #: The ``width`` of rows that hold the extrapolation to infinite width.
 EXTRAPOLATED = "1/n->0"
@@ -63,7 +63,9 @@ class ValidationReport:
     ``results`` is a list of rows (dicts) with keys ``quantity``, ``layer``, ``inputs`` (0-based
     input indices), ``width`` (an int, or ``"1/n->0"`` for the extrapolated intercept, which also
     has ``slope``, ``slope_stderr``, ``chi2`` and ``dof``), ``theory``, ``estimate``, ``stderr``,
-    ``z`` (None without a theory) and ``checked`` (whether the row decides :attr:`passed`).
+    ``z`` (None without a theory), ``checked`` (whether the row decides :attr:`passed`),
+    ``detectable`` (z_max standard errors: the smallest deviation the row could detect) and ``weak``
+    (true when even a deviation as large as the theory value would pass: no power).
     ``method`` is the sampler ("weights" or "conditional").
     """
 
@@ -303,11 +305,34 @@ def validate(
         for r in rows:  # an entry that cannot be fitted (zero stderr) is checked width by width
             r["checked"] = (r["quantity"], r["layer"], tuple(r["inputs"])) not in fitted
         rows += fits
+    for r in rows:
+        _power(r, float(z_max))
     order = {q: k for k, q in enumerate(names)}
     rows.sort(key=lambda r: (order[r["quantity"]], r["width"] == EXTRAPOLATED, r["layer"], r["inputs"],
                              0 if r["width"] == EXTRAPOLATED else r["width"]))
     return ValidationReport(act.name, chosen, int(samples), int(seed), depth, C_W, C_b, lambda_W, lambda_b,
                             names, float(z_max), x, rows, method)
+
+
+def _power(row: dict, z_max: float) -> None:
+    """``detectable``: the smallest deviation from the theory this row could detect, z_max standard
+    errors; ``weak``: true when a deviation as large as the theory value itself would still pass (a
+    check without power; None where the theory is zero or absent)."""
+    detectable = z_max * row["stderr"] if np.isfinite(row["stderr"]) else None
+    row["detectable"] = detectable
+    theory = row["theory"]
+    row["weak"] = None if theory in (None, 0.0) or detectable is None else bool(detectable >= abs(theory))
+
+
+def weak_quantities(report: ValidationReport) -> dict[str, tuple[int, int]]:
+    """Quantities with checked rows that have no power: name -> (weak rows, checked rows)."""
+    out: dict[str, list[int]] = {}
+    for r in report.results:
+        if r["checked"] and r.get("weak") is not None:
+            counts = out.setdefault(r["quantity"], [0, 0])
+            counts[0] += bool(r["weak"])
+            counts[1] += 1
+    return {q: (w, n) for q, (w, n) in out.items() if w}
 
 
 def _extrapolate(rows: list[dict], widths: tuple[int, ...], order: int) -> list[dict]:
