@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from derive.arch.description import Serial, dense_network, load_arch
+from derive.core import budget
 from derive.core import symbols as S
 from derive.core.errors import DeriveError
 from derive.core.inputs import check_hyperparameters, check_inputs
@@ -93,7 +94,8 @@ class GramResult:
 def gram(spec: ActivationLike, inputs, depth: int, C_W: float, C_b: float = 0.0,
          lambda_W: float | None = None, lambda_b: float | None = None, *,
          params: Mapping[str, str] | Sequence[str] | None = None, dtype: str = "float64",
-         method: str = "auto", devices=None, x_test=None) -> GramResult:
+         method: str = "auto", devices=None, x_test=None, max_work: float | None = None,
+         max_memory: float | str | None = None) -> GramResult:
     """NNGP and NTK Gram matrices of ``inputs`` (N, d) at depth L (L dense layers).
 
     With ``x_test`` (M, d), the blocks between the test and the training inputs instead:
@@ -105,16 +107,19 @@ def gram(spec: ActivationLike, inputs, depth: int, C_W: float, C_b: float = 0.0,
     K^(1) = C_b + C_W x.x'/d, Theta^(1) = lambda_b + lambda_W x.x'/d, then the recursions of
     :func:`kernel`; lambda_W, lambda_b default to C_W, C_b (Neural Tangents' NTK parametrisation).
     ``method`` ("auto", "tiled" or "direct") and ``devices`` (a count or a list of devices to
-    shard the rows over) are those of :func:`derive.kernels.gram.gram_matrices`.
+    shard the rows over) are those of :func:`derive.kernels.gram.gram_matrices`. The work is estimated
+    first and refused over ``max_work`` operations or ``max_memory`` bytes (defaults: about ten minutes on a
+    laptop and this machine's memory; :mod:`derive.core.budget`).
     """
     C_W, C_b, lw, lb = check_hyperparameters(C_W, C_b, lambda_W, lambda_b, depth)
     x = check_inputs(inputs)
     x2 = None if x_test is None else _same_features(check_inputs(x_test), x)
-    net = dense_network(activation(spec, params), int(depth), C_W, C_b, lw, lb)
-    if x2 is None:
-        nngp, ntk = network_gram(net, x, dtype=dtype, method=method, devices=devices)
-    else:
-        nngp, ntk = network_gram(net, x2, x, dtype=dtype, method=method, devices=devices)
+    with budget.limits(max_work, max_memory):
+        net = dense_network(activation(spec, params), int(depth), C_W, C_b, lw, lb)
+        if x2 is None:
+            nngp, ntk = network_gram(net, x, dtype=dtype, method=method, devices=devices)
+        else:
+            nngp, ntk = network_gram(net, x2, x, dtype=dtype, method=method, devices=devices)
     return GramResult(nngp, ntk)
 
 
@@ -126,13 +131,14 @@ def _same_features(x_test: np.ndarray, x_train: np.ndarray) -> np.ndarray:
 
 
 def arch_gram(net, inputs, *, dtype: str = "float64", method: str = "auto", devices=None,
-              x_test=None) -> GramResult:
+              x_test=None, max_work: float | None = None, max_memory: float | str | None = None) -> GramResult:
     """NNGP and NTK of an architecture's output for ``inputs`` (N, d) or (N, *positions, d)
     (:func:`derive.kernels.engine.network_gram`; dense networks take the fast Gram evaluation);
-    with ``x_test`` the (M, N) test-train blocks, as in :func:`gram`."""
+    with ``x_test`` the (M, N) test-train blocks, and ``max_work``, ``max_memory``, as in :func:`gram`."""
     x2 = None if x_test is None else _same_features(np.asarray(x_test), np.asarray(inputs))
-    nngp, ntk = network_gram(_as_net(net), inputs if x2 is None else x2, None if x2 is None else inputs,
-                             dtype=dtype, method=method, devices=devices)
+    with budget.limits(max_work, max_memory):
+        nngp, ntk = network_gram(_as_net(net), inputs if x2 is None else x2, None if x2 is None else inputs,
+                                 dtype=dtype, method=method, devices=devices)
     return GramResult(nngp, ntk)
 
 
@@ -212,7 +218,8 @@ def validate_trained(spec, x_train, y_train, x_test, depth: int, C_W: float, C_b
 
 def finite_width(spec, depth: int | None = None, C_W=None, C_b=0.0, lambda_W=None, lambda_b=None, *,
                  widths=None, k1: float | None = None, width: int | None = None, inputs=None,
-                 params: Mapping[str, str] | Sequence[str] | None = None, tol: float = DEFAULT_TOL):
+                 params: Mapping[str, str] | Sequence[str] | None = None, tol: float = DEFAULT_TOL,
+                 max_work: float | None = None, max_memory: float | str | None = None):
     """Order-1/n corrections of a dense network or of any architecture, from the layer rules.
 
     With an activation (a rule name, an expression in z or an :class:`Activation`), the dense network of
@@ -222,7 +229,9 @@ def finite_width(spec, depth: int | None = None, C_W=None, C_b=0.0, lambda_W=Non
     (``derive.arch.serial(...)`` or the path of an architecture file): one input without positions
     gives an :class:`~derive.finite.arch.ArchFiniteWidth` (``width`` the uniform width of its
     normalised columns); ``inputs`` (N, *positions, d), or an architecture with positions, the tensor
-    form over every site (:class:`~derive.finite.tensor.TensorFiniteWidth`).
+    form over every site (:class:`~derive.finite.tensor.TensorFiniteWidth`). ``max_work``,
+    ``max_memory`` as for :func:`gram` (the walk costs about 2 ms a layer, the tensor form S^6 over S
+    sites).
 
     Example:
         >>> import derive
@@ -235,10 +244,17 @@ def finite_width(spec, depth: int | None = None, C_W=None, C_b=0.0, lambda_W=Non
             raise DeriveError("finite_width of a dense network needs depth and C_W")
         if inputs is not None or width is not None:
             raise DeriveError("inputs and width are for architectures; a dense network takes widths and k1")
-        from derive.finite.single import finite_width_maps, iterate
+        from derive.finite.single import check_depth, finite_width_maps, iterate
 
-        maps = finite_width_maps(activation(spec, params), tol)
-        return iterate(maps, depth, C_W, C_b, lambda_W, lambda_b, k1=k1, widths=widths)
+        with budget.limits(max_work, max_memory):
+            check_depth(depth)
+            maps = finite_width_maps(activation(spec, params), tol)
+            return iterate(maps, depth, C_W, C_b, lambda_W, lambda_b, k1=k1, widths=widths)
+    with budget.limits(max_work, max_memory):
+        return _arch_finite_width(spec, depth, C_W, widths, k1, params, inputs, width, tol)
+
+
+def _arch_finite_width(spec, depth, C_W, widths, k1, params, inputs, width, tol):
     net = _as_net(spec)
     if depth is not None or C_W is not None or widths is not None or k1 is not None or params:
         raise DeriveError("an architecture sets its own depth, variances and widths (give width for the "
@@ -256,7 +272,8 @@ def finite_width(spec, depth: int | None = None, C_W=None, C_b=0.0, lambda_W=Non
 
 def validate(spec, C_W: float | None = None, C_b: float = 0.0, depth: int | None = None, *,
              width: int | None = None, widths: Sequence[int] | None = None, samples: int | None = None,
-             seed: int = 0, quantities=None, inputs=None, z_max: float = 5.0, **kwargs):
+             seed: int = 0, quantities=None, inputs=None, z_max: float = 5.0, max_work: float | None = None,
+             max_memory: float | str | None = None, **kwargs):
     """The derived statistics against sampled finite-width networks, with z-scores.
 
     For an activation, the dense network of ``depth`` layers (:func:`derive.validation.validate.validate`:
@@ -264,8 +281,15 @@ def validate(spec, C_W: float | None = None, C_b: float = 0.0, depth: int | None
     options in ``kwargs``). For an architecture (``derive.arch.serial(...)`` or a file): with ``width``
     the kernel of every block and the output NTK of a batch
     (:func:`derive.sampling.arch.validate_arch`); with ``widths`` the finite-width maps K, V, G1, Theta,
-    Theta_var fitted in 1/n (:func:`derive.validation.arch.check_finite_width`).
+    Theta_var fitted in 1/n (:func:`derive.validation.arch.check_finite_width`). The sampling is estimated
+    first and refused over ``max_work`` or ``max_memory`` (as for :func:`gram`).
     """
+    with budget.limits(max_work, max_memory):
+        return _validate(spec, C_W, C_b, depth, width, widths, samples, seed, quantities, inputs, z_max,
+                         kwargs)
+
+
+def _validate(spec, C_W, C_b, depth, width, widths, samples, seed, quantities, inputs, z_max, kwargs):
     if not _is_architecture(spec):
         from derive.validation.validate import validate as validate_dense
 
@@ -328,15 +352,22 @@ class MonteCarloCheck:
 def monte_carlo_check(spec: ActivationLike, inputs, depth: int, C_W: float, C_b: float = 0.0,
                       lambda_W: float | None = None, lambda_b: float | None = None, *, width: int = 512,
                       n_networks: int = 200, seed: int = 0,
-                      params: Mapping[str, str] | Sequence[str] | None = None) -> MonteCarloCheck:
+                      params: Mapping[str, str] | Sequence[str] | None = None, max_work: float | None = None,
+                      max_memory: float | str | None = None) -> MonteCarloCheck:
     """Compare the derived NNGP (every layer) and NTK (last layer) with sampled finite-width networks.
 
     Networks of hidden width ``width`` are drawn as the rules say (W ~ N(0, C_W/fan_in),
     b ~ N(0, C_b)); the mean over ``n_networks`` independent networks, with its standard error,
     is compared with the infinite-width theory. Finite width shifts the mean by O(depth/width)
     relative (PDLT ch. 4): choose ``width`` so that this bias is below the standard error, or
-    compare with the 1/n-corrected theory.
+    compare with the 1/n-corrected theory. ``max_work``, ``max_memory`` as for :func:`gram`.
     """
+    with budget.limits(max_work, max_memory):
+        return _monte_carlo_check(spec, inputs, depth, C_W, C_b, lambda_W, lambda_b, width, n_networks, seed,
+                                  params)
+
+
+def _monte_carlo_check(spec, inputs, depth, C_W, C_b, lambda_W, lambda_b, width, n_networks, seed, params):
     C_W, C_b, lw, lb = check_hyperparameters(C_W, C_b, lambda_W, lambda_b, depth)
     x = check_inputs(inputs)
     d = kernel(spec, params)

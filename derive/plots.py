@@ -17,6 +17,9 @@ def _pyplot():
 def phase_diagram(activation, out: str, cw_range=(0.25, 4.0), cb_range=(0.0, 1.0), grid: int = 60,
                   K0: float = 1.0, critical_points=()) -> dict:
     """chi_perp(K*) over the (C_b, C_W) plane with the chi_perp = 1 boundary; returns the data."""
+    from derive.core import budget
+
+    budget.check(budget.phase_diagram(grid))
     from derive.symbolic.signal import chi_perp_at_fixed_point
 
     cw = np.linspace(*cw_range, grid)

@@ -58,6 +58,11 @@ from derive.rules.layers import LayerRule, find_layer_rule
 _COMMON_KEYS = {"type", "width", "label", "activation", "params", "branch", "times", "body"}
 #: Largest repetition count accepted (depth 10^4 is supported by the scan over repetitions).
 MAX_REPEAT = 100_000
+#: Largest architecture file read, and most layer tables in one (deep networks use ``repeat``).
+MAX_FILE_BYTES = 1 << 20
+MAX_FILE_LAYERS = 1000
+#: Most layers :func:`as_dense_network` expands one by one (deeper plain networks are runs of a repeat).
+_MAX_EXPANDED = 2 * MAX_REPEAT + 1
 
 
 #: Attention mechanisms: how the attention weights follow from the logits (derive.kernels.attention).
@@ -192,6 +197,23 @@ class Serial:
                     yield from item.branch.flat_layers()
                 yield item
 
+    def layer_counts(self) -> dict:
+        """{layer: how many times it runs}, repeats and branches included, counted without expanding them
+        (nested repeats multiply), so that the size of a network is known before anything walks it."""
+        counts: dict = {}
+
+        def add(serial: "Serial", times: int) -> None:
+            for item in serial.items:
+                if isinstance(item, Repeat):
+                    add(item.body, times * item.times)
+                    continue
+                if item.branch is not None:
+                    add(item.branch, times)
+                counts[item] = counts.get(item, 0) + times
+
+        add(self, 1)
+        return counts
+
     def distinct_layers(self):
         """Every layer once (repeats not expanded)."""
         for item in self.items:
@@ -246,6 +268,9 @@ def layer(type: str, *branch: Item, width: int | None = None, label: str = "", a
             continue
         if key in rule.param_names:
             params[key] = _number(value, f"{where}: {key}")
+            if params[key] < 0 and key.startswith(("C_", "lambda_")):
+                raise DeriveError(f"{where}: {key} is a variance (or a learning-rate factor) and must be "
+                                  f">= 0, got {value!r}")
         elif key in rule.option_names:
             options[key] = value
         else:
@@ -427,10 +452,21 @@ def dense_network(activation_spec, depth: int, C_W, C_b=0.0, lambda_W=None, lamb
     """``dense, (activation, dense) x (depth - 1)``: PDLT's dense network as an architecture.
 
     C_W, C_b, lambda_W, lambda_b and ``widths`` are numbers or per-layer sequences (entry l for dense
-    layer l + 1); runs of identical layers become one :class:`Repeat`, so depth 10^4 stays one item."""
+    layer l + 1); runs of identical layers become one :class:`Repeat`, so any depth stays a few items
+    (built without per-layer lists when every setting is a number). The depth is not bounded by
+    :data:`MAX_REPEAT` here: what is computed with the network is bounded by its work estimate
+    (:mod:`derive.core.budget`)."""
     if isinstance(depth, bool) or int(depth) != depth or depth < 1:
         raise DeriveError(f"depth must be an integer >= 1, got {depth}")
     depth = int(depth)
+
+    def sequence(value) -> bool:
+        return isinstance(value, (list, tuple)) or getattr(value, "ndim", 0) == 1
+
+    if not any(sequence(v) for v in (C_W, C_b, lambda_W, lambda_b, widths)):
+        first = dense(C_W, C_b, lambda_W, lambda_b, width=None if widths is None else int(widths))
+        body = serial(activation_layer(activation_spec, params), first)
+        return serial(first, *([Repeat(depth - 1, body)] if depth > 1 else []))
 
     def per_layer(value, name):
         if value is None:
@@ -453,16 +489,23 @@ def dense_network(activation_spec, depth: int, C_W, C_b=0.0, lambda_W=None, lamb
         run = 1
         while k + run < depth and settings[k + run] == settings[k]:
             run += 1
-        items.append(repeat(run, act, dense(*settings[k][:4], width=settings[k][4])))
+        items.append(Repeat(run, serial(act, dense(*settings[k][:4], width=settings[k][4]))))
         k += run
     return serial(*items)
 
 
-def _gaussian_after(net: Serial, gaussian: bool, where: str) -> bool:
+def _gaussian_after(net: Serial, gaussian: bool, where: str, seen: dict | None = None) -> bool:
+    """Whether ``net``'s output is Gaussian given its input is (``gaussian``); refuses a layer whose rule
+    needs Gaussian input where it gets none. ``seen`` remembers bodies already walked, so that nested
+    repeats cost their description's size, not the layers they expand to."""
+    seen = {} if seen is None else seen
     for i, item in enumerate(net.items, start=1):
         if isinstance(item, Repeat):
             for _ in range(2):  # the body's output law settles after two passes
-                gaussian = _gaussian_after(item.body, gaussian, f"{where}{i}.")
+                key = (item.body, gaussian)
+                if key not in seen:
+                    seen[key] = _gaussian_after(item.body, gaussian, f"{where}{i}.", seen)
+                gaussian = seen[key]
             continue
         rule = item.rule
         if rule.requires == "gaussian" and not gaussian:
@@ -473,7 +516,7 @@ def _gaussian_after(net: Serial, gaussian: bool, where: str) -> bool:
                 f"but it receives {source}; insert a dense layer, or note that "
                 f"{'LayerNorm' if item.type == 'layernorm' else 'this'} of such features is not derivable yet")
         if item.branch is not None:
-            _gaussian_after(item.branch, gaussian, f"{where}{i}.")
+            _gaussian_after(item.branch, gaussian, f"{where}{i}.", seen)
         if rule.output == "gaussian":
             gaussian = True
         elif rule.output == "non-gaussian":
@@ -484,40 +527,104 @@ def _gaussian_after(net: Serial, gaussian: bool, where: str) -> bool:
 @dataclass(frozen=True)
 class DenseNetwork:
     """An architecture that is a plain dense network: dense, then (activation, dense) repeated, one
-    activation throughout; per-layer hyperparameters (index 0 = layer 1)."""
+    activation throughout; per-layer hyperparameters as runs of equal layers (``runs``: ((C_W, C_b,
+    lambda_W, lambda_b), number of dense layers) in order), so any depth stays small."""
 
     activation: str
     activation_params: tuple[tuple[str, str], ...]
     depth: int
-    C_W: tuple[float, ...]
-    C_b: tuple[float, ...]
-    lambda_W: tuple[float, ...]
-    lambda_b: tuple[float, ...]
+    runs: tuple[tuple[tuple[float, float, float, float], int], ...]
+
+    _NAMES = ("C_W", "C_b", "lambda_W", "lambda_b")
+
+    def values(self, name: str) -> list[float]:
+        """The per-layer values of one hyperparameter (index 0 = layer 1)."""
+        k = self._NAMES.index(name)
+        return [v for values, times in self.runs for v in [values[k]] * times]
 
     def hyperparameter(self, name: str):
         """A number when uniform over the layers (closed forms in depth apply), else the list."""
-        values = getattr(self, name)
-        return values[0] if len(set(values)) == 1 else list(values)
+        k = self._NAMES.index(name)
+        distinct = {values[k] for values, _ in self.runs}
+        return distinct.pop() if len(distinct) == 1 else self.values(name)
+
+
+def _segments(net: Serial) -> list[tuple[tuple[Layer, ...], int]]:
+    """The flat layer sequence of ``net`` as (block of layers, repetitions) segments, repeats not expanded
+    (a nested repeat's body is expanded once inside its segment)."""
+    out: list[tuple[tuple[Layer, ...], int]] = []
+    for item in net.items:
+        if isinstance(item, Repeat):
+            out.append((tuple(item.body.flat_layers()), item.times))
+        elif item.branch is not None:
+            out.append((tuple(item.branch.flat_layers()) + (item,), 1))
+        else:
+            out.append(((item,), 1))
+    return out
 
 
 def as_dense_network(net: Serial) -> DenseNetwork | str:
     """The dense-network form of ``net`` (finite-width rules exist for it), or why it has none."""
-    layers = list(net.flat_layers())
-    for layer in layers:
-        if layer.type not in ("dense", "activation"):
-            return (f"layer type '{layer.type}' has no finite-width rules yet (V, G1 and the NTK "
-                    "fluctuations are derived for dense networks: dense, then activation and dense repeated)")
-    pattern_ok = (layers and layers[0].type == "dense" and len(layers) % 2 == 1
-                  and all(l.type == ("activation" if i % 2 else "dense") for i, l in enumerate(layers)))
-    if not pattern_ok:
-        return "finite-width rules need the pattern dense, (activation, dense) repeated"
-    acts = {(l.activation, l.activation_params) for l in layers if l.type == "activation"}
+    size = sum(net.layer_counts().values())
+    nested = any(isinstance(j, Repeat) or j.branch is not None
+                 for i in net.items for j in (i.body.items if isinstance(i, Repeat) else i.branch.items
+                                              if i.branch is not None else ()))
+    if nested and size > _MAX_EXPANDED:
+        return (f"{size} layers written with nested repeats or branches are evaluated layer by layer (a "
+                "dense network of that depth is one repeat of activation and dense)")
+    segments = _segments(net)
+    for block, _ in segments:
+        for layer in block:
+            if layer.type not in ("dense", "activation"):
+                return (f"layer type '{layer.type}' has no finite-width rules yet (V, G1 and the NTK "
+                        "fluctuations are derived for dense networks: dense, then activation and dense "
+                        "repeated)")
+    pattern = "finite-width rules need the pattern dense, (activation, dense) repeated"
+    position = 0  # index of the next layer in the flat sequence; dense at even positions
+    for block, times in segments:
+        if not block or (times > 1 and len(block) % 2):
+            return pattern
+        expected = ("activation" if (position + i) % 2 else "dense" for i in range(len(block)))
+        if any(item.type != kind for item, kind in zip(block, expected)):
+            return pattern
+        position += len(block) * times
+    if position == 0 or position % 2 == 0:
+        return pattern
+    acts = {(item.activation, item.activation_params) for block, _ in segments for item in block
+            if item.type == "activation"}
     if len(acts) > 1:
         return "finite-width rules need one activation throughout"
     name, params = acts.pop() if acts else ("linear", ())
-    dense = [l for l in layers if l.type == "dense"]
-    return DenseNetwork(name, params, len(dense), *(tuple(l.value(k) for l in dense)
-                                                    for k in ("C_W", "C_b", "lambda_W", "lambda_b")))
+    if any(times > 1 and sum(item.type == "dense" for item in block) > 1 for block, times in segments):
+        if size > _MAX_EXPANDED:
+            return (f"{size} layers whose repeated blocks hold several dense layers are evaluated layer by "
+                    "layer (a dense network of that depth is one repeat of activation and dense)")
+        return _expanded_dense(name, params, segments)
+    runs: list[list] = []
+    for block, times in segments:
+        for layer in block:
+            if layer.type == "dense":  # one per repeated block: it runs ``times`` times in a row
+                values = tuple(layer.value(k) for k in DenseNetwork._NAMES)
+                if runs and runs[-1][0] == values:
+                    runs[-1][1] += times
+                else:
+                    runs.append([values, times])
+    return DenseNetwork(name, params, (position + 1) // 2, tuple((v, n) for v, n in runs))
+
+
+def _expanded_dense(name, params, segments) -> DenseNetwork:
+    """The runs of a dense network whose repeated blocks hold several dense layers (layer by layer)."""
+    runs: list[list] = []
+    for block, times in segments:
+        for _ in range(times):
+            for layer in block:
+                if layer.type == "dense":
+                    values = tuple(layer.value(k) for k in DenseNetwork._NAMES)
+                    if runs and runs[-1][0] == values:
+                        runs[-1][1] += 1
+                    else:
+                        runs.append([values, 1])
+    return DenseNetwork(name, params, sum(n for _, n in runs), tuple((v, n) for v, n in runs))
 
 
 def check_derivable(net: Serial) -> Serial:
@@ -585,14 +692,35 @@ def load_arch(path: str | Path) -> Serial:
     """Read an architecture file (TOML, module docstring); errors name the file and the layer."""
     path = Path(path)
     try:
+        if path.is_file() and path.stat().st_size > MAX_FILE_BYTES:
+            raise DeriveError(f"{path.name}: an architecture file of {path.stat().st_size} bytes, more than "
+                              f"the {MAX_FILE_BYTES} read (a deep network repeats a block with "
+                              'type = "repeat")')
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise DeriveError(f"cannot read architecture file '{path}': {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise DeriveError(f"{path.name}: not a text (UTF-8) file") from None
     try:
         data = tomllib.loads(text)
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+    except tomllib.TOMLDecodeError as exc:
         raise DeriveError(f"{path.name}: not valid TOML ({exc})") from None
+    except RecursionError:
+        raise DeriveError(f"{path.name}: nested too deeply to read") from None
+    tables = _count_tables(data.get("layers", []))
+    if tables > MAX_FILE_LAYERS:
+        raise DeriveError(f"{path.name}: {tables} layer tables, more than {MAX_FILE_LAYERS} (a deep network "
+                          "repeats a block with type = \"repeat\")")
     return arch_from_dict(data, path.name)
+
+
+def _count_tables(tables, depth: int = 0) -> int:
+    """Layer tables in a file's ``layers``, bodies and branches included (nesting is bounded by the TOML
+    parser)."""
+    if not isinstance(tables, list):
+        return 0
+    return sum(1 + _count_tables(t.get("body", []), depth + 1) + _count_tables(t.get("branch", []), depth + 1)
+               for t in tables if isinstance(t, dict))
 
 
 __all__ = ["DenseNetwork", "Layer", "Repeat", "Serial", "activation", "activation_layer", "arch_from_dict",

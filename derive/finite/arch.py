@@ -49,6 +49,7 @@ import numpy as np
 import sympy as sp
 
 from derive.arch.description import Layer, Repeat, Serial, check_derivable
+from derive.core import budget
 from derive.core import symbols as S
 from derive.core.errors import DeriveError
 from derive.finite.collective import G1, K, V, activation_table, ntk_maps, quadratic, r, segment_maps, z
@@ -284,6 +285,8 @@ def arch_finite_width(net: Serial, *, width: int | None = None, input_norm: floa
     check_derivable(net)
     if not np.isfinite(input_norm) or input_norm <= 0:
         raise DeriveError(f"input_norm must be finite and > 0, got {input_norm}")
+    layers = sum(net.layer_counts().values())
+    budget.check(budget.finite_width(layers, what=f"finite-width maps through {layers} layers"))
     for layer in net.distinct_layers():
         if any(e.atoms(StructuralOperator) for e in layer.rule.finite_width.values()):
             raise DeriveError(f"layer '{layer.type}' acts over positions; its finite-width maps are the tensor "

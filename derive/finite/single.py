@@ -55,6 +55,7 @@ from functools import lru_cache
 import numpy as np
 import sympy as sp
 
+from derive.core import budget
 from derive.core import symbols as S
 from derive.core.errors import DeriveError
 from derive.finite.collective import activation_table, dense_after_activation, ntk_maps
@@ -131,10 +132,18 @@ def _per_layer(value, depth: int, name: str) -> np.ndarray:
     return arr
 
 
+def check_depth(depth) -> int:
+    """``depth`` as an int >= 1 whose walk fits the work limit (:func:`derive.core.budget.finite_width`)."""
+    if isinstance(depth, bool) or not isinstance(depth, (int, np.integer, float)) or not np.isfinite(depth) \
+            or int(depth) != depth or depth < 1:
+        raise DeriveError(f"depth must be an integer >= 1, got {depth}")
+    budget.check(budget.finite_width(int(depth)))
+    return int(depth)
+
+
 def _layer_setup(depth, C_W, C_b, lambda_W, lambda_b, k1, widths, input_norm):
     """Validated per-layer hyperparameters, widths and the input norm x.x/n_0 implied by K^(1)."""
-    if int(depth) != depth or depth < 1:
-        raise DeriveError(f"depth must be an integer >= 1, got {depth}")
+    depth = check_depth(depth)
     cw, cb = _per_layer(C_W, depth, "C_W"), _per_layer(C_b, depth, "C_b")
     lw = cw if lambda_W is None else _per_layer(lambda_W, depth, "lambda_W")
     lb = cb if lambda_b is None else _per_layer(lambda_b, depth, "lambda_b")
@@ -287,6 +296,7 @@ def depth_to_width(profile: FiniteWidthProfile) -> dict:
 def finite_width_report(activation: Activation, depth: int, C_W, C_b, lambda_W=None, lambda_b=None, *,
                         k1: float | None = None, widths=None, tol: float = DEFAULT_TOL) -> dict:
     """Everything ``derive finite-width`` reports, as a JSON-ready dict (index 0 = layer 1)."""
+    check_depth(depth)
     maps = finite_width_maps(activation, tol)
     prof = iterate(maps, depth, C_W, C_b, lambda_W, lambda_b, k1=k1, widths=widths)
     cw0, cb0 = np.atleast_1d(C_W)[0], np.atleast_1d(C_b)[0]

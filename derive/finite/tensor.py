@@ -67,6 +67,7 @@ import numpy as np
 import sympy as sp
 
 from derive.arch.description import Layer, Repeat, Serial, check_derivable
+from derive.core import budget
 from derive.core.errors import DeriveError
 from derive.core.inputs import check_arch_inputs
 from derive.finite.batch import batch_terms, channel_means
@@ -435,6 +436,9 @@ def arch_finite_width_tensor(net: Serial, inputs, *, tol: float = 1e-11) -> Tens
         raise DeriveError(f"expected an architecture (derive.arch.Serial), got {type(net).__name__}")
     check_derivable(net)
     x = check_arch_inputs(inputs)
+    layers = sum(net.layer_counts().values())
+    recorded = sum(item.times if isinstance(item, Repeat) else 1 for item in net.items)
+    budget.check(budget.finite_width_tensor(math.prod(x.shape[:-1]), layers, recorded))
     theory = arch_kernels(net, x)  # infinite-width K and Theta of every output
     N = x.shape[0]
     top = []

@@ -50,6 +50,7 @@ from jax import lax
 from derive.arch.description import Layer, Repeat, Serial, check_derivable
 from derive.backends.codegen import to_jax
 from derive.backends.safe import clamp_covariance, covariance_floor
+from derive.core import budget
 from derive.core import symbols as S
 from derive.core.errors import DeriveError, RuleError
 from derive.core.inputs import check_arch_inputs
@@ -391,6 +392,7 @@ def arch_kernels(net: Serial, inputs, *, dtype=jnp.float64) -> ArchKernels:
         raise DeriveError(f"expected an architecture (derive.arch.Serial), got {type(net).__name__}")
     check_derivable(net)
     inputs = check_arch_inputs(inputs).astype(dtype)
+    budget.check(work_estimate(net, inputs.shape, itemsize=inputs.dtype.itemsize))
     N = inputs.shape[0]
     for layer in net.distinct_layers():
         _compiled(layer)  # derive (and report errors) outside the trace
@@ -406,6 +408,23 @@ def arch_kernels(net: Serial, inputs, *, dtype=jnp.float64) -> ArchKernels:
     out_k = [k.reshape((N,) + s + (N,) + s) for k, s in zip(nngp, shapes)]
     out_t = [t.reshape((N,) + s + (N,) + s) for t, s in zip(ntk, shapes)]
     return ArchKernels(labels, out_k, out_t, shapes)
+
+
+def work_estimate(net: Serial, shape: tuple[int, ...], itemsize: int = 8) -> budget.Estimate:
+    """The cost of :func:`arch_kernels` on inputs of ``shape`` (N, *positions, d)
+    (:func:`derive.core.budget.arch_gram`): every layer over the (N P)^2 entries, conv filters, the point
+    integrals of Gaussian-logit attention, and every recorded output kept."""
+    N, positions = shape[0], math.prod(shape[1:-1])
+    counts = net.layer_counts()
+    filters = [math.prod(dict(layer.options).get("filter", (1,))) for layer in counts]
+    extra = sum(times * budget.attention_ops(N, positions, dict(layer.options)["points"])
+                for layer, times in counts.items()
+                if "points" in dict(layer.options) and dict(layer.options).get("mechanism") != "identity")
+    recorded = sum(item.times if isinstance(item, Repeat) else 1 for item in net.items)
+    layers = sum(counts.values())
+    return budget.arch_gram(N * positions, layers, entry_ops=budget.ARCH_ENTRY_OPS * max(filters),
+                            extra_ops=extra, recorded=recorded, itemsize=itemsize,
+                            what=f"kernels of {N} inputs x {positions} positions through {layers} layers")
 
 
 def serial_spatial(net: Serial, spatial: tuple[int, ...]) -> tuple[int, ...]:

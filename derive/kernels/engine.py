@@ -73,14 +73,14 @@ def network_gram(net: Serial, inputs, inputs2=None, *, dtype: str = "float64", m
         expectation, derivative, depth, (C_W, C_b, lambda_W, lambda_b) = plan
         nngp, ntk = gram_matrices(expectation, derivative, x, depth, C_W, C_b, lambda_W, lambda_b,
                                   dtype=getattr(jnp, dtype), method=method, devices=devices)
-        return np.asarray(nngp), np.asarray(ntk)
+        return check_finite(np.asarray(nngp), np.asarray(ntk), dtype)
     if method != "auto" or devices is not None:
         raise DeriveError("method and devices choose the evaluation of dense networks (dense, then activation "
                           "and dense repeated, uniform variances, inputs without positions); this architecture "
                           "is evaluated layer by layer")
     from derive.kernels.arch import arch_kernels
 
-    return arch_kernels(net, x, dtype=getattr(jnp, dtype)).output
+    return check_finite(*arch_kernels(net, x, dtype=getattr(jnp, dtype)).output, dtype)
 
 
 #: Largest number of rows of the first set evaluated together with the second set by
@@ -141,4 +141,17 @@ def _diagonal(square: np.ndarray, positions: int) -> np.ndarray:
     return moved[index, index]
 
 
-__all__ = ["CROSS_CHUNK", "METHODS", "dense_plan", "network_cross_gram", "network_gram"]
+def check_finite(nngp: np.ndarray, ntk: np.ndarray, dtype: str = "float64") -> tuple[np.ndarray, np.ndarray]:
+    """The kernel and NTK, or a DeriveError when an entry is inf or NaN: the recursion overflowed, or
+    it left the variances where the activation's Gaussian expectations exist (``exp(z**2)``: K < 1/4)."""
+    for name, value in (("NNGP kernel", nngp), ("NTK", ntk)):
+        bad = ~np.isfinite(value)
+        if bad.any():
+            raise DeriveError(f"the {name} is not finite ({int(bad.sum())} of {value.size} entries are inf "
+                              f"or NaN): the recursion overflows {dtype} or leaves the variances where the "
+                              "activation's Gaussian expectations exist; a smaller C_W, C_b, depth or input "
+                              "scale keeps it finite")
+    return nngp, ntk
+
+
+__all__ = ["CROSS_CHUNK", "METHODS", "check_finite", "dense_plan", "network_cross_gram", "network_gram"]

@@ -103,6 +103,7 @@ import jax.numpy as jnp
 import numpy as np
 import sympy as sp
 
+from derive.core import budget
 from derive.core.errors import DeriveError
 from derive.kernels.direct import _is_traced, _prepare, _recursion
 from derive.kernels.mehler import MEHLER_ORDERS, MEHLER_TOL, MEHLER_TOL_FLOAT32, _hermite_rule, _rule_points
@@ -116,6 +117,7 @@ from derive.kernels.tiled import (
     _tile_edge,
     _tiled_function,
 )
+from derive.symbolic.quadrature import GaussianExpectation
 
 
 def gram_matrices(expectation: sp.Expr, derivative_expectation: sp.Expr, inputs, depth: int,
@@ -147,6 +149,8 @@ def gram_matrices(expectation: sp.Expr, derivative_expectation: sp.Expr, inputs,
         expectation, derivative_expectation, inputs, depth, C_W, C_b, lambda_W, lambda_b, dtype)
     key = (expectation, derivative_expectation)
     plan = None if method == "direct" else _plan(expectation, derivative_expectation)
+    budget.check(work_estimate(expectation, derivative_expectation, inputs.shape[0], depth, plan=plan,
+                               itemsize=inputs.dtype.itemsize))
     if plan is None and method == "tiled":
         raise DeriveError("the tiled method does not apply to this derivation (a two-input quadrature "
                           "node whose integrand does not separate); use method='direct'")
@@ -202,7 +206,28 @@ def gram_profile(expectation: sp.Expr, derivative_expectation: sp.Expr, inputs, 
     """
     expectation, derivative_expectation, inputs, hyper, depth = _prepare(
         expectation, derivative_expectation, inputs, depth, C_W, C_b, lambda_W, lambda_b, dtype)
+    budget.check(work_estimate(expectation, derivative_expectation, inputs.shape[0], depth, plan=None,
+                               itemsize=inputs.dtype.itemsize, stored_layers=depth,
+                               what=f"per-layer Gram matrices of {inputs.shape[0]} inputs through {depth} "
+                                    "layers"))
     return _recursion(expectation, derivative_expectation)(inputs, *hyper, depth=depth, profile=True)
 
 
-__all__ = ["gram_matrices", "gram_profile", "plan_summary"]
+def work_estimate(expectation: sp.Expr, derivative_expectation: sp.Expr, n_inputs: int, depth: int, *,
+                  plan=None, itemsize: int = 8, stored_layers: int = 1,
+                  what: str | None = None) -> budget.Estimate:
+    """The cost of the Gram matrices of ``n_inputs`` through ``depth`` layers
+    (:func:`derive.core.budget.gram`):
+    the tiled method's for a ``plan`` (closed forms, or Mehler-expanded quadrature nodes), else the
+    direct method's (every quadrature point of every node, per entry)."""
+    nodes = list(expectation.atoms(GaussianExpectation) | derivative_expectation.atoms(GaussianExpectation))
+    if plan is not None:
+        costs = (budget.MEHLER_ENTRY_OPS, budget.MEHLER_LAYER_OPS) if nodes else \
+            (budget.GRAM_ENTRY_OPS, budget.GRAM_LAYER_OPS)
+        return budget.gram(n_inputs, depth, entry_ops=costs[0], layer_ops=costs[1], itemsize=itemsize,
+                           stored_layers=stored_layers, what=what)
+    return budget.gram(n_inputs, depth, entry_ops=budget.quadrature_entry_ops(nodes), whole_matrices=True,
+                       itemsize=itemsize, stored_layers=stored_layers, what=what)
+
+
+__all__ = ["gram_matrices", "gram_profile", "plan_summary", "work_estimate"]

@@ -55,6 +55,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from derive.arch.description import Layer, Repeat, Serial, check_derivable
+from derive.core import budget
 from derive.core.errors import DeriveError
 from derive.core.inputs import check_arch_inputs
 from derive.sampling.dense import (
@@ -312,6 +313,25 @@ class ArchMonteCarlo:
         return z_scores(self.ntk.mean, self.ntk.mean_stderr, t)
 
 
+def work_estimate(net: Serial, shape: tuple[int, ...], width: int, n_networks: int, *, ntk: bool = True,
+                  ntk_outputs: int = 1, itemsize: int = 8) -> budget.Estimate:
+    """The cost of :func:`sample_arch` (:func:`derive.core.budget.arch_monte_carlo`): every weighted layer's
+    weights drawn and applied at every site, attention's scores, the NTK's vector-Jacobian products."""
+    N, positions = shape[0], math.prod(shape[1:-1])
+    counts = net.layer_counts()
+    weighted = sum(times for layer, times in counts.items() if layer.rule.fresh_weights)
+    n = max([width] + [layer.width for layer in counts if layer.width is not None])
+    filters = max(math.prod(dict(layer.options).get("filter", (1,))) for layer in counts)
+    attention = sum(times * 4.0 * N * positions**2 * n for layer, times in counts.items()
+                    if "heads" in {p for p, _ in layer.params} or "attention" in layer.type)
+    recorded = sum(item.times if isinstance(item, Repeat) else 1 for item in net.items)
+    return budget.arch_monte_carlo(n_networks, n, N * positions, weighted, filter_size=filters, ntk=ntk,
+                                   ntk_outputs=ntk_outputs, attention_ops_per_network=attention,
+                                   itemsize=itemsize, recorded=recorded,
+                                   what=f"{n_networks} sampled networks of width {n} with {weighted} "
+                                        f"weighted layers on {N} inputs x {positions} positions")
+
+
 def sample_arch(net: Serial, inputs, width: int, *, n_networks: int = 200, seed: int = 0, ntk: bool = True,
                 ntk_outputs: int = 1, chunk: int | None = None, devices=None, dtype=jnp.float64,
                 progress: Callable[[int], None] | None = None) -> ArchMonteCarlo:
@@ -342,11 +362,13 @@ def sample_arch(net: Serial, inputs, width: int, *, n_networks: int = 200, seed:
     from derive.kernels.arch import serial_spatial
 
     serial_spatial(net, tuple(inputs.shape[1:-1]))  # shape errors before sampling
+    budget.check(work_estimate(net, inputs.shape, width, n_networks, ntk=ntk, ntk_outputs=ntk_outputs,
+                               itemsize=inputs.dtype.itemsize))
     mesh = network_mesh(devices)
     n_devices = mesh.size
     M = math.prod(inputs.shape[:-1])
     if chunk is None:
-        layers = sum(1 for _ in net.flat_layers())
+        layers = sum(net.layer_counts().values())
         per_network = 8 * (layers * M * width * 4 + (M * ntk_outputs * layers * width * width if ntk else 0))
         per_device = max(1, min(-(-n_networks // n_devices), DEFAULT_CHUNK_BYTES // max(per_network, 1)))
     else:

@@ -79,6 +79,7 @@ from jax.extend.random import define_prng_impl
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from derive.core import budget
 from derive.core.errors import DeriveError
 from derive.sampling.estimators import Moments
 
@@ -721,6 +722,12 @@ def sample_kernels(
         raise DeriveError(f"prng={prng!r} is not supported: {_REFUSED_PRNGS[prng]}; use one of {PRNGS}")
     if prng not in PRNGS:
         raise DeriveError(f"prng must be one of {PRNGS}, got {prng!r}")
+    estimate = budget.monte_carlo(n_networks, widths, inputs.shape[0], ntk=ntk,
+                                  conditional=method == "conditional", itemsize=dtype.itemsize)
+    if keep_samples:  # every network's statistics, (2 L + 1) N x N each
+        estimate = budget.Estimate(estimate.what, estimate.ops, estimate.bytes + float(n_networks) * (
+            2 * depth + 1) * inputs.shape[0] ** 2 * dtype.itemsize)
+    budget.check(estimate)
 
     mesh = network_mesh(devices)
     n_devices = mesh.size

@@ -19,7 +19,9 @@ from dataclasses import dataclass
 import numpy as np
 import sympy as sp
 
+from derive.core import budget
 from derive.core import symbols as S
+from derive.core.errors import DeriveError
 from derive.symbolic.critical import single_input_maps
 from derive.symbolic.numeric import evaluate
 from derive.symbolic.recursions import derive_kernel
@@ -52,6 +54,9 @@ def _fn(expr: sp.Expr, *symbols):
 
 def depth_profile(activation, C_W: float, C_b: float, depth: int, K0: float = 1.0, rho0: float = 0.5) -> Profile:
     """K^(l), K12^(l), rho^(l), chi_par(K^(l)), chi_perp(K^(l)) for l = 1..depth."""
+    if isinstance(depth, bool) or not isinstance(depth, (int, np.integer)) or depth < 1:
+        raise DeriveError(f"depth must be an integer >= 1, got {depth!r}")
+    budget.check(budget.depth_profile(depth))
     d = derive_kernel(activation)
     maps = single_input_maps(activation)
     two = _fn(d.numeric(d.expectation), S.K11, S.K12, S.K22)

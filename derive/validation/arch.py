@@ -29,9 +29,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from derive.arch.description import Serial
+from derive.core import budget
 from derive.core.errors import DeriveError
 from derive.finite.arch import arch_finite_width
 from derive.sampling.arch import sample_arch
+from derive.sampling.arch import work_estimate as sampling_estimate
 from derive.sampling.estimators import Moments, fit_inverse_width, z_score
 
 #: Quantities this check compares (Theta: the output NTK's mean, against its infinite-width value;
@@ -199,6 +201,14 @@ def check_finite_width(net: Serial, widths, *, samples: int = 4000, seed: int = 
     Gaussian-point output (and with ``Theta`` in ``quantities`` the output NTK) with the theory after
     a fit in 1/n: one input without positions by default (:func:`~derive.finite.arch.arch_finite_width`),
     else every entry of ``inputs`` (:func:`~derive.finite.tensor.arch_finite_width_tensor`)."""
+    shape = (1, input_dim) if inputs is None else np.shape(inputs)
+    ntk = bool({"Theta", "Theta_var"} & set(quantities))
+    if len(shape) >= 2 and isinstance(samples, (int, np.integer)) and all(
+            isinstance(w, (int, np.integer)) and w >= 1 for w in widths):
+        total = sum((sampling_estimate(net, shape, int(w), samples, ntk=ntk) for w in widths),
+                    budget.Estimate("", 0.0))
+        budget.check(budget.Estimate(f"{samples} sampled networks at each of the widths "
+                                     f"{', '.join(map(str, widths))}", total.ops, total.bytes))
     if inputs is None:
         theory = arch_finite_width(net)
     else:

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from derive.backends.codegen import jax_activation
+from derive.core import budget
 from derive.core.errors import DeriveError
 from derive.core.inputs import check_hyperparameters, check_inputs
 from derive.rules.activations import as_activation
@@ -135,6 +136,23 @@ class ValidationReport:
 
 # ----------------------------------------------------------------------------------------------
 # Checks of the arguments
+
+
+def work_estimate(shape: tuple[int, int], depth: int, widths: Sequence[int], samples: int, *,
+                  ntk: bool = True, dntk: bool = False, conditional: bool = False) -> budget.Estimate:
+    """The cost of :func:`validate`: ``samples`` networks at each of ``widths``
+    (:func:`derive.core.budget.monte_carlo`), and for the dNTK quantities about 4 n second-order passes
+    per network and input."""
+    N, d = shape
+    ops = 0.0
+    for n in widths:
+        ops += budget.dense_monte_carlo(samples, d, n, N, depth=depth, ntk=ntk, conditional=conditional).ops
+        if dntk:
+            pairs = float(d) * n + (float(depth) - 1) * float(n) ** 2
+            ops += float(samples) * N * 4 * n * 2 * pairs
+    what = (f"validate: {samples} networks per width at width{'s' if len(widths) > 1 else ''} "
+            f"{', '.join(map(str, widths))}, depth {depth}, {N} inputs")
+    return budget.Estimate(what, ops, budget.gram(N, depth, stored_layers=depth, whole_matrices=True).bytes)
 
 
 def _check_widths(width, widths) -> tuple[int, ...]:
@@ -262,6 +280,9 @@ def validate(
     if 1 < len(chosen) < fit_order + 1:
         raise DeriveError(f"a fit of order {fit_order} in 1/n needs at least {fit_order + 1} widths")
     x = default_inputs() if inputs is None else check_inputs(inputs)
+    selected = [registry[q] for q in names]
+    budget.check(work_estimate(x.shape, depth, chosen, int(samples), ntk=any(q.needs_ntk for q in selected),
+                               dntk=any(q.needs_dntk for q in selected), conditional=method == "conditional"))
 
     act = as_activation(activation, params)
     expectation, derivative = numeric_kernel_expressions(derive_kernel(act))
@@ -271,7 +292,6 @@ def validate(
     kernel, ntk = (np.asarray(a) for a in gram_profile(expectation, derivative, x, depth, C_W, C_b,
                                                         lambda_W, lambda_b))
     sigma = jax_activation(act)
-    selected = [registry[q] for q in names]
     needs_ntk = any(q.needs_ntk for q in selected)
     if any(q.needs_dntk for q in selected) and depth < 2:
         raise DeriveError("the dNTK quantities need depth >= 2 (the first layer's dNTK is zero)")
