@@ -19,6 +19,7 @@ import numpy as np
 import sympy as sp
 
 from derive.core import symbols as S
+from derive.core.errors import DeriveError
 from derive.symbolic.numeric import evaluate
 
 #: Orders (points per dimension) tried, in increasing cost, when choosing one for an accuracy.
@@ -232,14 +233,34 @@ def choose_order(lam: sp.Lambda, tol: float = DEFAULT_TOL, variances=PROBE_VARIA
     orders = KINKED_ORDERS if kinked else ORDERS
     probes = _probe_covariances(dim, variances)
     cols = tuple(np.array([p[i] for p in probes]) for i in range(len(probes[0])))
-    prev = gaussian_quadrature(f, cols, orders[0], dim, kinked)
+
+    def quadrature(g, order):
+        with np.errstate(all="ignore"):  # overflow is reported below, as a refusal, not a warning
+            out = gaussian_quadrature(g, cols, order, dim, kinked)
+        _check_finite(lam, out, probes)
+        return out
+
+    prev = quadrature(f, orders[0])
     for lo, hi in zip(orders, orders[1:]):
-        nxt = gaussian_quadrature(f, cols, hi, dim, kinked)
-        scale = gaussian_quadrature(lambda *zs: np.abs(f(*zs)), cols, hi, dim, kinked)
+        nxt = quadrature(f, hi)
+        scale = quadrature(lambda *zs: np.abs(f(*zs)), hi)
         if np.all(np.abs(nxt - prev) <= tol * np.maximum(scale, 1e-300)):
             return lo
         prev = nxt
     return orders[-1]
+
+
+def _check_finite(lam: sp.Lambda, values: np.ndarray, probes) -> None:
+    """Refuse an expectation that is inf or NaN in float64 at a probe covariance: the integrand overflows
+    on the quadrature grid (exp(exp(z))) or the Gaussian integral diverges (exp(z**2) at K >= 1/2)."""
+    values = np.asarray(values)
+    bad = ~np.isfinite(values)
+    if bad.any():
+        where = probes[int(np.flatnonzero(bad.ravel())[0])]
+        at = ", ".join(f"{v:g}" for v in where)
+        raise DeriveError(f"the Gaussian expectation of {lam.expr} does not exist or overflows float64 "
+                          f"(inf or NaN at covariance {at}); an activation must be finite and grow slower "
+                          "than exp(z**2/(4K)) for its kernel to exist")
 
 
 def numeric_expectation(integrand: sp.Expr, variables: tuple, cov: tuple, tol: float = DEFAULT_TOL,
