@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import List, Optional
 
@@ -55,6 +56,8 @@ def criticality(
     xi^2 + gamma^2 chi_branch = 1.
     """
     activation_or_arch(activation, arch, "criticality")
+    if not 0 < k0 < math.inf:  # NaN fails too
+        fail(f"need a finite --k0 > 0, got {k0}")
     if arch is not None:
         _arch_criticality(arch, k0, fmt)
         return
@@ -120,8 +123,8 @@ def phase(
     from derive.plots import phase_diagram
 
     check_png(out)
-    if cw_max <= 0.25 or cb_max < 0 or grid < 4:
-        fail("need --cw-max > 0.25, --cb-max >= 0 and --grid >= 4")
+    if not (0.25 < cw_max < math.inf and 0 <= cb_max < math.inf and grid >= 4):  # NaN fails too
+        fail("need a finite --cw-max > 0.25, a finite --cb-max >= 0 and --grid >= 4")
     rep = api.criticality(activation, param)
     points = [p.as_dict() for p in rep.critical_points]
     tmp_holder = {}
@@ -165,8 +168,8 @@ def profile(
     from derive.symbolic.signal import correlation_fixed_points, depth_profile
 
     check_hyperparameters(cw, cb, None, None, depth)
-    if k0 <= 0 or not -1 <= rho0 <= 1:
-        fail("need --k0 > 0 and -1 <= --rho0 <= 1")
+    if not (0 < k0 < math.inf and -1 <= rho0 <= 1):  # NaN fails too
+        fail("need a finite --k0 > 0 and -1 <= --rho0 <= 1")
     if out is not None:
         check_png(out)
     act = api.activation(activation, param)

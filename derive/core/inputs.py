@@ -28,11 +28,18 @@ def check_hyperparameters(C_W: float, C_b: float, lambda_W: float | None, lambda
     return float(C_W), float(C_b), float(lw), float(lb)
 
 
+def _real_array(value, what: str) -> np.ndarray:
+    """``value`` as an array of real numbers (integer, unsigned or float dtype), else a DeriveError
+    (complex, strings, objects, booleans)."""
+    x = np.asarray(value)
+    if x.dtype.kind not in "fiu":
+        raise DeriveError(f"{what} must be real numbers, got dtype {x.dtype}")
+    return x
+
+
 def check_inputs(inputs) -> np.ndarray:
     """Inputs as a finite float array of shape (N, d)."""
-    x = np.asarray(inputs)
-    if x.dtype.kind not in "fiu":
-        raise DeriveError(f"inputs must be numeric, got dtype {x.dtype}")
+    x = _real_array(inputs, "inputs")
     if x.ndim != 2 or x.shape[0] < 1 or x.shape[1] < 1:
         raise DeriveError(f"inputs must be a 2-D array (N inputs, d features), got shape {x.shape}")
     if not np.all(np.isfinite(x)):
@@ -42,7 +49,7 @@ def check_inputs(inputs) -> np.ndarray:
 
 def inputs_from_kernel(k1) -> np.ndarray:
     """Inputs x (N, N) with x_a . x_b / N equal to the given input covariance ``k1`` (checked PSD)."""
-    k = np.asarray(k1, dtype=float)
+    k = _real_array(k1, "the input kernel").astype(float)
     if k.ndim != 2 or k.shape[0] != k.shape[1]:
         raise DeriveError(f"input kernel must be a square matrix, got shape {k.shape}")
     if not np.all(np.isfinite(k)):
@@ -56,7 +63,7 @@ def inputs_from_kernel(k1) -> np.ndarray:
 
 
 def check_arch_inputs(inputs) -> np.ndarray:
-    inputs = np.asarray(inputs, dtype=float)
+    inputs = _real_array(inputs, "inputs").astype(float)
     if inputs.ndim < 2 or 0 in inputs.shape:
         raise DeriveError(f"inputs must have shape (N, d) or (N, *positions, d) with no empty axis, "
                           f"got {inputs.shape}")
