@@ -7,6 +7,7 @@ status 2 and a one-line message on stderr. Symbolic commands never import JAX.
 
 from __future__ import annotations
 
+import os
 import sys
 
 import typer
@@ -18,15 +19,46 @@ from derive.cli import kernel, criticality, finite_width, gram, predict, validat
 from derive.cli.app import app
 
 
-def main() -> None:
-    """Entry point of the ``derive`` command: one-line errors, exit status 2 for bad input."""
+def main(args: list[str] | None = None) -> None:
+    """Entry point of the ``derive`` command: one-line errors, exit status 2 for bad input.
+
+    Bad input (a :class:`~derive.core.errors.DeriveError`, an unknown option, a value of the wrong type,
+    input nested too deeply to parse) prints one line ``error: ...`` on stderr and exits with status 2;
+    Ctrl-C exits with 130 (files being written are left as they were). ``DERIVE_DEBUG=1`` shows the
+    traceback of an unexpected error instead of its one line (exit status 1).
+    """
+    from typer._click.exceptions import ClickException  # typer vendors click
+
     from derive.core.errors import DeriveError
 
     try:
-        app()
+        status = app(args=args, standalone_mode=False)
     except DeriveError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        sys.exit(2)
+        _error(str(exc), 2)
+    except ClickException as exc:  # usage errors: one line, not a boxed usage message
+        _error(exc.format_message(), exc.exit_code)
+    except typer.Abort:
+        _error("aborted", 1)
+    except KeyboardInterrupt:
+        _error("interrupted", 130)
+    except RecursionError:
+        _error("the input is nested too deeply to read", 2)
+    except MemoryError:
+        _error("out of memory (DERIVE_MAX_MEMORY sets the limit the work estimates are checked against)", 2)
+    except Exception as exc:
+        if os.environ.get("DERIVE_DEBUG"):
+            raise
+        _error(f"internal error ({type(exc).__name__}: {exc}); please report it (DERIVE_DEBUG=1 shows the "
+               "traceback)", 1)
+    sys.exit(status if isinstance(status, int) else 0)
+
+
+def _error(message: str, code: int) -> None:
+    """``error: message`` on one line of stderr, then exit with ``code``."""
+    line = " ".join(part.strip() for part in str(message).splitlines() if part.strip())
+    if line:  # no arguments: the help was printed, with no error to add
+        typer.echo(f"error: {line}", err=True)
+    sys.exit(code)
 
 
 if __name__ == "__main__":
