@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from derive.core.files import write_atomic
+
 
 def _pyplot():
     import matplotlib
@@ -41,7 +43,7 @@ def phase_diagram(activation, out: str, cw_range=(0.25, 4.0), cb_range=(0.0, 1.0
     ax.set_title(f"{activation.name}: ordered (blue, $\\chi_\\perp<1$) / chaotic (red)")
     ax.text(0.02, 0.02, r"black line: $\chi_\perp(K^*) = 1$", transform=ax.transAxes, fontsize=8)
     fig.tight_layout()
-    fig.savefig(out, dpi=120)
+    write_atomic(out, lambda tmp: fig.savefig(tmp, dpi=120))
     plt.close(fig)
     return {"C_W": cw.tolist(), "C_b": cb.tolist(),
             "chi_perp": [[None if not np.isfinite(v) else float(v) for v in row] for row in chi]}
@@ -65,7 +67,7 @@ def depth_profile_plot(activation, profile, out: str, C_W: float, C_b: float) ->
         ax.legend()
     fig.suptitle(f"{activation.name}: C_W = {C_W:g}, C_b = {C_b:g}")
     fig.tight_layout()
-    fig.savefig(out, dpi=120)
+    write_atomic(out, lambda tmp: fig.savefig(tmp, dpi=120))
     plt.close(fig)
 
 
@@ -86,7 +88,7 @@ def finite_width_plot(report: dict, out: str) -> None:
     ax.set_title(f"{report['activation']}: leading 1/n corrections")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out, dpi=120)
+    write_atomic(out, lambda tmp: fig.savefig(tmp, dpi=120))
     plt.close(fig)
 
 
@@ -114,4 +116,4 @@ def arch_finite_width_plot(result, out: str) -> None:
     ax.set_title(f"{result.name or 'architecture'}, width n = {result.width}")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out, dpi=120)
+    write_atomic(out, lambda tmp: fig.savefig(tmp, dpi=120))

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from enum import Enum
 from pathlib import Path
 from typing import Optional
@@ -78,19 +76,15 @@ def jsonable(expr) -> str:
 
 
 def write_atomic(path: Path, write) -> None:
-    """Write through a temporary file in the same folder, renamed into place when complete."""
-    path = path.expanduser()
-    folder = path.parent if str(path.parent) else Path(".")
-    if not folder.is_dir():
-        fail(f"cannot write '{path}': folder '{folder}' does not exist")
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".derive-", suffix=path.suffix)
-    os.close(fd)
+    """Write through a temporary file in the same folder, renamed into place when complete
+    (:func:`derive.core.files.write_atomic`; Ctrl-C or an error leaves the previous file)."""
+    from derive.core.errors import DeriveError
+    from derive.core.files import write_atomic as write_file
+
     try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        write_file(path, write)
+    except DeriveError as exc:
+        fail(str(exc))
 
 
 def json_number(x):

@@ -33,6 +33,7 @@ import numpy as np
 from derive.backends.codegen import jax_activation
 from derive.core import budget
 from derive.core.errors import DeriveError
+from derive.core.files import write_atomic
 from derive.core.inputs import check_hyperparameters, check_inputs
 from derive.rules.activations import as_activation
 from derive.sampling.estimators import fit_inverse_width, z_score
@@ -443,7 +444,7 @@ def plot_validation(report: ValidationReport, out: str) -> None:
     fig.suptitle(f"{report.activation}: C_W = {report.C_W:g}, C_b = {report.C_b:g}, depth {report.depth}, "
                  f"{report.samples} networks per width", fontsize=10)
     fig.tight_layout()
-    fig.savefig(out, dpi=120)
+    write_atomic(out, lambda tmp: fig.savefig(tmp, dpi=120))
     plt.close(fig)
 
 
