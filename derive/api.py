@@ -131,7 +131,8 @@ def _same_features(x_test: np.ndarray, x_train: np.ndarray) -> np.ndarray:
 
 
 def arch_gram(net, inputs, *, dtype: str = "float64", method: str = "auto", devices=None,
-              x_test=None, max_work: float | None = None, max_memory: float | str | None = None) -> GramResult:
+              x_test=None, max_work: float | None = None,
+              max_memory: float | str | None = None) -> GramResult:
     """NNGP and NTK of an architecture's output for ``inputs`` (N, d) or (N, *positions, d)
     (:func:`derive.kernels.engine.network_gram`; dense networks take the fast Gram evaluation);
     with ``x_test`` the (M, N) test-train blocks, and ``max_work``, ``max_memory``, as in :func:`gram`."""

@@ -29,7 +29,8 @@ def test_check_refuses_over_the_work_limit_with_estimate_and_way_out():
 
 def test_check_refuses_over_the_memory_limit():
     estimate = budget.gram(10**6, 1)  # the two 10^6 x 10^6 float64 results and tiles: 2.1 x 8e12 bytes
-    with pytest.raises(DeriveError, match=r"needs about 15\.3 TB of memory, over the limit of 64 GB.*DERIVE_MAX_MEMORY=15647G"):
+    words = r"needs about 15\.3 TB of memory, over the limit of 64 GB.*DERIVE_MAX_MEMORY=15647G"
+    with pytest.raises(DeriveError, match=words):
         budget.check(estimate, max_work=math.inf, max_memory="64G")
     assert budget.check(estimate, max_work=math.inf, max_memory=math.inf) is estimate
 

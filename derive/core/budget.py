@@ -43,6 +43,8 @@ Monte Carlo (architectures)     per network and weighted layer n^2 x (100 + 2 M 
 finite width, one input         2e7 ops a layer (the walker: 1.8 ms a layer measured for tanh)
 finite width, tensor form       per layer 2 S^6 ops (V' = J V J^T over S = N P sites) and S^4 x 8
                                 bytes per recorded layer
+training (dense networks)       per network weights x (100 + 6 N_train x steps + 2 N_test) ops, and
+                                (3 weights + 2 N x units) x 8 bytes per network of a chunk
 depth profile                   2e6 ops a layer (150 us measured for tanh)
 phase diagram                   5e6 ops a grid point (400 layers of the fixed point; 0.4 ms measured)
 ==============================  ==================================================================
@@ -365,6 +367,21 @@ def arch_monte_carlo(n_networks, width, sites, weighted_layers, *, filter_size=1
     return Estimate(label, S * per_network, 5 * (_count(recorded) + 1) * M * M * itemsize)
 
 
+def training(n_networks, widths, n_train, n_test, steps, *, chunk=64, what: str | None = None) -> Estimate:
+    """``n_networks`` dense networks of layer widths ``widths`` = (n_0, ..., n_L) trained by full-batch
+    gradient descent for ``steps`` steps on ``n_train`` inputs (a forward and a backward pass, about 6 N
+    operations per weight and step) and read out on ``n_test``; ``chunk`` networks in memory at once
+    (weights, gradients and the activations of the batch)."""
+    ws = [_count(w) for w in widths]
+    pairs = sum(a * b for a, b in zip(ws, ws[1:]))
+    N, M, T = _count(n_train), _count(n_test), _count(steps)
+    per_network = pairs * (DRAW_OPS + 6 * N * T + 2 * M)
+    per_chunk = _count(chunk) * (3 * pairs + 2 * (N + M) * sum(ws)) * 8
+    width = max(ws[1:-1], default=0)
+    label = what or f"training {n_networks} networks of width {width:.0f} for {steps} steps"
+    return Estimate(label, _count(n_networks) * per_network, per_chunk)
+
+
 def finite_width(depth, *, layer_ops: float = FINITE_WIDTH_LAYER_OPS, what: str | None = None) -> Estimate:
     """The single-input finite-width walker through ``depth`` layers."""
     L = _count(depth)
@@ -395,4 +412,5 @@ __all__ = ["DEFAULT_MAX_WORK", "Estimate", "MEMORY_VARIABLE", "OPS_PER_SECOND", 
            "arch_monte_carlo", "attention_ops", "check", "dense_monte_carlo", "depth_profile", "finite_width",
            "finite_width_tensor", "gram", "human_bytes", "human_time", "limits", "memory_limit",
            "monte_carlo",
-           "parse_bytes", "phase_diagram", "physical_memory", "quadrature_entry_ops", "work_limit"]
+           "parse_bytes", "phase_diagram", "physical_memory", "quadrature_entry_ops", "training",
+           "work_limit"]

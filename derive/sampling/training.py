@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from derive.core import budget
 from derive.core.errors import DeriveError
 from derive.sampling.dense import forward, init_network
 
@@ -124,6 +125,8 @@ def train_ensemble(activation: Activation, x_train, y_train, x_test, depth: int,
     lambda_W = C_W if lambda_W is None else lambda_W
     lambda_b = C_b if lambda_b is None else lambda_b
     chunk = min(DEFAULT_CHUNK if chunk is None else int(chunk), n_networks)
+    budget.check(budget.training(n_networks, widths, len(x_train), len(x_test), max(checkpoints, default=0),
+                                 chunk=chunk))
     key = (activation, widths, checkpoints)
     if key not in _TRAIN_CACHE:
         _TRAIN_CACHE[key] = _train_function(activation, widths, checkpoints, jnp.float64)

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from derive.core import budget
 from derive.core.errors import DeriveError
 from derive.sampling.estimators import fit_inverse_width, z_score
 
@@ -195,6 +196,13 @@ def validate_trained_dense(activation, x_train, y_train, x_test, depth: int, C_W
     if mode not in ("nngp", "ntk"):
         raise DeriveError(f"mode must be 'ntk' (every layer trained) or 'nngp' (the last layer only), got {mode!r}")
     steps = tuple(int(s) for s in np.atleast_1d(steps))
+    shape, outputs = np.shape(x_train), int(np.prod(np.shape(y_train)[1:]))
+    if len(shape) == 2 and steps and isinstance(n_networks, (int, np.integer)):
+        cost = [budget.training(n_networks, (shape[1],) + (w,) * (int(depth) - 1) + (outputs,), shape[0],
+                                len(x_test), max(steps)) for w in widths]
+        budget.check(budget.Estimate(f"training {n_networks} networks at each of the widths "
+                                     f"{', '.join(map(str, widths))} for {max(steps)} steps",
+                                     sum(c.ops for c in cost), max(c.bytes for c in cost)))
     net = dense_network(activation, depth, C_W, C_b, lambda_W, lambda_b)
     theory = predict_network(net, x_train, y_train, x_test, steps=list(steps), learning_rate=learning_rate,
                              get=(mode,), covariance="diagonal")
