@@ -87,6 +87,14 @@ def write_atomic(path: Path, write) -> None:
         fail(str(exc))
 
 
+def save_npz(path: str, **arrays) -> None:
+    """``arrays`` into the .npz file ``path`` as given (np.savez would add .npz to another suffix)."""
+    import numpy as np
+
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)
+
+
 def json_number(x):
     return None if x != x else float(x)
 

@@ -20,6 +20,7 @@ from derive.cli.app import (
     fail,
     load_arch_file,
     load_npy,
+    save_npz,
     write_atomic,
 )
 
@@ -86,7 +87,7 @@ def gram(
     res = api.gram(activation, x, depth, cw, cb, lambda_w, lambda_b, params=param, dtype=dtype.value,
                    method=method, devices=devices, x_test=x_test)
     if out is not None:
-        write_atomic(out, lambda tmp: _save_npz(tmp, nngp=res.nngp, ntk=res.ntk))
+        write_atomic(out, lambda tmp: save_npz(tmp, nngp=res.nngp, ntk=res.ntk))
     if fmt is NumFormat.json:
         typer.echo(json.dumps({"activation": activation, "depth": depth, "C_W": cw, "C_b": cb,
                                "lambda_W": cw if lambda_w is None else lambda_w,
@@ -116,7 +117,7 @@ def _arch_gram(path: Path, inputs: Optional[Path], out: Optional[Path], fmt: Num
     res = api.arch_gram(net, x, x_test=x_test)
     nngp, ntk = res.nngp, res.ntk
     if out is not None:
-        write_atomic(out, lambda tmp: _save_npz(tmp, nngp=nngp, ntk=ntk))
+        write_atomic(out, lambda tmp: save_npz(tmp, nngp=nngp, ntk=ntk))
     if fmt is NumFormat.json:
         typer.echo(json.dumps({"architecture": net.name, "inputs_shape": list(x.shape), "shape": list(nngp.shape),
                                "nngp": nngp.tolist(), "ntk": ntk.tolist()}))
@@ -125,11 +126,3 @@ def _arch_gram(path: Path, inputs: Optional[Path], out: Optional[Path], fmt: Num
         typer.echo(f"NNGP (shape {nngp.shape}):\n{nngp}\nNTK:\n{ntk}")
     if out is not None:
         typer.echo(f"wrote {out}")
-
-
-def _save_npz(path: str, **arrays) -> None:
-    """``arrays`` into the .npz file ``path`` as given (np.savez would add .npz to another suffix)."""
-    import numpy as np
-
-    with open(path, "wb") as f:
-        np.savez(f, **arrays)

@@ -18,6 +18,7 @@ from derive.cli.app import (
     fail,
     load_arch_file,
     load_npy,
+    save_npz,
     write_atomic,
 )
 
@@ -104,7 +105,7 @@ def predict(
     t = _times(time, "--time")
     if t is not None and steps:
         fail("predict: give --time or --steps, not both")
-    if t is not None and any(np.isinf(t)):
+    if t is not None and any(np.isposinf(t)):  # -inf goes on to be refused
         if len(t) > 1:
             fail("predict: ask --time inf on its own (converged predictions), finite times together")
         t = None
@@ -134,7 +135,7 @@ def predict(
             arrays[f"{m}_variance"] = g.variance
             if g.full:
                 arrays[f"{m}_covariance"] = g.covariance
-        write_atomic(out, lambda tmp: np.savez(open(tmp, "wb"), **arrays))
+        write_atomic(out, lambda tmp: save_npz(tmp, **arrays))
     if fmt is NumFormat.json:
         typer.echo(json.dumps({**network, "demo_data": demo, **res.to_dict()}))
         return
