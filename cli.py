@@ -8,7 +8,9 @@ status 2 and a one-line message on stderr. Symbolic commands never import JAX.
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 
 import typer
 
@@ -31,6 +33,7 @@ def main(args: list[str] | None = None) -> None:
 
     from derive.core.errors import DeriveError
 
+    previous = _stop_on_interrupt()
     try:
         status = app(args=args, standalone_mode=False)
     except DeriveError as exc:
@@ -50,7 +53,32 @@ def main(args: list[str] | None = None) -> None:
             raise
         _error(f"internal error ({type(exc).__name__}: {exc}); please report it (DERIVE_DEBUG=1 shows the "
                "traceback)", 1)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
     sys.exit(status if isinstance(status, int) else 0)
+
+
+def _stop_on_interrupt():
+    """Ctrl-C stops the command at once: the temporary files of writes in progress are removed (their
+    targets keep their previous content), one line goes to stderr, exit status 130.
+
+    A KeyboardInterrupt raised wherever Python happens to be would not do: raised inside a garbage
+    collector callback (JAX installs one) it is reported as "ignored" and the run goes on, and raised
+    inside a native library's initialisation it can crash the process. Returns the previous handler
+    (restored when :func:`main` returns), or None off the main thread, where none can be set.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def stop(signum, frame):
+        from derive.core.files import discard_pending
+
+        discard_pending()
+        os.write(2, b"error: interrupted\n")
+        os._exit(130)
+
+    return signal.signal(signal.SIGINT, stop)
 
 
 def _error(message: str, code: int) -> None:

@@ -28,6 +28,7 @@ def write_atomic(path: str | Path, write: Callable[[str], object]) -> Path:
     except OSError as exc:
         raise DeriveError(f"cannot write '{path}': {exc.strerror}") from None
     os.close(fd)
+    _PENDING.add(tmp)
     try:
         write(tmp)
         os.chmod(tmp, 0o666 & ~_umask())
@@ -35,9 +36,25 @@ def write_atomic(path: str | Path, write: Callable[[str], object]) -> Path:
     except OSError as exc:
         raise DeriveError(f"cannot write '{path}': {exc.strerror or exc}") from None
     finally:
+        _PENDING.discard(tmp)
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+#: Temporary files of writes in progress (removed by :func:`discard_pending` when the process is
+#: stopped from outside, where no ``finally`` runs).
+_PENDING: set[str] = set()
+
+
+def discard_pending() -> None:
+    """Remove the temporary files of writes in progress (the targets keep their previous content)."""
+    for tmp in list(_PENDING):
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+    _PENDING.clear()
 
 
 def _umask() -> int:
@@ -46,4 +63,4 @@ def _umask() -> int:
     return mask
 
 
-__all__ = ["write_atomic"]
+__all__ = ["discard_pending", "write_atomic"]
