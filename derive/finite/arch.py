@@ -54,12 +54,12 @@ from derive.core import symbols as S
 from derive.core.errors import DeriveError
 from derive.finite.collective import G1, K, V, activation_table, ntk_maps, quadratic, r, segment_maps, z
 from derive.rules.layers import (
-    FW_BRANCH,
     FW_INPUT,
     FW_NTK_QUANTITIES,
     FW_SITES,
     StructuralOperator,
     act,
+    combine_weights,
     mean,
 )
 from derive.symbolic.maps import BK, BTheta, layer_maps
@@ -230,9 +230,7 @@ class _Walker:
             raise DeriveError(f"{where}: the branch must end in a dense layer")
         if b.width != p.width:
             raise DeriveError(f"{where}: the branch output has width {b.width}, the skip {p.width}")
-        combine = layer.rule.finite_width["combine"].xreplace(layer.values())
-        a2 = float(sp.diff(combine, FW_INPUT)) ** 2
-        c2 = float(sp.diff(combine, FW_BRANCH)) ** 2
+        a2, c2 = combine_weights(layer.rule.finite_width["combine"].xreplace(layer.values()))
         _, Th = self.infinite(layer, p.K, p.Theta, branch=(b.K, b.Theta))
         return _Point(*_combine(a2, c2, (p.K, p.V, p.G1), (b.K, b.V, b.G1), cross), Th, p.width, p.width)
 

@@ -73,7 +73,7 @@ from derive.core.inputs import check_arch_inputs
 from derive.finite.batch import batch_terms, channel_means
 from derive.finite.moments import NumpyMoments, moment_rule
 from derive.kernels.arch import _attend, _logits, _patch, _pool, _spatial_mean, arch_kernels
-from derive.rules.layers import FW_BRANCH, FW_INPUT, StructuralOperator, act, mean
+from derive.rules.layers import FW_INPUT, StructuralOperator, act, combine_weights, mean
 
 #: Structural operators a ``variance`` or ``means`` statement may apply to the channel means.
 LINEAR_OPERATORS = ("patch", "pool", "spatial_mean", "diagonal_mean")
@@ -417,9 +417,7 @@ class _Walker:
             raise DeriveError(f"{where}: the branch must end in a weighted layer")
         if b.spatial != p.spatial:
             raise DeriveError(f"{where}: the branch changes the positions {p.spatial} -> {b.spatial}")
-        combine = layer.rule.finite_width["combine"].xreplace(layer.values())
-        a2 = float(sp.diff(combine, FW_INPUT)) ** 2
-        c2 = float(sp.diff(combine, FW_BRANCH)) ** 2
+        a2, c2 = combine_weights(layer.rule.finite_width["combine"].xreplace(layer.values()))
         M = p.K.shape[0]
         V1 = _residual_vertex(a2, c2, p.V, np.asarray(X).reshape(M, M, M, M), b.V)
         return _Point(a2 * p.K + c2 * b.K, V1, a2 * p.G + c2 * b.G, p.spatial)

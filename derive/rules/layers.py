@@ -371,6 +371,13 @@ def _check_rule(rule: LayerRule, where: str) -> None:
 
 
 @lru_cache(maxsize=None)
+def combine_weights(combine: sp.Expr) -> tuple[float, float]:
+    """(a^2, c^2) of a residual block's ``combine`` = a x + c f(x) (its [finite_width] table, parameters
+    substituted): the factors its skip and its branch carry into K, V and G1 (PDLT ch. 11's xi^2 and
+    gamma^2 when the block is xi x + gamma f(x))."""
+    return float(sp.diff(combine, FW_INPUT)) ** 2, float(sp.diff(combine, FW_BRANCH)) ** 2
+
+
 def layer_rules(extra: tuple[str, ...] = ()) -> dict[str, LayerRule]:
     """All layer rules by normalised name and alias (first folder wins)."""
     rules: dict[str, LayerRule] = {}
@@ -395,4 +402,4 @@ def layer_names(extra: tuple[str, ...] = ()) -> list[str]:
 
 
 __all__ = ["BK12", "BTheta12", "E", "FW_BRANCH", "FW_DRUN", "FW_INPUT", "FW_KINDS", "FW_NTK_QUANTITIES", "FW_RUN", "FW_SITES", "act", "dsigma", "mean", "LayerRule",
-           "OPERATORS", "SHAPE_PRESERVING", "StructuralOperator", "find_layer_rule", "layer_names", "layer_rules", "sigma"]
+           "OPERATORS", "SHAPE_PRESERVING", "combine_weights", "StructuralOperator", "find_layer_rule", "layer_names", "layer_rules", "sigma"]
