@@ -142,8 +142,7 @@ def _spectral_factor(values: np.ndarray, rate: np.ndarray, steps: bool) -> np.nd
     with np.errstate(invalid="ignore", divide="ignore"):
         # 1 - (1 - x)^s: by expm1 and log1p while 1 - x > 0 (accurate for small x), by the power past it
         # (1 <= x < 2: the iteration oscillates while it converges).
-        one_minus = np.where(x < 1, -np.expm1(s * np.log1p(-np.minimum(x, 0.5 + 0.5 * (x < 1)))),
-                             1 - np.power(1 - x, s))
+        one_minus = np.where(x < 1, -np.expm1(s * np.log1p(-np.where(x < 1, x, 0.0))), 1 - np.power(1 - x, s))
         out = one_minus / lam
     return np.where(lam > 0, out, eta * s)
 

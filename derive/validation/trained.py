@@ -165,9 +165,7 @@ def compare(ensembles: Sequence, theory, *, mode: str, z_max: float, learning_ra
                 for j in range(K):
                     th = expected[quantity][c, i, j] if expected[quantity].ndim == 3 else expected[quantity][c, i]
                     y, s = values[:, c, i, j], errors[:, c, i, j]
-                    if np.all(s == 0):  # step 0 with zero variance cannot happen; guard the fit
-                        s = np.full_like(s, np.finfo(float).tiny)
-                    fit = fit_inverse_width(widths, y, np.maximum(s, 1e-300))
+                    fit = fit_inverse_width(widths, y, np.maximum(s, 1e-300))  # the fit needs s > 0
                     z = z_score(fit.intercept, fit.intercept_stderr, float(th))
                     rows.append(TrainedRow(quantity, int(steps[c]), i, j, float(th), fit.intercept,
                                            fit.intercept_stderr, fit.slope, fit.slope_stderr, fit.chi2, fit.dof,
@@ -204,15 +202,10 @@ def validate_trained_dense(activation, x_train, y_train, x_test, depth: int, C_W
                                      f"{', '.join(map(str, widths))} for {max(steps)} steps",
                                      sum(c.ops for c in cost), max(c.bytes for c in cost)))
     net = dense_network(activation, depth, C_W, C_b, lambda_W, lambda_b)
-    theory = predict_network(net, x_train, y_train, x_test, steps=list(steps), learning_rate=learning_rate,
-                             get=(mode,), covariance="diagonal")
     y = np.asarray(y_train, dtype=float)
-    y2 = y.reshape(-1, 1) if y.ndim == 1 else y
-    if y.ndim == 1:  # the comparison runs on (M, k) arrays
-        theory = type(theory)({mode: type(theory[mode])(theory[mode].mean[..., None],
-                                                          theory[mode].covariance[..., None])},
-                              theory.times, theory.steps, theory.learning_rate, theory.noise, theory.jitter,
-                              theory.n_train, theory.n_test)
+    y2 = y.reshape(-1, 1) if y.ndim == 1 else y  # the comparison runs on (M, k) arrays
+    theory = predict_network(net, x_train, y2, x_test, steps=list(steps), learning_rate=learning_rate,
+                             get=(mode,), covariance="diagonal")
     sigma = jax_activation(activation)
     ensembles = []
     for w in widths:
