@@ -462,7 +462,8 @@ def test_sampled_cnns_agree_and_a_dropped_term_is_rejected(name):
 
 def test_ntk_fluctuations_are_carried_only_where_derived():
     """A..Q after dense layers fed by activations; None after LayerNorm (its statistics move with the
-    NTK) and from a residual block on; the dense network's equal the dense engine's."""
+    NTK); A..F through residual blocks and P, Q not (None from a residual block on); the dense
+    network's equal the dense engine's."""
     from derive.finite.arch import QUANTITIES
 
     assert QUANTITIES[-6:] == ("A", "B", "D", "F", "P", "Q")
@@ -476,7 +477,59 @@ def test_ntk_fluctuations_are_carried_only_where_derived():
                                         arch.residual(arch.dense(1.0), arch.activation("tanh"), arch.dense(1.0)),
                                         arch.activation("tanh"), arch.dense(1.2)))
     assert res.values["B"][2] is not None and res.values["B"][2] > 0
-    assert res.values["B"][3] is None and res.values["B"][5] is None
+    for q in ("A", "B", "D", "F"):
+        assert all(v is not None and np.isfinite(v) for v in res.values[q][3::2]), q
+    assert res.values["P"][2] is not None and res.values["P"][3] is None and res.values["Q"][5] is None
+
+
+def _dropping(term):
+    """The residual NTK fluctuation maps with one term dropped (the wrong maps a check must reject)."""
+    original = afw._combine_ntk
+
+    def wrong(a2, c2, skip, branch, jacobian):
+        A, B, D, F = skip.fluctuations[:4]
+        kk, tk, tt = jacobian
+        out = list(original(a2, c2, skip, branch, jacobian))
+        if term == "B in the cross term":
+            out[1] -= 2 * a2 * c2 * tt * B
+        elif term == "skip-branch covariance":
+            out[0] -= 2 * a2 * c2 * (tk * D + tt * A)
+        return tuple(out)
+
+    return wrong
+
+
+RESIDUAL_NTK = {  # name: (network, the dropped term the same samples reject)
+    "relu": (arch.serial(arch.dense(1.0), arch.repeat(3, _residual("relu", 0.6**0.5, 0.4**0.5, 2.0, 1.0))),
+             "skip-branch covariance"),
+    "relu, unit skip": (arch.serial(arch.dense(1.0), arch.repeat(3, _residual("relu", 1.0, 0.5, 2.0, 1.0))),
+                        "skip-branch covariance"),
+    "tanh": (arch.serial(arch.dense(1.0), arch.repeat(3, _residual("tanh", 0.8, 0.9, cb=0.05))),
+             "B in the cross term"),
+    "tanh, small branch": (arch.serial(arch.dense(1.0), arch.repeat(3, _residual("tanh", 1.0, 0.6, 1.5, 1.0))),
+                           "B in the cross term"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(RESIDUAL_NTK))
+def test_sampled_ntk_fluctuation_of_residual_mlps_and_a_dropped_term_is_rejected(name):
+    """n Var(H_ii) of a residual MLP's output channel (three blocks z' = xi z + gamma W2 sigma(W1 z)),
+    fitted in 1/n over three widths, against A + 2B carried through the blocks; the maps without one
+    of their cross terms are rejected by the same samples."""
+    net, dropped = RESIDUAL_NTK[name]
+    theory = arch_finite_width(net)
+    estimates = sample_kernel_estimates(net, (48, 96, 192), samples=4000, seed=7, ntk=True)
+    check = compare_finite_width(theory, estimates, quantities=("Theta", "Theta_var"))
+    assert check.passed and not any(r["weak"] for r in check.rows), check.rows
+    original = afw._combine_ntk
+    try:
+        afw._combine_ntk = _dropping(dropped)
+        wrong = arch_finite_width(net)
+    finally:
+        afw._combine_ntk = original
+    assert wrong.values["A"][-1] + 2 * wrong.values["B"][-1] != pytest.approx(check.rows[-1]["theory"])
+    assert not compare_finite_width(wrong, estimates, quantities=("Theta_var",)).passed
 
 
 def test_sampled_ntk_fluctuation_of_a_mixed_network_and_a_dropped_term_is_rejected():

@@ -55,6 +55,7 @@ from derive.core.errors import DeriveError
 from derive.finite.collective import G1, K, V, activation_table, ntk_maps, quadratic, r, segment_maps, z
 from derive.rules.layers import (
     FW_INPUT,
+    FW_JACOBIAN,
     FW_NTK_QUANTITIES,
     FW_SITES,
     StructuralOperator,
@@ -163,7 +164,7 @@ class _Walker:
             values.update({BK: branch[0], BTheta: branch[1]})
         return float(evaluate(maps.single_kernel, values)), float(evaluate(maps.single_ntk, values))
 
-    def dense(self, p: _Point, layer: Layer, where: str, cross: float | None = None) -> tuple[_Point, float | None]:
+    def dense(self, p: _Point, layer: Layer, where: str, cross=None) -> tuple[_Point, object]:
         F = _variance(layer)
         if F is None:
             raise DeriveError(f"{where} ({layer.type}): a layer over positions; its finite-width maps are the "
@@ -180,6 +181,7 @@ class _Walker:
                      fluctuations=self.fluctuations(p, layer, values))
         if cross is None:
             return out, None
+        local = self.jacobian(p, layer, values)
         if cross == "start":  # first dense of a residual branch: X from the skip
             if not quadratic(maps["iota"]):
                 raise DeriveError(
@@ -187,19 +189,33 @@ class _Walker:
                     "channel, which is not quadratic in z: each channel's own increment then depends on that "
                     "channel at O(1/n) (a self-interaction that skews the stream), which K, V, G1 do not carry; "
                     "finite-width maps are derived for branches that start with a dense layer or layernorm")
-            return out, float(evaluate(maps["X"], values))
-        return out, cross * float(evaluate(maps["J"], values))
+            return out, _Cross(float(evaluate(maps["X"], values)), local)
+        return out, _Cross(cross.X * float(evaluate(maps["J"], values)), _chain(local, cross.jacobian))
 
     def fluctuations(self, p: _Point, layer: Layer, values: dict) -> tuple | None:
         """(A, B, D, F, P, Q) after a dense layer, from its rule's [finite_width.ntk] maps; None when the
         input point has none or the run since it holds channel means (LayerNorm), which the maps do not
-        carry."""
+        carry; a quantity whose map needs one that is not derived (P and Q after a residual block) is
+        None."""
         maps = layer.rule.finite_width_ntk
         if not maps or p.fluctuations is None or p.run.has(mean):
             return None
         exprs = ntk_maps(maps, (), p.run, p.activations, self.tol)
-        state = {**values, S.Theta: p.Theta, **dict(zip(_NTK_SYMBOLS, p.fluctuations))}
-        return tuple(float(evaluate(exprs[q], state)) for q in FW_NTK_QUANTITIES)
+        known = {s: v for s, v in zip(_NTK_SYMBOLS, p.fluctuations) if v is not None}
+        state = {**values, S.Theta: p.Theta, **known}
+        missing = set(_NTK_SYMBOLS) - set(known)
+        return tuple(None if exprs[q].free_symbols & missing else float(evaluate(exprs[q], state))
+                     for q in FW_NTK_QUANTITIES)
+
+    def jacobian(self, p: _Point, layer: Layer, values: dict) -> tuple | None:
+        """(dK'/dK, dTheta'/dK, dTheta'/dTheta) of a dense layer's infinite-width maps at the point p,
+        from its rule's [finite_width.jacobian]; None after channel means (LayerNorm)."""
+        maps = layer.rule.finite_width_jacobian
+        if not maps or p.run.has(mean):
+            return None
+        exprs = ntk_maps(maps, (), p.run, p.activations, self.tol)
+        state = {**values, S.Theta: p.Theta}
+        return tuple(float(evaluate(exprs[q], state)) for q in FW_JACOBIAN)
 
     def elementwise(self, p: _Point, layer: Layer) -> _Point:
         fw = layer.rule.finite_width["elementwise"].xreplace(layer.values())
@@ -232,7 +248,13 @@ class _Walker:
             raise DeriveError(f"{where}: the branch output has width {b.width}, the skip {p.width}")
         a2, c2 = combine_weights(layer.rule.finite_width["combine"].xreplace(layer.values()))
         _, Th = self.infinite(layer, p.K, p.Theta, branch=(b.K, b.Theta))
-        return _Point(*_combine(a2, c2, (p.K, p.V, p.G1), (b.K, b.V, b.G1), cross), Th, p.width, p.width)
+        scale = p.width / b.norm  # the branch's V, G1, A.. are normalised by its last fan-in
+        K1, V1, G11 = _combine(a2, c2, (p.K, p.V, p.G1), (b.K, scale * b.V, scale * b.G1), cross.X)
+        fluctuations = None
+        if p.fluctuations is not None and b.fluctuations is not None and cross.jacobian is not None:
+            branch = tuple(None if v is None else scale * v for v in b.fluctuations)
+            fluctuations = _combine_ntk(a2, c2, p, branch, cross.jacobian)
+        return _Point(K1, V1, G11, Th, p.width, p.width, fluctuations=fluctuations)
 
     def step(self, p: _Point, layer: Layer, where: str, cross=None):
         fw = layer.rule.finite_width
@@ -252,6 +274,56 @@ def _combine(a2: float, c2: float, skip: tuple, branch: tuple, cross: float) -> 
     """(K, V, G1) of a z + c b from the skip's and the branch's (K, V, G1) and X = n Cov(z_i^2, G_b)."""
     (K0, V0, G0), (Kb, Vb, Gb) = skip, branch
     return a2 * K0 + c2 * Kb, a2 * a2 * V0 + 2 * a2 * c2 * cross + c2 * c2 * Vb, a2 * G0 + c2 * Gb
+
+
+@dataclass(frozen=True)
+class _Cross:
+    """What a residual branch carries of its input z: X = n Cov(z_i^2, G) of the current layer's
+    conditional variance G, and the Jacobian (dK/dK_z, dTheta/dK_z, dTheta/dTheta_z) of its
+    infinite-width maps (None where not derived)."""
+
+    X: float
+    jacobian: tuple | None
+
+
+def _chain(local: tuple | None, inner: tuple | None) -> tuple | None:
+    """The Jacobian of (K, Theta) -> (K', Theta') after ``inner``: K' depends on K only."""
+    if local is None or inner is None:
+        return None
+    (kk, tk, tt), (ikk, itk, itt) = local, inner
+    return kk * ikk, tk * ikk + tt * itk, tt * itt
+
+
+def _combine_ntk(a2: float, c2: float, skip: _Point, branch: tuple, jacobian: tuple) -> tuple:
+    """(A, B, D, F, P, Q) of z' = a z + c b, P and Q not derived (None).
+
+    With H' = a^2 H + c^2 H_b + a c (H J^T + J H), J = db/dz and H_b the NTK of the branch output
+    (every parameter, the skip's included: what the walker carries through the branch), the terms odd
+    in the branch's last (fresh, zero-mean) weights drop out of every second moment, and to order 1/n
+
+        A' = a^4 A + c^4 A_b + 2 a^2 c^2 (dTheta_b/dK D + dTheta_b/dTheta A)
+        B' = a^4 B + c^4 B_b + 2 a^2 c^2 chi_b (Theta^2 + B)
+        D' = a^4 D + c^4 D_b + a^2 c^2 [dK_b/dK D + dTheta_b/dK (2 K^2 + V) + dTheta_b/dTheta D]
+        F' = a^4 F + c^4 F_b + 2 a^2 c^2 dK_b/dK (Theta K + F)
+
+    where chi_b = dTheta_b/dTheta: n E[J_ij J_kl] = delta_ik delta_jl chi_b; the branch reads the skip
+    through mean(z^2) and mean(H_kk), whose n-covariances with H_ii are D and A and with z_i^2 are
+    2 K^2 + V and D; and n E[b_j J_ik] = delta_ij dK_b/dK z_k (Stein's lemma on the last weights:
+    (1/2) d E[b_i b_j | z]/dz_k). The cross terms H_ik J_jk summed over k carry B and F at the same
+    order as Theta J_ji. Derived here from the rule's ``combine``; checked against sampled residual
+    networks (tests/test_arch_finite_width.py)."""
+    A, B, D, F = skip.fluctuations[:4]
+    Ab, Bb, Db, Fb = branch[:4]
+    if None in (A, B, D, F, Ab, Bb, Db, Fb):
+        return None
+    kk, tk, tt = jacobian
+    K, V, Th = skip.K, skip.V, skip.Theta
+    m = a2 * c2
+    return (a2 * a2 * A + c2 * c2 * Ab + 2 * m * (tk * D + tt * A),
+            a2 * a2 * B + c2 * c2 * Bb + 2 * m * tt * (Th * Th + B),
+            a2 * a2 * D + c2 * c2 * Db + m * (kk * D + tk * (2 * K * K + V) + tt * D),
+            a2 * a2 * F + c2 * c2 * Fb + 2 * m * kk * (Th * K + F),
+            None, None)
 
 
 def _expand(net: Serial):

@@ -124,6 +124,10 @@ FW_RUN = sp.Symbol("s", real=True)
 FW_DRUN = sp.Symbol("ds", real=True)
 #: What the NTK maps carry from layer to layer (PDLT ch. 8 and 11; see derive/finite/single.py).
 FW_NTK_QUANTITIES = ("A", "B", "D", "F", "P", "Q")
+#: The derivatives of a layer's infinite-width single-input maps K' = K'(K), Theta' = Theta'(K, Theta)
+#: (``[finite_width.jacobian]``): what a residual block needs for the cross terms of its skip and
+#: branch (derive/finite/arch.py).
+FW_JACOBIAN = ("dK_dK", "dTheta_dK", "dTheta_dTheta")
 #: The forms a ``[finite_width]`` table may take (module docstrings of :mod:`derive.finite.arch`
 #: and :mod:`derive.finite.tensor`).
 FW_KINDS = ("variance", "means", "elementwise", "combine")
@@ -173,6 +177,7 @@ class LayerRule:
     path: str = ""
     finite_width_table: tuple[tuple[str, sp.Expr], ...] = ()
     finite_width_ntk: tuple[tuple[str, sp.Expr], ...] = ()  # [finite_width.ntk], definitions substituted
+    finite_width_jacobian: tuple[tuple[str, sp.Expr], ...] = ()  # [finite_width.jacobian], likewise
     finite_width_not_derived: str = ""  # why the layer has no finite-width maps (finite_width.not_derived)
 
     def no_finite_width(self) -> str:
@@ -240,13 +245,15 @@ def _load_layer(path: Path) -> LayerRule:
                                             if name != "logit_response"}}
         fw_data = dict(data.get("finite_width", {}))
         ntk_data, define_data = fw_data.pop("ntk", {}), fw_data.pop("define", {})
+        jacobian_data = fw_data.pop("jacobian", {})
         not_derived = fw_data.pop("not_derived", "")
         if not isinstance(not_derived, str) or (not_derived and fw_data):
             raise RuleError(f"{where}: finite_width.not_derived is a reason (text), in a table without maps")
         finite_width = tuple((key, parse_expression(str(text), fw_table, functions=fw_functions,
                                                     where=f"{where} finite_width.{key}"))
                              for key, text in fw_data.items())
-        finite_width_ntk = _parse_ntk_maps(ntk_data, define_data, table, where)
+        finite_width_ntk, finite_width_jacobian = _parse_ntk_maps(ntk_data, define_data, table, where,
+                                                                  jacobian_data)
     except KeyError as exc:
         raise RuleError(f"{where}: missing key {exc}") from None
     rule = LayerRule(name=name, kernel=kernel, ntk=ntk, params=tuple(params), options=options,
@@ -256,19 +263,22 @@ def _load_layer(path: Path) -> LayerRule:
                      output=data.get("output", "same"), aliases=tuple(data.get("aliases", [])),
                      description=data.get("description", ""), source=data.get("source", ""),
                      path=str(path), finite_width_table=finite_width, finite_width_ntk=finite_width_ntk,
-                     finite_width_not_derived=not_derived)
+                     finite_width_jacobian=finite_width_jacobian, finite_width_not_derived=not_derived)
     _check_rule(rule, where)
     return rule
 
 
-def _parse_ntk_maps(maps: dict, definitions: dict, table: dict, where: str) -> tuple[tuple[str, sp.Expr], ...]:
-    """The ``[finite_width.ntk]`` maps of A, B, D, F, P, Q with the ``[finite_width.define]`` helpers
-    (each may use the earlier ones) substituted. Symbols: the state K, V, G1, Theta, A..Q and r, the
-    rule's parameters, and inside E(...) the channel z, the run s and its derivative ds."""
-    if not isinstance(maps, dict) or not isinstance(definitions, dict):
-        raise RuleError(f"{where}: finite_width.ntk and finite_width.define must be tables")
-    if definitions and not maps:
-        raise RuleError(f"{where}: finite_width.define without finite_width.ntk")
+def _parse_ntk_maps(maps: dict, definitions: dict, table: dict, where: str,
+                    jacobian: dict | None = None) -> tuple[tuple[tuple[str, sp.Expr], ...], ...]:
+    """The ``[finite_width.ntk]`` maps of A, B, D, F, P, Q and the ``[finite_width.jacobian]``
+    derivatives (FW_JACOBIAN) with the ``[finite_width.define]`` helpers (each may use the earlier
+    ones) substituted. Symbols: the state K, V, G1, Theta, A..Q and r, the rule's parameters, and
+    inside E(...) the channel z, the run s and its derivative ds."""
+    jacobian = {} if jacobian is None else jacobian
+    if not all(isinstance(t, dict) for t in (maps, definitions, jacobian)):
+        raise RuleError(f"{where}: finite_width.ntk, finite_width.define and finite_width.jacobian must be tables")
+    if (definitions or jacobian) and not maps:
+        raise RuleError(f"{where}: finite_width.define and finite_width.jacobian go with finite_width.ntk")
     names = {**table, **{q: S.BY_NAME[q] for q in ("K", "V", "G1", "Theta", "r", "z", *FW_NTK_QUANTITIES)},
              "s": FW_RUN, "ds": FW_DRUN}
     functions = {"E": (E, 1, 1)}
@@ -276,25 +286,30 @@ def _parse_ntk_maps(maps: dict, definitions: dict, table: dict, where: str) -> t
         if key in names or key in functions:
             raise RuleError(f"{where}: finite_width.define.{key} would hide a symbol of the maps")
         names[key] = parse_expression(str(text), names, functions=functions, where=f"{where} finite_width.define.{key}")
-    unknown = set(maps) - set(FW_NTK_QUANTITIES)
-    if unknown:
-        raise RuleError(f"{where}: finite_width.ntk maps {', '.join(FW_NTK_QUANTITIES)}, not {', '.join(sorted(unknown))}")
-    out = []
-    for key in FW_NTK_QUANTITIES:
-        if key not in maps:
-            continue
-        expr = parse_expression(str(maps[key]), names, functions=functions, where=f"{where} finite_width.ntk.{key}")
-        outside = expr.xreplace({e: sp.Integer(1) for e in expr.atoms(E)})
-        stray = outside.free_symbols & {S.z, FW_RUN, FW_DRUN}
-        if stray:
-            raise RuleError(f"{where}: finite_width.ntk.{key} uses {', '.join(sorted(s.name for s in stray))} "
-                            "outside E(...)")
-        out.append((key, expr))
-    if out and [k for k, _ in out] != list(FW_NTK_QUANTITIES):
-        missing = sorted(set(FW_NTK_QUANTITIES) - {k for k, _ in out})
-        raise RuleError(f"{where}: finite_width.ntk maps every one of {', '.join(FW_NTK_QUANTITIES)} (missing "
-                        f"{', '.join(missing)})")
-    return tuple(out)
+
+    def parse(data: dict, keys: tuple, table_name: str) -> tuple:
+        unknown = set(data) - set(keys)
+        if unknown:
+            raise RuleError(f"{where}: {table_name} maps {', '.join(keys)}, not {', '.join(sorted(unknown))}")
+        out = []
+        for key in keys:
+            if key not in data:
+                continue
+            expr = parse_expression(str(data[key]), names, functions=functions, where=f"{where} {table_name}.{key}")
+            outside = expr.xreplace({e: sp.Integer(1) for e in expr.atoms(E)})
+            stray = outside.free_symbols & {S.z, FW_RUN, FW_DRUN}
+            if stray:
+                raise RuleError(f"{where}: {table_name}.{key} uses {', '.join(sorted(s.name for s in stray))} "
+                                "outside E(...)")
+            out.append((key, expr))
+        if out and len(out) != len(keys):
+            missing = sorted(set(keys) - {k for k, _ in out})
+            raise RuleError(f"{where}: {table_name} maps every one of {', '.join(keys)} (missing "
+                            f"{', '.join(missing)})")
+        return tuple(out)
+
+    return (parse(maps, FW_NTK_QUANTITIES, "finite_width.ntk"),
+            parse(jacobian, FW_JACOBIAN, "finite_width.jacobian"))
 
 
 def _check_finite_width(rule: LayerRule, where: str) -> None:
