@@ -33,6 +33,8 @@ def main(args: list[str] | None = None) -> None:
 
     from derive.core.errors import DeriveError
 
+    if "jax" not in sys.modules:  # a process of its own: JAX in float64 throughout (read at JAX's import)
+        os.environ["JAX_ENABLE_X64"] = "1"
     previous = _stop_on_interrupt()
     try:
         status = app(args=args, standalone_mode=False)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from derive.arch.description import Serial, dense_network, load_arch
+from derive.backends.precision import float64
 from derive.core import budget
 from derive.core import symbols as S
 from derive.core.errors import DeriveError
@@ -91,6 +92,7 @@ class GramResult:
     ntk: np.ndarray
 
 
+@float64
 def gram(spec: ActivationLike, inputs, depth: int, C_W: float, C_b: float = 0.0,
          lambda_W: float | None = None, lambda_b: float | None = None, *,
          params: Mapping[str, str] | Sequence[str] | None = None, dtype: str = "float64",
@@ -130,6 +132,7 @@ def _same_features(x_test: np.ndarray, x_train: np.ndarray) -> np.ndarray:
     return x_test
 
 
+@float64
 def arch_gram(net, inputs, *, dtype: str = "float64", method: str = "auto", devices=None,
               x_test=None, max_work: float | None = None,
               max_memory: float | str | None = None) -> GramResult:
@@ -143,6 +146,7 @@ def arch_gram(net, inputs, *, dtype: str = "float64", method: str = "auto", devi
     return GramResult(nngp, ntk)
 
 
+@float64
 def predict(spec, x_train, y_train, x_test, depth: int | None = None, C_W=None, C_b=0.0, lambda_W=None,
             lambda_b=None, *, t=None, steps=None, learning_rate: float = 1.0, noise: float = 0.0,
             get=("nngp", "ntk"), covariance: str | None = "diagonal",
@@ -184,6 +188,7 @@ def predict(spec, x_train, y_train, x_test, depth: int | None = None, C_W=None, 
                            get=get, covariance=covariance, chunk=chunk)
 
 
+@float64
 def validate_trained(spec, x_train, y_train, x_test, depth: int, C_W: float, C_b: float = 0.0, lambda_W=None,
                      lambda_b=None, *, widths=(32, 64, 128), n_networks: int = 1000, steps=(0, 50, 500),
                      learning_rate: float = 1.0, seed: int = 0, mode: str = "ntk", z_max: float = 5.0,
@@ -271,6 +276,7 @@ def _arch_finite_width(spec, depth, C_W, widths, k1, params, inputs, width, tol)
     return arch_finite_width_tensor(net, inputs, tol=tol)
 
 
+@float64
 def validate(spec, C_W: float | None = None, C_b: float = 0.0, depth: int | None = None, *,
              width: int | None = None, widths: Sequence[int] | None = None, samples: int | None = None,
              seed: int = 0, quantities=None, inputs=None, z_max: float = 5.0, max_work: float | None = None,
@@ -350,6 +356,7 @@ class MonteCarloCheck:
         return self.max_abs_z < z_max
 
 
+@float64
 def monte_carlo_check(spec: ActivationLike, inputs, depth: int, C_W: float, C_b: float = 0.0,
                       lambda_W: float | None = None, lambda_b: float | None = None, *, width: int = 512,
                       n_networks: int = 200, seed: int = 0,

@@ -22,8 +22,9 @@ exactly as :func:`derive.symbolic.quadrature.gaussian_quadrature` does in NumPy.
 :func:`to_source` is a separate printer that emits a readable, standalone Python module computing
 the same function (for export and inspection).
 
-Importing this module enables 64-bit floats in JAX (``jax_enable_x64``): numerics are float64
-unless the caller passes float32 arrays (design.md, "Contracts").
+The compiled functions compute in float64 unless the caller passes float32 arrays (design.md,
+"Contracts"): each runs inside :func:`derive.backends.precision.x64`, and JAX's global configuration
+is left alone.
 """
 
 from __future__ import annotations
@@ -38,21 +39,19 @@ from functools import reduce
 from types import MappingProxyType
 
 import jax
+import jax.numpy as jnp
+import jax.scipy.special as jsp_special
+import numpy as np
+import sympy as sp
+from jax import lax
+from sympy.functions.elementary.piecewise import ExprCondPair
 
-jax.config.update("jax_enable_x64", True)
-
-import jax.numpy as jnp  # noqa: E402
-import jax.scipy.special as jsp_special  # noqa: E402
-import numpy as np  # noqa: E402
-import sympy as sp  # noqa: E402
-from jax import lax  # noqa: E402
-from sympy.functions.elementary.piecewise import ExprCondPair  # noqa: E402
-
-from derive.backends import safe as _safe  # noqa: E402
-from derive.backends.safe import safe_arccos, safe_arcsin, safe_sqrt  # noqa: E402
-from derive.core import symbols as S  # noqa: E402
-from derive.core.errors import DeriveError  # noqa: E402
-from derive.symbolic.quadrature import GaussianExpectation, gaussian_rule, kinked_rule_1d, polar_rule  # noqa: E402
+from derive.backends import safe as _safe
+from derive.backends.precision import x64
+from derive.backends.safe import safe_arccos, safe_arcsin, safe_sqrt
+from derive.core import symbols as S
+from derive.core.errors import DeriveError
+from derive.symbolic.quadrature import GaussianExpectation, gaussian_rule, kinked_rule_1d, polar_rule
 
 __all__ = ["JAX_TABLE", "SOURCE_TABLE", "SafeSqrt", "Quotient", "jax_activation", "stabilise", "to_jax", "to_source"]
 
@@ -569,11 +568,12 @@ def to_jax(expr: sp.Expr, args: Sequence[sp.Symbol], *, table: Mapping[type, Cal
     def compiled(*values):
         if len(values) != len(args):
             raise TypeError(f"expected {len(args)} arguments ({names}), got {len(values)}")
-        dtype = _working_dtype(*values)
-        arrays = [jnp.asarray(v, dtype) for v in values]
-        out = program(arrays, dtype)
-        shape = jnp.broadcast_shapes(*(a.shape for a in arrays)) if arrays else ()
-        return jnp.broadcast_to(jnp.asarray(out, dtype), shape)
+        with x64():
+            dtype = _working_dtype(*values)
+            arrays = [jnp.asarray(v, dtype) for v in values]
+            out = program(arrays, dtype)
+            shape = jnp.broadcast_shapes(*(a.shape for a in arrays)) if arrays else ()
+            return jnp.broadcast_to(jnp.asarray(out, dtype), shape)
 
     compiled.__name__ = "derived"
     compiled.__qualname__ = "derived"
@@ -894,16 +894,15 @@ def _function_source(module: _Module, name: str, expr: sp.Basic, args: Sequence[
     scope = _Scope(module, names, stable, "    ", SOURCE_TABLE)
     result = scope.render(stable)
     params = ", ".join(names[a] for a in args)
-    body = [f"def {name}({params}):",
-            f'    """{name}({params}) = {_summary(expr, 1000)}"""']
-    body.append(f"    dtype = _working_dtype({params})")
+    inner = [f"dtype = _working_dtype({params})"]
     for a in args:
-        body.append(f"    {names[a]} = jnp.asarray({names[a]}, dtype)")
-    body.extend(scope.lines)
-    body.append(f"    out = {result}")
+        inner.append(f"{names[a]} = jnp.asarray({names[a]}, dtype)")
+    inner.extend(line[4:] for line in scope.lines)
+    inner.append(f"out = {result}")
     shapes = ", ".join(f"{names[a]}.shape" for a in args)
-    body.append(f"    return jnp.broadcast_to(jnp.asarray(out, dtype), jnp.broadcast_shapes({shapes}))")
-    return body
+    inner.append(f"return jnp.broadcast_to(jnp.asarray(out, dtype), jnp.broadcast_shapes({shapes}))")
+    return [f"def {name}({params}):", f'    """{name}({params}) = {_summary(expr, 1000)}"""',
+            "    with _float64():", *("        " + line for line in inner)]
 
 
 def to_source(expr, args: Sequence[sp.Symbol], name: str = "f") -> str:
@@ -944,7 +943,12 @@ def to_source(expr, args: Sequence[sp.Symbol], name: str = "f") -> str:
         header.append("import jax.scipy.special as jsp_special")
     if module.rules:
         header.append("import numpy as np")
-    header += ["", 'jax.config.update("jax_enable_x64", True)', ""]
+    header += ["", "", "def _float64():",
+               '    """JAX float64 for one call; the process\'s configuration is left as it is."""',
+               '    enable = getattr(jax, "enable_x64", None)',
+               "    if enable is None:  # JAX < 0.5",
+               "        from jax.experimental import enable_x64 as enable",
+               "    return enable(True)", ""]
 
     helpers = []
     for helper in sorted(module.helpers, key=list(_HELPERS).index):

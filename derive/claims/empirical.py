@@ -10,6 +10,7 @@ import mpmath
 import numpy as np
 import sympy as sp
 
+from derive.backends.precision import float64
 from derive.claims.budget import Timeout, deadline
 from derive.claims.numeric import DIGITS, EVAL_SECONDS, mp_value
 from derive.claims.quantities import Quantity
@@ -58,7 +59,6 @@ def _gaussian_records(expr: sp.Expr, q: Quantity, activation: Activation, seed: 
     import jax.numpy as jnp
 
     from derive.backends.codegen import jax_activation
-    from derive.sampling import dense as montecarlo  # noqa: F401  (float64 JAX)
 
     sigma = jax_activation(activation)
 
@@ -140,7 +140,6 @@ def _state_records(expr: sp.Expr, q: Quantity, activation: Activation, seed: int
     import jax.numpy as jnp
 
     from derive.backends.codegen import jax_activation
-    from derive.sampling import dense as montecarlo  # noqa: F401  (float64 JAX)
 
     sigma = jax_activation(activation)
     cw, cb, lw, lb = NET["C_W"], NET["C_b"], NET["lambda_W"], NET["lambda_b"]
@@ -181,6 +180,9 @@ def _state_records(expr: sp.Expr, q: Quantity, activation: Activation, seed: int
         out.append(_record({"K": k, "Theta": theta, "V": 0.0, "C_W": cw, "C_b": cb, "lambda_W": lw,
                             "lambda_b": lb, "r": rr}, claim, mean, stderr))
     return out
+
+
+@float64
 
 
 def empirical_verdict(claim: sp.Expr, q: Quantity, activation: Activation, seed: int = 0, *,

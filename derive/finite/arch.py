@@ -34,8 +34,12 @@ G1 do not carry; it is refused with that reason.
 Also carried: the NTK mean Theta at infinite width, from the rules' ``[maps]``; and, through a dense
 layer whose input is a Gaussian point followed by activations only, the NTK fluctuations and the
 dNTK (A, B, D, F, P, Q) from the dense rule's ``[finite_width.ntk]`` maps (PDLT ch. 8 and 11, with s
-the run of activations). After LayerNorm (its channel statistics also fluctuate with the NTK) and
-through residual blocks these are not derived (None, and None from there on). Layers without a
+the run of activations). Through a residual block the NTK fluctuations A, B, D, F are combined from
+the skip's, the branch output's and cross terms through the branch's Jacobian (:func:`_combine_ntk`;
+the derivatives of the branch's infinite-width maps come from the dense rule's
+``[finite_width.jacobian]``); the dNTK (P, Q) is not carried through residual blocks. After
+LayerNorm (its channel statistics also fluctuate with the NTK) none are derived (None, and None from
+there on). Layers without a
 ``[finite_width]`` table are refused with the reason; conv, pooling and flatten have the tensor form
 (:mod:`derive.finite.tensor`).
 """

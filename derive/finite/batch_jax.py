@@ -56,7 +56,8 @@ import numpy as np
 import sympy as sp
 from jax import lax
 
-from derive.backends.codegen import to_jax  # importing codegen enables float64 in JAX
+from derive.backends.codegen import to_jax
+from derive.backends.precision import float64
 from derive.core import symbols as S
 from derive.core.errors import DeriveError
 from derive.finite.batch import BatchProfile, BatchTerms, batch_moment_rules, batch_terms, describe_rules
@@ -332,6 +333,9 @@ def _program(c: Coefficients, n: int, rules: tuple) -> Callable:
         return tuple(jnp.concatenate([h, x[None]]) for h, x in zip(history, last))
 
     return jax.jit(run)
+
+
+@float64
 
 
 def iterate_batch_jax(activation: Activation, inputs, depth: int, C_W: float, C_b: float, *, widths=None,

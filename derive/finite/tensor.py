@@ -67,6 +67,7 @@ import numpy as np
 import sympy as sp
 
 from derive.arch.description import Layer, Repeat, Serial, check_derivable
+from derive.backends.precision import float64
 from derive.core import budget
 from derive.core.errors import DeriveError
 from derive.core.inputs import check_arch_inputs
@@ -426,6 +427,9 @@ class _Walker:
 def _residual_vertex(a2: float, c2: float, V: np.ndarray, X: np.ndarray, Vb: np.ndarray) -> np.ndarray:
     """V' = xi^4 V + xi^2 gamma^2 (X + X^T) + gamma^4 V_b (module docstring), a2 = xi^2, c2 = gamma^2."""
     return a2 * a2 * V + a2 * c2 * (X + X.transpose(2, 3, 0, 1)) + c2 * c2 * Vb
+
+
+@float64
 
 
 def arch_finite_width_tensor(net: Serial, inputs, *, tol: float = 1e-11) -> TensorFiniteWidth:

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 import sympy as sp
 
+from derive.backends.precision import float64
 from derive.core.errors import DeriveError
 from derive.gates.counts import MAX_SHALLOW_NETWORK
 from derive.gates.gate import HIDDEN_SIGNS, _lambda_value, pieces, shallow_product, z
@@ -68,6 +69,7 @@ class GateNetwork:
     lam: float
     activation: object
 
+    @float64
     def __call__(self, x, y):
         import jax.numpy as jnp
 
@@ -93,6 +95,7 @@ def _weights(result, lam: float):
                                   else result.output_bias, 20))
 
 
+@float64
 def gate_network(result, lam=None) -> GateNetwork:
     """The derived gate as a JAX-callable network with float64 weight arrays.
 
@@ -122,6 +125,7 @@ class ProductTreeNetwork:
     gate: GateNetwork
     n: int
 
+    @float64
     def __call__(self, xs):
         import jax.numpy as jnp
 
@@ -137,6 +141,7 @@ class ProductTreeNetwork:
         return v[..., 0]
 
 
+@float64
 def product_network(result, n: int, lam=None) -> ProductTreeNetwork:
     """The product of ``n`` inputs as a JAX-callable tree of derived gates."""
     if not 2 <= int(n) <= 64:
@@ -153,6 +158,7 @@ class ShallowNetwork:
     w: object
     activation: object
 
+    @float64
     def __call__(self, xs):
         import jax.numpy as jnp
 
@@ -160,6 +166,7 @@ class ShallowNetwork:
         return self.activation(h) @ self.w
 
 
+@float64
 def shallow_network(result, n: int | None = None, lam=None) -> ShallowNetwork:
     """The 2^n-neuron one-hidden-layer product network (n <= 16) as JAX arrays."""
     import itertools
@@ -194,10 +201,12 @@ def gate_source(result, lam=None) -> str:
     lam_f = _numeric_lam(result, lam)
     W1, b1, w2, b2 = _weights(result, lam_f)
     base = to_source({"sigma": result.sigma}, [z])
+    if "import numpy as np" not in base:
+        base = base.replace("import jax.numpy as jnp\n", "import jax.numpy as jnp\nimport numpy as np\n", 1)
 
     def arr(a):
-        return "jnp.array(" + np.array2string(np.asarray(a), separator=", ", precision=17,
-                                               floatmode="unique", max_line_width=96) + ", dtype=jnp.float64)"
+        return "np.array(" + np.array2string(np.asarray(a), separator=", ", precision=17,
+                                             floatmode="unique", max_line_width=96) + ", dtype=np.float64)"
 
     lead = result.leading_coefficient
     body = f'''
@@ -215,22 +224,24 @@ B2 = {b2!r}
 
 def gate(x, y):
     """x*y from four neurons: sigma(stack(x, y) @ W1.T + B1) @ W2 + B2."""
-    x = jnp.asarray(x, jnp.float64)
-    y = jnp.asarray(y, jnp.float64)
-    h = jnp.stack(jnp.broadcast_arrays(x, y), axis=-1) @ W1.T + B1
-    return sigma(h) @ W2 + B2
+    with _float64():
+        x = jnp.asarray(x, jnp.float64)
+        y = jnp.asarray(y, jnp.float64)
+        h = jnp.stack(jnp.broadcast_arrays(x, y), axis=-1) @ W1.T + B1
+        return sigma(h) @ W2 + B2
 
 
 def product(xs):
     """Product over the last axis of xs by a binary tree of gates (an odd value is carried)."""
-    v = jnp.asarray(xs, jnp.float64)
-    while v.shape[-1] > 1:
-        m = v.shape[-1]
-        k = m // 2
-        pairs = v[..., : 2 * k].reshape(*v.shape[:-1], k, 2)
-        out = sigma(pairs @ W1.T + B1) @ W2 + B2
-        v = jnp.concatenate([out, v[..., 2 * k:]], axis=-1) if m % 2 else out
-    return v[..., 0]
+    with _float64():
+        v = jnp.asarray(xs, jnp.float64)
+        while v.shape[-1] > 1:
+            m = v.shape[-1]
+            k = m // 2
+            pairs = v[..., : 2 * k].reshape(*v.shape[:-1], k, 2)
+            out = sigma(pairs @ W1.T + B1) @ W2 + B2
+            v = jnp.concatenate([out, v[..., 2 * k:]], axis=-1) if m % 2 else out
+        return v[..., 0]
 
 
 if __name__ == "__main__":

@@ -49,6 +49,7 @@ from jax import lax
 
 from derive.arch.description import Layer, Repeat, Serial, check_derivable
 from derive.backends.codegen import to_jax
+from derive.backends.precision import float64
 from derive.backends.safe import clamp_covariance, covariance_floor
 from derive.core import budget
 from derive.core import symbols as S
@@ -57,9 +58,6 @@ from derive.core.inputs import check_arch_inputs
 from derive.kernels.direct import _at_correlation
 from derive.rules.layers import BK12, BTheta12, E, StructuralOperator
 from derive.symbolic.maps import layer_maps
-
-jax.config.update("jax_enable_x64", True)
-
 
 # ------------------------------------------------------------------------------------------------
 # Entry-by-entry maps
@@ -381,6 +379,7 @@ class ArchKernels:
         return self.nngp[-1], self.ntk[-1]
 
 
+@float64
 def arch_kernels(net: Serial, inputs, *, dtype=jnp.float64) -> ArchKernels:
     """Infinite-width kernel and NTK of ``net`` for ``inputs`` (N, *spatial, d), every recorded layer.
 

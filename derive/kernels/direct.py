@@ -14,7 +14,7 @@ import numpy as np
 import sympy as sp
 from jax import lax
 
-from derive.backends.codegen import to_jax  # importing codegen enables float64 in JAX
+from derive.backends.codegen import to_jax
 from derive.backends.safe import clamp_covariance, covariance_floor
 from derive.core import symbols as S
 from derive.core.errors import DeriveError

@@ -21,6 +21,7 @@ from functools import lru_cache
 import numpy as np
 
 from derive.arch.description import DenseNetwork, Serial, as_dense_network
+from derive.backends.precision import float64
 from derive.core.errors import DeriveError
 from derive.core.inputs import check_arch_inputs
 from derive.rules.activations import resolve
@@ -43,6 +44,9 @@ def dense_plan(net: Serial) -> tuple | None:
     activation = resolve(dense.activation, dict(dense.activation_params) or None)
     expectation, derivative = numeric_kernel_expressions(derive_kernel(activation))
     return expectation, derivative, dense.depth, hyper
+
+
+@float64
 
 
 def network_gram(net: Serial, inputs, inputs2=None, *, dtype: str = "float64", method: str = "auto",
@@ -86,6 +90,9 @@ def network_gram(net: Serial, inputs, inputs2=None, *, dtype: str = "float64", m
 #: Largest number of rows of the first set evaluated together with the second set by
 #: :func:`network_cross_gram` (its default chunk is the size of the second set, within [64, this]).
 CROSS_CHUNK = 4096
+
+
+@float64
 
 
 def network_cross_gram(net: Serial, rows, columns, *, chunk: int | None = None, dtype: str = "float64",

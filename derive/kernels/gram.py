@@ -103,6 +103,7 @@ import jax.numpy as jnp
 import numpy as np
 import sympy as sp
 
+from derive.backends.precision import float64
 from derive.core import budget
 from derive.core.errors import DeriveError
 from derive.kernels.direct import _is_traced, _prepare, _recursion
@@ -118,6 +119,9 @@ from derive.kernels.tiled import (
     _tiled_function,
 )
 from derive.symbolic.quadrature import GaussianExpectation
+
+
+@float64
 
 
 def gram_matrices(expectation: sp.Expr, derivative_expectation: sp.Expr, inputs, depth: int,
@@ -193,6 +197,9 @@ def gram_matrices(expectation: sp.Expr, derivative_expectation: sp.Expr, inputs,
         raise DeriveError(f"the Mehler expansion does not reach its tolerance {tol:g} by order "
                           f"{MEHLER_ORDERS[-1]}; use method='direct'")
     return _recursion(expectation, derivative_expectation)(inputs, *hyper, depth=depth, profile=False)
+
+
+@float64
 
 
 def gram_profile(expectation: sp.Expr, derivative_expectation: sp.Expr, inputs, depth: int,

@@ -13,7 +13,7 @@ import numpy as np
 import sympy as sp
 from jax import lax
 
-from derive.backends.codegen import to_jax  # importing codegen enables float64 in JAX
+from derive.backends.codegen import to_jax
 from derive.backends.safe import fast_arccos, fast_arcsin, fast_sqrt_one_minus_square
 from derive.core import symbols as S
 from derive.kernels.direct import _at_correlation, _canonical

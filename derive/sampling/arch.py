@@ -55,6 +55,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from derive.arch.description import Layer, Repeat, Serial, check_derivable
+from derive.backends.precision import float64
 from derive.core import budget
 from derive.core.errors import DeriveError
 from derive.core.inputs import check_arch_inputs
@@ -68,9 +69,6 @@ from derive.sampling.dense import (
     zero_moments,
 )
 from derive.sampling.estimators import Moments
-
-jax.config.update("jax_enable_x64", True)
-
 
 # ------------------------------------------------------------------------------------------------
 # Parameters: drawn during a first pass (whose arithmetic XLA drops, only shapes matter), replayed
@@ -332,6 +330,7 @@ def work_estimate(net: Serial, shape: tuple[int, ...], width: int, n_networks: i
                                         f"weighted layers on {N} inputs x {positions} positions")
 
 
+@float64
 def sample_arch(net: Serial, inputs, width: int, *, n_networks: int = 200, seed: int = 0, ntk: bool = True,
                 ntk_outputs: int = 1, chunk: int | None = None, devices=None, dtype=jnp.float64,
                 progress: Callable[[int], None] | None = None) -> ArchMonteCarlo:
@@ -461,6 +460,7 @@ class ArchValidation:
         plt.close(fig)
 
 
+@float64
 def validate_arch(net: Serial, inputs, width: int, *, samples: int = 200, seed: int = 0, z_max: float = 5.0,
                   ntk: bool = True, progress: Callable[[int], None] | None = None) -> ArchValidation:
     """Sample ``samples`` networks of ``net`` at ``width`` and score every derived entry (z-scores)."""

@@ -79,11 +79,10 @@ from jax.extend.random import define_prng_impl
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from derive.backends.precision import float64
 from derive.core import budget
 from derive.core.errors import DeriveError
 from derive.sampling.estimators import Moments
-
-jax.config.update("jax_enable_x64", True)
 
 Activation = Callable[[jax.Array], jax.Array]
 Params = list[tuple[jax.Array, jax.Array]]
@@ -627,6 +626,7 @@ def _check_widths(input_dim: int, depth: int, width, widths, out_width) -> tuple
     return layer_widths(input_dim, depth, int(width), None if out_width is None else int(out_width))
 
 
+@float64
 def sample_kernels(
     activation: Activation,
     inputs,

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from derive.backends.precision import float64
 from derive.core.errors import DeriveError
 from derive.sampling.dense import forward, init_network, layer_widths
 
@@ -93,6 +94,9 @@ class DNTKSamples:
         """Mean over networks and its standard error, per layer 2..L, for one of :data:`DNTK_ESTIMATES`."""
         s = self.samples[..., DNTK_ESTIMATES.index(name)]
         return s.mean(axis=0), s.std(axis=0, ddof=1) / np.sqrt(s.shape[0])
+
+
+@float64
 
 
 def sample_dntk(activation, depth: int, width: int, C_W: float, C_b: float, lambda_W: float | None = None,

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from derive.backends.precision import float64
 from derive.core import budget
 from derive.core.errors import DeriveError
 from derive.sampling.dense import forward, init_network
@@ -98,6 +99,9 @@ def _train_function(activation: Activation, widths: tuple, checkpoints: tuple, d
 
 
 _TRAIN_CACHE: dict = {}
+
+
+@float64
 
 
 def train_ensemble(activation: Activation, x_train, y_train, x_test, depth: int, width: int, C_W: float,

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from derive.arch.description import Serial
+from derive.backends.precision import float64
 from derive.core import budget
 from derive.core.errors import DeriveError
 from derive.finite.arch import arch_finite_width
@@ -93,6 +94,7 @@ def _seed(seed: int, width: int) -> int:
     return int(np.random.SeedSequence([seed, width]).generate_state(1, np.uint32)[0])
 
 
+@float64
 def sample_kernel_estimates(net: Serial, widths, *, samples: int = 4000, seed: int = 0, inputs=None,
                             input_dim: int = 8, ntk: bool = False,
                             progress: Callable[[int, int], None] | None = None) -> dict:
@@ -189,11 +191,12 @@ def _ntk_variance(theory, i: int) -> float:
     values = theory.values
     if "A" not in values or values["A"][i] is None:
         raise DeriveError("Theta_var: the NTK fluctuations (A, B) are derived for one input through dense layers "
-                          "after activations; this architecture's output has none (LayerNorm or a residual "
-                          "block on the way, or several inputs)")
+                          "after activations and residual blocks of them; this architecture's output has none "
+                          "(LayerNorm on the way, or several inputs)")
     return values["A"][i] + 2 * values["B"][i]
 
 
+@float64
 def check_finite_width(net: Serial, widths, *, samples: int = 4000, seed: int = 0, z_max: float = 5.0,
                        quantities=("K", "V", "G1"), inputs=None, input_dim: int = 8,
                        progress: Callable[[int, int], None] | None = None) -> FiniteWidthCheck:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from derive.backends.precision import float64
 from derive.core import budget
 from derive.core.errors import DeriveError
 from derive.sampling.estimators import fit_inverse_width, z_score
@@ -176,6 +177,7 @@ def compare(ensembles: Sequence, theory, *, mode: str, z_max: float, learning_ra
                              mode, float(z_max), final_loss)
 
 
+@float64
 def validate_trained_dense(activation, x_train, y_train, x_test, depth: int, C_W: float, C_b: float,
                            lambda_W: float, lambda_b: float, *, widths: Sequence[int], n_networks: int,
                            steps: Sequence[int], learning_rate: float, seed: int, mode: str, z_max: float,

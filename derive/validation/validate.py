@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from derive.backends.codegen import jax_activation
+from derive.backends.precision import float64
 from derive.core import budget
 from derive.core.errors import DeriveError
 from derive.core.files import write_atomic
@@ -203,6 +204,7 @@ def _progress_reporter(progress, total: int):
 # The check
 
 
+@float64
 def validate(
     activation,
     C_W: float,
