@@ -17,7 +17,8 @@ imports JAX):
 - :mod:`derive.arch` -- architecture descriptions (``derive.arch.serial(...)``, ``load_arch``);
 - :func:`emit_code` -- the generated JAX as readable, standalone source;
 - :func:`validate` -- theory against sampled finite-width networks (dense or any architecture);
-  :func:`monte_carlo_check` the quick infinite-width comparison;
+  :func:`monte_carlo_check` the quick infinite-width comparison; :func:`sample` the sampled
+  networks' empirical kernels themselves;
 - :func:`gate` -- the four-neuron multiplication gate of Lin, Tegmark & Rolnick for any activation;
 - :func:`parse_expression` -- the safe parser.
 """
@@ -38,6 +39,7 @@ _EXPORTS = {
     "criticality": "api",
     "emit_code": "api",
     "monte_carlo_check": "api",
+    "sample": "api",
     "check": "api",
     "GramResult": "api",
     "KernelDerivation": "symbolic.recursions",
@@ -70,4 +72,5 @@ def __getattr__(name: str):
 
 
 def __dir__():
-    return sorted([*globals(), *_EXPORTS, *_MODULES])
+    """The public API only (not the submodules imported on the way)."""
+    return sorted([*_EXPORTS, *_MODULES, "__version__"])

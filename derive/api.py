@@ -392,6 +392,41 @@ def _monte_carlo_check(spec, inputs, depth, C_W, C_b, lambda_W, lambda_b, width,
                            sampled.ntk_z_scores(theory_ntk))
 
 
+@float64
+def sample(spec, inputs, width: int, depth: int | None = None, C_W: float | None = None, C_b: float = 0.0,
+           lambda_W: float | None = None, lambda_b: float | None = None, *, n_networks: int = 200, seed: int = 0,
+           ntk: bool = True, params: Mapping[str, str] | Sequence[str] | None = None, progress=None,
+           max_work: float | None = None, max_memory: float | str | None = None):
+    """Sample ``n_networks`` finite-width networks and measure their empirical kernels.
+
+    ``spec`` is an activation (name, expression or object: the dense network of ``depth`` layers of
+    hidden width ``width`` with C_W, C_b, lambda_W, lambda_b, returning
+    :class:`derive.sampling.dense.MonteCarloResult`: per-layer NNGP and output NTK means, standard
+    errors) or an architecture (a description or a TOML file: every block's kernel and the output
+    NTK at ``width`` channels, :class:`derive.sampling.arch.ArchMonteCarlo`). Parameters are drawn as
+    the rules say; results depend only on ``seed``. ``progress`` is called with the number of networks
+    done. The work is estimated first and refused over ``max_work`` or ``max_memory`` (as :func:`gram`).
+    """
+    with budget.limits(max_work, max_memory):
+        if _is_architecture(spec):
+            if depth is not None or C_W is not None or C_b != 0.0:
+                raise DeriveError("an architecture sets its own depth and variances")
+            from derive.core.inputs import check_arch_inputs
+            from derive.sampling.arch import sample_arch
+
+            return sample_arch(_as_net(spec), check_arch_inputs(inputs), int(width), n_networks=int(n_networks),
+                               seed=int(seed), ntk=ntk, progress=progress)
+        if depth is None or C_W is None:
+            raise DeriveError("sampling a dense network needs depth and C_W")
+        C_W, C_b, lw, lb = check_hyperparameters(C_W, C_b, lambda_W, lambda_b, depth)
+        from derive.backends.codegen import jax_activation
+        from derive.sampling.dense import sample_kernels
+
+        act = activation(spec, params)
+        return sample_kernels(jax_activation(act), check_inputs(inputs), int(depth), int(width), C_W, C_b, lw, lb,
+                              n_networks=int(n_networks), seed=int(seed), ntk=ntk, progress=progress)
+
+
 def check(spec: ActivationLike | None = None, quantity: str | None = None, claim: str | None = None, *,
           latex: str | None = None, file: str | None = None, definitions=None,
           params: Mapping[str, str] | Sequence[str] | None = None, empirical: bool = False, seed: int = 0,

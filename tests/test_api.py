@@ -79,3 +79,37 @@ def test_public_names_are_lazy_and_light():
     code = "import sys, derive; derive.kernel('relu'); print('jax' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "False", out.stderr
+
+
+def test_dir_lists_only_the_public_api():
+    import derive
+
+    derive.gram  # noqa: B018  (imports submodules on the way)
+    names = set(dir(derive))
+    assert names == set(derive.__all__) | {"__version__"}
+    assert {"kernel", "gram", "criticality", "finite_width", "validate", "check", "predict", "arch", "arch_gram",
+            "sample", "emit_code"} <= names
+    for name in derive.__all__:
+        assert getattr(derive, name) is not None
+
+
+def test_sample_is_the_dense_or_the_architecture_sampler():
+    """derive.sample gives the samplers' own numbers for an activation name and for an architecture."""
+    import derive
+    from derive import arch
+    from derive.backends.codegen import jax_activation
+    from derive.sampling.arch import sample_arch
+    from derive.sampling.dense import sample_kernels
+
+    x = np.random.default_rng(3).standard_normal((3, 4))
+    got = derive.sample("tanh", x, 16, 3, 1.5, 0.1, n_networks=12, seed=4)
+    want = sample_kernels(jax_activation(derive.activation("tanh")), x, 3, 16, 1.5, 0.1, n_networks=12, seed=4)
+    np.testing.assert_array_equal(got.nngp_mean, want.nngp_mean)
+    np.testing.assert_array_equal(got.ntk_mean, want.ntk_mean)
+    net = arch.serial(arch.dense(1.0), arch.activation("relu"), arch.dense(2.0))
+    got = derive.sample(net, x, 16, n_networks=12, seed=4)
+    want = sample_arch(net, x, 16, n_networks=12, seed=4)
+    np.testing.assert_array_equal(got.ntk.mean, want.ntk.mean)
+    np.testing.assert_array_equal(got.nngp[-1].mean, want.nngp[-1].mean)
+    with pytest.raises(derive.DeriveError, match="depth and C_W"):
+        derive.sample("tanh", x, 16)
