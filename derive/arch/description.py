@@ -147,13 +147,23 @@ class Layer:
         return resolve(self.activation, dict(self.activation_params) or None)
 
     def describe(self) -> str:
-        bits = [f"{k}={v:g}" for k, v in self.params]
+        bits = [f"{k}={_shown(v)}" for k, v in self.params]
         bits += [f"{k}={v}" for k, v in self.options]
         if self.activation is not None:
             bits.insert(0, self.activation + "".join(f",{k}={v}" for k, v in self.activation_params))
         if self.width is not None:
             bits.append(f"width={self.width}")
         return f"{self.type}({', '.join(bits)})"
+
+
+def _shown(v: float) -> str:
+    """A parameter as written back: a small rational exactly (1/3), else every digit of the float."""
+    from fractions import Fraction
+
+    q = Fraction(float(v)).limit_denominator(10**4)
+    if float(q) == float(v):
+        return str(q)
+    return repr(float(v))
 
 
 @lru_cache(maxsize=None)

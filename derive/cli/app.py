@@ -66,6 +66,17 @@ def load_arch_file(path: Path):
     return load_arch(path)
 
 
+def folded_table(*columns: str, **options):
+    """A rich table whose every column folds what does not fit (formulas and numbers are never cut
+    with an ellipsis, at any terminal width and when piped)."""
+    from rich.table import Table
+
+    table = Table(**options)
+    for column in columns:
+        table.add_column(column, overflow="fold")
+    return table
+
+
 def fail(message: str, code: int = 2) -> None:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code)

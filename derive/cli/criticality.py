@@ -20,6 +20,7 @@ from derive.cli.app import (
     app,
     check_png,
     fail,
+    folded_table,
     json_number,
     load_arch_file,
     write_atomic,
@@ -72,28 +73,32 @@ def criticality(
         import sympy as sp
 
         typer.echo(rf"% {d['activation']}: universality class {d['class']}")
-        typer.echo(rf"\chi_\parallel(K) = {sp.latex(rep.maps.chi_par)} \\")
-        typer.echo(rf"\chi_\perp(K) = {sp.latex(rep.maps.chi_perp)} \\")
+        lines = [rf"\chi_\parallel(K) &= {sp.latex(rep.maps.chi_par)}",
+                 rf"\chi_\perp(K) &= {sp.latex(rep.maps.chi_perp)}"]
         for p in rep.critical_points:
             cw = sp.latex(p.exact.get("C_W", p.C_W))
             cb = sp.latex(p.exact.get("C_b", p.C_b))
-            typer.echo(rf"C_W = {cw},\quad C_b = {cb},\quad K^* = {sp.latex(p.exact.get('K_star', p.K_star))} \\")
+            k = p.exact.get("K_star", p.K_star)
+            k = r"\text{any}" if str(k) == "any" else sp.latex(k)
+            lines.append(rf"C_W &= {cw},\quad C_b = {cb},\quad K^* = {k}")
+        typer.echo("\\begin{align}\n" + " \\\\\n".join(lines) + "\n\\end{align}")  # paste-ready (amsmath)
         return
     from rich.console import Console
-    from rich.table import Table
 
     console = Console()
     console.print(f"[bold]{d['activation']}[/bold]: universality class [bold]{d['class']}[/bold]")
     if d.get("reason"):
         console.print(f"  {d['reason']}")
-    table = Table("C_W", "C_b", "K*", "stability")
+    table = folded_table("C_W", "C_b", "K*", "stability")
     for p in d["critical_points"]:
         table.add_row(p.get("C_W_exact", f"{p['C_W']:.12g}"), p.get("C_b_exact", f"{p['C_b']:.12g}"),
                       p.get("K_star_exact", f"{p['K_star']:.12g}"), p.get("stability", ""))
     if d["critical_points"]:
         console.print(table)
-    console.print(f"chi_par(K)  = {d['chi_par']}")
-    console.print(f"chi_perp(K) = {d['chi_perp']}")
+    from derive.symbolic.display import readable
+
+    console.print(f"chi_par(K)  = {readable(rep.maps.chi_par)}", soft_wrap=True, markup=False, highlight=False)
+    console.print(f"chi_perp(K) = {readable(rep.maps.chi_perp)}", soft_wrap=True, markup=False, highlight=False)
     console.print("Taylor data: " + ", ".join(f"{k} = {v}" for k, v in d["taylor"].items()))
     if "a1" in d:
         console.print(f"a1 = {d['a1_exact']}, b1 = {d['b1_exact']}, p_perp = {d['p_perp_exact']}")
@@ -213,11 +218,10 @@ def _arch_criticality(path: Path, k0: float, fmt: Format) -> None:
                        rf"\ \chi_\perp = {r['chi_perp']:.10g}")
         return
     from rich.console import Console
-    from rich.table import Table
 
     console = Console()
     console.print(f"[bold]{net.name or path.name}[/bold]: single input, K^(0) = x.x/d = {k0:g}")
-    table = Table("output", "K", "chi_par", "chi_perp")
+    table = folded_table("output", "K", "chi_par", "chi_perp")
     for r in d["layers"]:
         table.add_row(r["label"], f"{r['K']:.10g}", f"{r['chi_par']:.10g}", f"{r['chi_perp']:.10g}")
     console.print(table)

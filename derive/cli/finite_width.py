@@ -17,6 +17,7 @@ from derive.cli.app import (
     check_png,
     fail,
     finite_width_inputs,
+    folded_table,
     json_number,
     load_arch_file,
     np_atleast,
@@ -129,7 +130,6 @@ def finite_width(
             typer.echo(rf"% closed form: {q}(l) = {e}")
         return
     from rich.console import Console
-    from rich.table import Table
 
     console = Console()
     def shown_value(v):
@@ -137,7 +137,7 @@ def finite_width(
 
     console.print(f"[bold]{act.name}[/bold]: C_W = {shown_value(cw)}, C_b = {shown_value(cb)}, depth {depth}"
                   + (f", widths {widths or width}" if ws is not None else " (quantities are per 1/n_(l-1))"))
-    table = Table("layer", "K", "V", "G1", "Theta", "A", "B", "D", "F", "P", "Q")
+    table = folded_table("layer", "K", "V", "G1", "Theta", "A", "B", "D", "F", "P", "Q")
     shown = sorted({0, depth - 1, *[min(depth - 1, 10**k - 1) for k in range(0, 6)], *range(min(depth, 5))})
     for i in shown:
         table.add_row(str(i + 1), *(f"{rep[q][i]:.6g}" if rep[q][i] is not None else "inf"
@@ -182,15 +182,12 @@ def _arch_finite_width(net, path: Path, width: Optional[int], fmt: Format, out: 
     if fmt is Format.latex:
         fail("finite-width --arch: --format latex is not available for architectures (use text or json)")
     from rich.console import Console
-    from rich.table import Table
 
     console = Console()
     console.print(f"[bold]{net.name or path.name}[/bold]: one input with x.x/n_0 = 1"
                   + (f", width {width}" if width else " (V and G1 per 1/n)"))
     columns = ["output", "K", "V", "G1", "Theta"] + (["V/(n K^2)", "G1/(n K)", "Var H/Th^2"] if width else [])
-    table = Table()
-    for column in columns:  # folded, never cut: every digit stays
-        table.add_column(column, overflow="fold")
+    table = folded_table(*columns)  # folded, never cut: every digit stays
     norm = result.normalised()
     for i, label in enumerate(result.labels):
         row = [label] + ["-" if result.values[q][i] is None else f"{result.values[q][i]:.5g}"
@@ -229,14 +226,13 @@ def _arch_finite_width_tensor(net, path: Path, inputs: Optional[Path], width: Op
         typer.echo(json.dumps(out, default=json_number))
         return
     from rich.console import Console
-    from rich.table import Table
 
     console = Console()
     console.print(f"[bold]{net.name or path.name}[/bold]: {x.shape[0]} input(s) of shape {tuple(x.shape[1:])}; "
                   "means over the sites (input, position) s of K_ss, V_(ss)(ss), G1_ss"
                   + (f", width {width}" if width else " (V and G1 per 1/n)") + "; --format json for every entry")
     columns = ["output", "sites", "K", "V", "G1"] + (["max V/(n K^2)"] if width else [])
-    table = Table(*columns)
+    table = folded_table(*columns)
     for label, K, V, G in zip(result.labels, result.values["K"], result.values["V"], result.values["G1"]):
         if K is None:
             table.add_row(label, "-", "-", "-", "-", *(["-"] if width else []))

@@ -17,6 +17,7 @@ from derive.cli.app import (
     NumFormat,
     activation_or_arch,
     app,
+    folded_table,
     jsonable,
     load_arch_file,
     write_atomic,
@@ -92,7 +93,6 @@ def kernel(
         typer.echo("\\begin{align}\n" + " \\\\\n".join(lines) + "\n\\end{align}")
         return
     from rich.console import Console
-    from rich.table import Table
 
     console = Console()
     console.print(f"[bold]{act.name}[/bold]: sigma(z) = {act.expression}"
@@ -103,12 +103,14 @@ def kernel(
         orders = sorted({n.order for n in d.nodes()})
         which = f"order {orders[0]}" if len(orders) == 1 else f"orders {', '.join(map(str, orders))}"
         console.print(f"closed form: no (quadrature nodes, {which} points per dimension, tolerance {d.tol:g})")
-    table = Table(show_header=True, header_style="bold")
-    table.add_column("quantity")
-    table.add_column("derived expression (symbols K11, K12, K22, K, C_W, C_b, lambda_W, lambda_b, Theta12)")
+    from derive.symbolic.display import readable
+
+    # one line per formula, never cut: a terminal wraps it, a pipe keeps it whole
+    console.print("derived (symbols K11, K12, K22, K, C_W, C_b, lambda_W, lambda_b, Theta12, Theta):",
+                  soft_wrap=True)
+    width = max(map(len, items))
     for k, v in items.items():
-        table.add_row(k, str(v))
-    console.print(table)
+        console.print(f"  {k:<{width}} = {readable(v)}", soft_wrap=True, markup=False, highlight=False)
     del S
 
 
@@ -134,9 +136,8 @@ def activations(
         typer.echo(json.dumps(rows))
         return
     from rich.console import Console
-    from rich.table import Table
 
-    table = Table("name", "sigma(z)", "parameters (default)", "family")
+    table = folded_table("name", "sigma(z)", "parameters (default)", "family")
     for r in rows:
         table.add_row(r["name"], r["expression"], ", ".join(f"{k}={v}" for k, v in r["params"].items()), r["family"])
     Console().print(table)
@@ -181,23 +182,25 @@ def _arch_kernel(path: Path, fmt: Format) -> None:
     if fmt is Format.latex:
         import sympy as sp
 
+        from derive.symbolic.display import rationalise
+
         typer.echo(f"% {net.name or path.name}")
-        for r in rows:
+        for r in rows:  # one paste-ready align block (amsmath) per layer
             typer.echo(rf"% layer {r['layer']}: {r['description']}")
-            typer.echo(rf"K'_{{12}} = {sp.latex(r['kernel'])} \\")
-            typer.echo(rf"\Theta'_{{12}} = {sp.latex(r['ntk'])} \\")
+            typer.echo("\\begin{align}\n" + rf"K'_{{12}} &= {sp.latex(rationalise(r['kernel']))} \\" + "\n"
+                       + rf"\Theta'_{{12}} &= {sp.latex(rationalise(r['ntk']))}" + "\n\\end{align}")
         return
     from rich.console import Console
-    from rich.table import Table
 
     console = Console()
+    from derive.symbolic.display import readable
+
     console.print(f"[bold]{net.name or path.name}[/bold]: {len(rows)} distinct layers; recorded outputs: "
-                  + ", ".join(label for label, _ in net.top_level()[:12])
-                  + (" ..." if len(net.top_level()) > 12 else ""))
-    table = Table("layer", "kernel map K'12", "NTK map Theta'12", "one input K'", show_lines=True)
-    for r in rows:
-        table.add_row(r["description"], str(r["kernel"]), str(r["ntk"]), str(r["single_kernel"]))
-    console.print(table)
+                  + ", ".join(label for label, _ in net.top_level()), soft_wrap=True)
+    for r in rows:  # one line per formula, never cut: a terminal wraps it, a pipe keeps it whole
+        console.print(f"layer {r['layer']}: {r['description']}", soft_wrap=True, markup=False, highlight=False)
+        for name, key in (("K'12", "kernel"), ("Theta'12", "ntk"), ("K' (one input)", "single_kernel")):
+            console.print(f"  {name:<14} = {readable(r[key])}", soft_wrap=True, markup=False, highlight=False)
     console.print("symbols: K11, K12, K22 and Theta12 are the layer input's kernel and NTK; BK12, BTheta12 "
                   "the branch output's; patch, pool, spatial_mean, diagonal_mean, attend act on whole "
                   "Gram matrices (rules/layers/*.toml)")

@@ -19,6 +19,7 @@ from derive.cli.app import (
     default_arch_inputs,
     fail,
     finite_width_inputs,
+    folded_table,
     load_arch_file,
     load_npy,
     uses_positions,
@@ -108,7 +109,6 @@ def validate(
         raise typer.Exit(0 if report.passed else 1)
     from rich import box
     from rich.console import Console
-    from rich.table import Table
 
     def number(v) -> str:
         return "-" if v is None else f"{v:.5g}"
@@ -119,7 +119,7 @@ def validate(
                   f"width{'s' if len(report.widths) > 1 else ''} {', '.join(map(str, report.widths))}, "
                   f"{report.samples} networks per width, seed {report.seed}"
                   + (", conditional sampler" if report.method == "conditional" else ""))
-    table = Table("quantity", "layer", "inputs", "width", "theory", "estimate", "+- error", "z", "detects",
+    table = folded_table("quantity", "layer", "inputs", "width", "theory", "estimate", "+- error", "z", "detects",
                   box=box.SIMPLE, pad_edge=False)
     for r in report.results:
         z = r["z"]
@@ -187,12 +187,11 @@ def _arch_validate_widths(path: Path, widths: str, samples: int, seed: int, z_ma
         raise typer.Exit(0 if report.passed else 1)
     from rich import box
     from rich.console import Console
-    from rich.table import Table
 
     console = Console()
     console.print(f"[bold]{net.name or path.name}[/bold]: widths {', '.join(map(str, ws))}, {samples} networks "
                   f"each, seed {seed}; one input, fits a + b/n (K: a, G1: b; V: a of n Var(K_hat) - 2 E[K_hat]^2)")
-    table = Table("quantity", "output", "entry", "theory", "fit", "+- error", "z", "detects", box=box.SIMPLE,
+    table = folded_table("quantity", "output", "entry", "theory", "fit", "+- error", "z", "detects", box=box.SIMPLE,
                   pad_edge=False)
     for r in report.rows:
         z = r["z"]
@@ -238,12 +237,11 @@ def _arch_validate(path: Path, width: int, samples: int, seed: int, inputs: Opti
         raise typer.Exit(0 if report.passed else 1)
     from rich import box
     from rich.console import Console
-    from rich.table import Table
 
     console = Console()
     console.print(f"[bold]{net.name or path.name}[/bold]: width {width}, {samples} networks, seed {seed}; "
                   "per output, the entry with the largest |z|")
-    table = Table("quantity", "output", "entries", "entry (a,p)-(b,q)", "theory", "estimate", "+- error", "z",
+    table = folded_table("quantity", "output", "entries", "entry (a,p)-(b,q)", "theory", "estimate", "+- error", "z",
                   box=box.SIMPLE, pad_edge=False)
     groups: dict = {}
     for r in report.results:

@@ -41,6 +41,19 @@ class GaussianExpectation(sp.Function):
 
     nargs = (3, 5)
 
+    def _latex(self, printer) -> str:
+        """The Gaussian integral it stands for: E_{z ~ N(0, K)}[f(z)] (two inputs: over (z1, z2) with
+        covariance [[K11, K12], [K12, K22]]); the quadrature order is an implementation detail."""
+        f = printer._print(self.integrand.expr)
+        cov = [printer._print(c) for c in self.covariance_args]
+        if self.dimension == 1:
+            under = rf"{printer._print(self.integrand.variables[0])} \sim \mathcal{{N}}(0,\, {cov[0]})"
+        else:
+            z1, z2 = (printer._print(v) for v in self.integrand.variables)
+            under = rf"({z1},\, {z2}) \sim \mathcal{{N}}\left(0,\, \left(\begin{{smallmatrix}}" \
+                    rf"{cov[0]} & {cov[1]} \\ {cov[1]} & {cov[2]}\end{{smallmatrix}}\right)\right)"
+        return rf"\mathbb{{E}}_{{{under}}}\left[{f}\right]"
+
     @property
     def integrand(self) -> sp.Lambda:
         return self.args[0]
