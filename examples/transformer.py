@@ -81,14 +81,12 @@ def main() -> None:
     print("agreement within 5 sigma" if verdict else "DISAGREEMENT beyond 5 sigma")
 
     if args.out is not None:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure
 
         est = np.array([np.mean(np.diagonal(m.mean)) for m in mc.nngp])
         err = np.array([np.sqrt(np.sum(np.diagonal(m.mean_stderr) ** 2)) / 10 for m in mc.nngp])
-        fig, ax = plt.subplots(figsize=(6, 4))
+        fig = Figure(figsize=(6, 4))
+        ax = fig.add_subplot()
         ax.plot(depth, diagonal, "-", label="theory (infinite width)")
         ax.plot(depth, intercept + slope * depth, ":", label=f"a + b l, b = {slope:.3f}")
         ax.errorbar(depth, est, yerr=err, fmt="o", ms=3, capsize=2, label=f"sampled, width {args.width}")

@@ -46,6 +46,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
@@ -69,6 +70,10 @@ from derive.sampling.dense import (
     zero_moments,
 )
 from derive.sampling.estimators import Moments
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
 
 # ------------------------------------------------------------------------------------------------
 # Parameters: drawn during a first pass (whose arithmetic XLA drops, only shapes matter), replayed
@@ -435,12 +440,11 @@ class ArchValidation:
         return {"architecture": self.name, "widths": self.widths, "samples": self.samples, "seed": self.seed,
                 "z_max": self.z_max, "passed": self.passed, "results": self.results}
 
-    def plot(self, path) -> None:
-        """Mean diagonal kernel K[(a,p),(a,p)] of every recorded output: theory and Monte Carlo."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+    def plot(self, path=None) -> Figure:
+        """Mean diagonal kernel K[(a,p),(a,p)] of every recorded output: theory and Monte Carlo.
+        Returns the matplotlib Figure (made without pyplot), saved to ``path`` (.png, .pdf, .svg)
+        when given."""
+        from derive.core.figures import InlineFigure, save_figure
 
         x = np.arange(1, len(self.theory.nngp) + 1)
         theory = [float(np.mean(np.diagonal(np.asarray(k).reshape(m.mean.shape))))
@@ -448,7 +452,8 @@ class ArchValidation:
         est = [float(np.mean(np.diagonal(m.mean))) for m in self.mc.nngp]
         err = [float(np.sqrt(np.sum(np.diagonal(m.mean_stderr) ** 2)) / len(np.diagonal(m.mean)))
                for m in self.mc.nngp]
-        fig, ax = plt.subplots(figsize=(6.4, 4.0))
+        fig = InlineFigure(figsize=(6.4, 4.0))
+        ax = fig.add_subplot()
         ax.plot(x, theory, "-", label="theory (infinite width)")
         ax.errorbar(x, est, yerr=err, fmt="o", ms=3, capsize=2, label=f"Monte Carlo, width {self.widths[0]}")
         ax.set_xlabel("recorded output (layer or block)")
@@ -456,8 +461,9 @@ class ArchValidation:
         ax.set_title(self.name or "architecture")
         ax.legend()
         fig.tight_layout()
-        fig.savefig(path)
-        plt.close(fig)
+        if path is not None:
+            save_figure(fig, path)
+        return fig
 
 
 @float64

@@ -113,11 +113,11 @@ class TrainedValidation:
         """Deviation of the ensemble mean and variance from the infinite-width prediction against 1/n
         for the first ``points`` test points (output 0) at one checkpoint (default: the one with the
         largest |z|): estimates with error bars, the fit a + b/n, zero = the prediction. Returns the
-        matplotlib Figure; saved to ``out`` (.png, .pdf, .svg) when given."""
-        from matplotlib.figure import Figure
+        matplotlib Figure (made without pyplot); saved to ``out`` (.png, .pdf, .svg) when given."""
+        from derive.core.figures import InlineFigure, save_figure
 
         step = self.worst.step if step is None else step
-        fig = Figure(figsize=(9, 4), layout="constrained")
+        fig = InlineFigure(figsize=(9, 4), layout="constrained")
         axes = fig.subplots(1, 2)
         colours = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9"]
         inv = 1.0 / np.asarray(self.widths, dtype=float)
@@ -144,7 +144,7 @@ class TrainedValidation:
                      f"lines: fits a + b/n; squares at 1/n = 0: the fitted intercepts with their errors",
                      fontsize=9)
         if out is not None:
-            fig.savefig(out, dpi=150)
+            save_figure(fig, out, dpi=150)
         return fig
 
 

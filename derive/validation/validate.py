@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -34,12 +35,14 @@ from derive.backends.codegen import jax_activation
 from derive.backends.precision import float64
 from derive.core import budget
 from derive.core.errors import DeriveError
-from derive.core.files import write_atomic
 from derive.core.inputs import check_hyperparameters, check_inputs
 from derive.rules.activations import as_activation
 from derive.sampling.estimators import fit_inverse_width, z_score
 from derive.symbolic.recursions import derive_kernel, numeric_kernel_expressions
 from derive.validation.quantities import QUANTITIES, Quantity, Setup, quantity_rows
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 __all__ = ["validate", "ValidationReport", "plot_validation", "default_inputs", "weak_quantities", "EXTRAPOLATED"]
 
@@ -131,9 +134,10 @@ class ValidationReport:
             "results": rows,
         }
 
-    def plot(self, out: str) -> None:
-        """Write the figure of :func:`plot_validation` to ``out``."""
-        plot_validation(self, out)
+    def plot(self, out: str | None = None) -> Figure:
+        """The figure of :func:`plot_validation`, saved to ``out`` when given; returns the matplotlib
+        Figure."""
+        return plot_validation(self, out)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -388,25 +392,18 @@ def _extrapolate(rows: list[dict], widths: tuple[int, ...], order: int) -> list[
 # Figure
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _entry_label(entry) -> str:
     return "x" + ",x".join(str(a) for a in entry)
 
 
-def plot_validation(report: ValidationReport, out: str) -> None:
+def plot_validation(report: ValidationReport, out: str | None = None) -> Figure:
     """Theory (lines) and Monte Carlo estimates (error bars, +-1 stderr) against depth, one panel per
     quantity; with several widths also against 1/n at the last reported layer, with the weighted fit
-    a + b/n and the theory at 1/n = 0 (matplotlib, Agg backend)."""
-    plt = _pyplot()
+    a + b/n and the theory at 1/n = 0. Returns the matplotlib Figure (made without pyplot), saved to
+    ``out`` (.png, .pdf, .svg) when given."""
     from matplotlib.lines import Line2D
+
+    from derive.core.figures import InlineFigure, save_figure
 
     by_quantity: dict[str, list[dict]] = {}
     for r in report.results:
@@ -414,7 +411,8 @@ def plot_validation(report: ValidationReport, out: str) -> None:
     several = len(report.widths) > 1
     ncols = 2 if several else 1
     nrows = max(1, len(by_quantity))
-    fig, axes = plt.subplots(nrows, ncols, figsize=(6.2 * ncols, 3.6 * nrows), squeeze=False)
+    fig = InlineFigure(figsize=(6.2 * ncols, 3.6 * nrows))
+    axes = fig.subplots(nrows, ncols, squeeze=False)
     offsets = np.linspace(-0.15, 0.15, len(report.widths)) if several else [0.0]
     markers = "osD^v<>p*h"
     for row_axes, (quantity, rows) in zip(axes, by_quantity.items()):
@@ -446,8 +444,9 @@ def plot_validation(report: ValidationReport, out: str) -> None:
     fig.suptitle(f"{report.activation}: C_W = {report.C_W:g}, C_b = {report.C_b:g}, depth {report.depth}, "
                  f"{report.samples} networks per width", fontsize=10)
     fig.tight_layout()
-    write_atomic(out, lambda tmp: fig.savefig(tmp, dpi=120))
-    plt.close(fig)
+    if out is not None:
+        save_figure(fig, out, dpi=120)
+    return fig
 
 
 def _plot_inverse_width(ax, quantity: str, rows: list[dict], widths: tuple[int, ...]) -> None:
