@@ -18,7 +18,9 @@ import typer
 # isort: off
 from derive.cli import kernel, criticality, finite_width, gram, predict, validate, check, gate  # noqa: F401
 # isort: on
-from derive.cli.app import app
+from derive.cli.app import app, flow_help
+
+flow_help()
 
 
 def main(args: list[str] | None = None) -> None:

@@ -344,7 +344,7 @@ def run_main(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
 def test_cli_exit_codes_and_json(monkeypatch, capsys):
     code, out, _ = run_main(monkeypatch, capsys, "-a", "relu", "-q", "expectation",
                             "--claim-latex", RELU_THETA)
-    assert code == 0 and "verdict: EQUAL" in out
+    assert code == 0 and "verdict: equal" in out
     code, out, _ = run_main(monkeypatch, capsys, "-a", "relu", "-q", "single_input", "--claim", "C_b + C_W*K",
                             "--format", "json")
     assert code == 1

@@ -65,7 +65,7 @@ class CheckReport:
                  + (f" ({', '.join(f'{k}={v}' for k, v in self.params.items())})" if self.params else "")
                  + f":  {self.formula}",
                  f"  claim:      {self.claim_expr}", f"  derivation: {self.derivation}",
-                 f"verdict: {self.verdict.upper()}"]
+                 f"verdict: {self.verdict}"]
         for name in ("symbolic", "numeric", "empirical"):
             m = self.methods[name]
             lines.append(f"  {name:<9} {m['result']}: {m['detail']}")
@@ -103,7 +103,7 @@ class CheckSet:
 
     def to_text(self) -> str:
         body = "\n\n".join(rep.to_text() for rep in self.reports)
-        return f"{body}\n\noverall: {self.verdict.upper()} ({len(self.reports)} claims)"
+        return f"{body}\n\noverall: {self.verdict} ({len(self.reports)} claims)"
 
 
 def _short(v) -> str:

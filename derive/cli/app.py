@@ -21,6 +21,25 @@ app = typer.Typer(
 )
 
 
+def flow_help() -> None:
+    """Give every command its docstring as help with each paragraph on one line (the terminal wraps
+    it): rich help keeps a docstring's line breaks, which cut sentences at the source's width. Indented
+    lines (examples) stay as they are."""
+    import inspect
+
+    for command in app.registered_commands:
+        if command.help is not None or command.callback is None or not command.callback.__doc__:
+            continue
+        paragraphs = []
+        for paragraph in inspect.cleandoc(command.callback.__doc__).split("\n\n"):
+            lines = paragraph.splitlines()
+            if any(line.startswith(" ") for line in lines):
+                paragraphs.append(paragraph)
+            else:
+                paragraphs.append(" ".join(line.strip() for line in lines))
+        command.help = "\n\n".join(paragraphs)
+
+
 class Format(str, Enum):
     text = "text"
     latex = "latex"
