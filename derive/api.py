@@ -192,7 +192,7 @@ def predict(spec, x_train, y_train, x_test, depth: int | None = None, C_W=None, 
 def validate_trained(spec, x_train, y_train, x_test, depth: int, C_W: float, C_b: float = 0.0, lambda_W=None,
                      lambda_b=None, *, widths=(32, 64, 128), n_networks: int = 1000, steps=(0, 50, 500),
                      learning_rate: float = 1.0, seed: int = 0, mode: str = "ntk", z_max: float = 5.0,
-                     params: Mapping[str, str] | Sequence[str] | None = None, progress=None):
+                     params: Mapping[str, str] | Sequence[str] | None = None, progress=True):
     """Infinite-width predictions against ensembles of dense networks trained by gradient descent.
 
     At each of ``widths`` (three or more), ``n_networks`` networks of ``depth`` dense layers are
@@ -201,7 +201,8 @@ def validate_trained(spec, x_train, y_train, x_test, depth: int, C_W: float, C_b
     are fitted as a + b/n and the intercept compared with :func:`predict` (``mode`` "ntk"; "nngp" is
     the last-layer-only dynamics, which trained networks reject). Returns a
     :class:`~derive.validation.trained.TrainedValidation` (``passed``, rows with z-scores and the
-    measured 1/n slopes, ``plot()``). ``progress(message)`` is called before each width.
+    measured 1/n slopes, ``plot()``). ``progress``: True shows the training of each width on stderr
+    (:mod:`derive.core.progress`), False nothing; a callable gets a message before each width.
     """
     from derive.validation.trained import validate_trained_dense
 
@@ -280,7 +281,7 @@ def _arch_finite_width(spec, depth, C_W, widths, k1, params, inputs, width, tol)
 def validate(spec, C_W: float | None = None, C_b: float = 0.0, depth: int | None = None, *,
              width: int | None = None, widths: Sequence[int] | None = None, samples: int | None = None,
              seed: int = 0, quantities=None, inputs=None, z_max: float = 5.0, max_work: float | None = None,
-             max_memory: float | str | None = None, **kwargs):
+             max_memory: float | str | None = None, progress=True, **kwargs):
     """The derived statistics against sampled finite-width networks, with z-scores.
 
     For an activation, the dense network of ``depth`` layers (:func:`derive.validation.validate.validate`:
@@ -289,11 +290,12 @@ def validate(spec, C_W: float | None = None, C_b: float = 0.0, depth: int | None
     the kernel of every block and the output NTK of a batch
     (:func:`derive.sampling.arch.validate_arch`); with ``widths`` the finite-width maps K, V, G1, Theta,
     Theta_var fitted in 1/n (:func:`derive.validation.arch.check_finite_width`). The sampling is estimated
-    first and refused over ``max_work`` or ``max_memory`` (as for :func:`gram`).
+    first and refused over ``max_work`` or ``max_memory`` (as for :func:`gram`). ``progress``: True
+    shows the sampling on stderr (:mod:`derive.core.progress`), False nothing.
     """
     with budget.limits(max_work, max_memory):
         return _validate(spec, C_W, C_b, depth, width, widths, samples, seed, quantities, inputs, z_max,
-                         kwargs)
+                         {**kwargs, "progress": progress})
 
 
 def _validate(spec, C_W, C_b, depth, width, widths, samples, seed, quantities, inputs, z_max, kwargs):
@@ -361,21 +363,23 @@ def monte_carlo_check(spec: ActivationLike, inputs, depth: int, C_W: float, C_b:
                       lambda_W: float | None = None, lambda_b: float | None = None, *, width: int = 512,
                       n_networks: int = 200, seed: int = 0,
                       params: Mapping[str, str] | Sequence[str] | None = None, max_work: float | None = None,
-                      max_memory: float | str | None = None) -> MonteCarloCheck:
+                      max_memory: float | str | None = None, progress=True) -> MonteCarloCheck:
     """Compare the derived NNGP (every layer) and NTK (last layer) with sampled finite-width networks.
 
     Networks of hidden width ``width`` are drawn as the rules say (W ~ N(0, C_W/fan_in),
     b ~ N(0, C_b)); the mean over ``n_networks`` independent networks, with its standard error,
     is compared with the infinite-width theory. Finite width shifts the mean by O(depth/width)
     relative (PDLT ch. 4): choose ``width`` so that this bias is below the standard error, or
-    compare with the 1/n-corrected theory. ``max_work``, ``max_memory`` as for :func:`gram`.
+    compare with the 1/n-corrected theory. ``max_work``, ``max_memory`` as for :func:`gram`;
+    ``progress`` (True: on stderr) as for :func:`sample`.
     """
     with budget.limits(max_work, max_memory):
         return _monte_carlo_check(spec, inputs, depth, C_W, C_b, lambda_W, lambda_b, width, n_networks, seed,
-                                  params)
+                                  params, progress)
 
 
-def _monte_carlo_check(spec, inputs, depth, C_W, C_b, lambda_W, lambda_b, width, n_networks, seed, params):
+def _monte_carlo_check(spec, inputs, depth, C_W, C_b, lambda_W, lambda_b, width, n_networks, seed, params,
+                       progress):
     C_W, C_b, lw, lb = check_hyperparameters(C_W, C_b, lambda_W, lambda_b, depth)
     x = check_inputs(inputs)
     d = kernel(spec, params)
@@ -386,7 +390,7 @@ def _monte_carlo_check(spec, inputs, depth, C_W, C_b, lambda_W, lambda_b, width,
 
     k_stack, t_stack = gram_profile(e, de, x, int(depth), C_W, C_b, lw, lb)
     sampled = sample_kernels(jax_activation(d.activation), x, int(depth), int(width), C_W, C_b, lw, lb,
-                             n_networks=int(n_networks), seed=int(seed))
+                             n_networks=int(n_networks), seed=int(seed), progress=progress)
     theory_nngp, theory_ntk = np.asarray(k_stack), np.asarray(t_stack[-1])
     return MonteCarloCheck(theory_nngp, theory_ntk, sampled, sampled.nngp_z_scores(theory_nngp),
                            sampled.ntk_z_scores(theory_ntk))
@@ -395,7 +399,7 @@ def _monte_carlo_check(spec, inputs, depth, C_W, C_b, lambda_W, lambda_b, width,
 @float64
 def sample(spec, inputs, width: int, depth: int | None = None, C_W: float | None = None, C_b: float = 0.0,
            lambda_W: float | None = None, lambda_b: float | None = None, *, n_networks: int = 200, seed: int = 0,
-           ntk: bool = True, params: Mapping[str, str] | Sequence[str] | None = None, progress=None,
+           ntk: bool = True, params: Mapping[str, str] | Sequence[str] | None = None, progress=True,
            max_work: float | None = None, max_memory: float | str | None = None):
     """Sample ``n_networks`` finite-width networks and measure their empirical kernels.
 
@@ -404,7 +408,8 @@ def sample(spec, inputs, width: int, depth: int | None = None, C_W: float | None
     :class:`derive.sampling.dense.MonteCarloResult`: per-layer NNGP and output NTK means, standard
     errors) or an architecture (a description or a TOML file: every block's kernel and the output
     NTK at ``width`` channels, :class:`derive.sampling.arch.ArchMonteCarlo`). Parameters are drawn as
-    the rules say; results depend only on ``seed``. ``progress`` is called with the number of networks
+    the rules say; results depend only on ``seed``. ``progress``: True shows it on stderr
+    (:mod:`derive.core.progress`), False nothing; a callable is called with the number of networks
     done. The work is estimated first and refused over ``max_work`` or ``max_memory`` (as :func:`gram`).
     """
     with budget.limits(max_work, max_memory):

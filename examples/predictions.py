@@ -43,7 +43,7 @@ converged = derive.predict("tanh", x_train, y_train, x_test, **net, noise=0.05**
 print(gp, early, converged, sep="\n")
 
 trained = train_ensemble(jax_activation(resolve("tanh")), x_train, y_train, x_test, 3, 128, 1.5, 0.05,
-                         steps=[steps], learning_rate=lr, n_networks=300, seed=0)
+                         steps=[steps], learning_rate=lr, n_networks=300, seed=0, progress=True)
 mean, mean_se = trained.mean()
 var, _ = trained.variance()
 deviation = np.abs(mean[0, :, 0] - early.ntk.mean)

@@ -42,7 +42,7 @@ nets = {
         3, arch.residual(arch.layer_norm(), arch.dense(1.0), arch.activation("gelu"), arch.dense(1.6), gamma=0.7))),
 }
 for name, net in nets.items():
-    check = check_finite_width(net, (32, 64, 128), samples=args.samples)
+    check = check_finite_width(net, (32, 64, 128), samples=args.samples, progress=True)
     print(f"\n{name}: theory against {args.samples} sampled networks at widths 32, 64, 128")
     for r in check.rows:
         if r["index"] == 1:

@@ -72,7 +72,7 @@ def main() -> None:
     print(f"correlation between the two sequences' first tokens after the last block: "
           f"{last[0, 5] / (d[0] * d[5]):.4f} (input {theory.nngp[0].reshape(10, 10)[0, 5] / np.sqrt(theory.nngp[0].reshape(10, 10)[0, 0] * theory.nngp[0].reshape(10, 10)[5, 5]):.4f})")
 
-    mc = sample_arch(net, tokens, args.width, n_networks=args.samples, seed=args.seed)
+    mc = sample_arch(net, tokens, args.width, n_networks=args.samples, seed=args.seed, progress=True)
     worst = [float(np.abs(z).max()) for z in mc.nngp_z(theory)]
     print(f"Monte Carlo, width {args.width}, {args.samples} networks: largest |z| per block "
           f"{np.array2string(np.array(worst), precision=2)}; output NTK largest |z| "

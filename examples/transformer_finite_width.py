@@ -37,7 +37,7 @@ for label, K, V1, G1, V4, G4 in zip(one.labels, one.values["K"], one.values["V"]
           f"{V4[0, 0, 0, 0] / (width * K[0, 0]**2):12.5f} {G4[0, 1] / (width * K[0, 1]):9.5f}")
 
 print("\nTwo blocks of two heads against sampled transformers at widths 32, 64, 128 (1/n fit):")
-check = check_finite_width(blocks(2, 2), (32, 64, 128), samples=3000, seed=0, inputs=x)
+check = check_finite_width(blocks(2, 2), (32, 64, 128), samples=3000, seed=0, inputs=x, progress=True)
 for r in check.rows:
     if r["layer"].startswith("block[2]") and r["quantity"] in ("K", "V"):
         print(f"  {r['quantity']:2s} tokens {r['entry']}: theory {r['theory']:8.4f}  sampled {r['estimate']:8.4f}"

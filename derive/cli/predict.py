@@ -218,7 +218,6 @@ def validate_trained(
 
       derive validate-trained -a relu -L 3 --cw 2 --steps 0 --steps 200 --out trained.png
     """
-    import sys
 
     from derive import api
     from derive.cli.app import check_png
@@ -231,7 +230,7 @@ def validate_trained(
     report = api.validate_trained(activation, x_train, y_train, x_test, depth, cw, cb, lambda_w, lambda_b,
                                   widths=_widths(widths), n_networks=networks, steps=tuple(steps or (0, 50, 500)),
                                   learning_rate=learning_rate, seed=seed, mode=mode, z_max=z_max, params=param,
-                                  progress=lambda message: print(message, file=sys.stderr, flush=True))
+                                  progress=True)  # on stderr, whatever the format
     if out is not None:
         write_atomic(out, lambda tmp: report.plot(tmp))
     if fmt is NumFormat.json:

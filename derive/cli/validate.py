@@ -101,7 +101,7 @@ def validate(
     x = None if inputs is None else load_npy(inputs, "--inputs")
     report = run_validation(activation, cw, cb, depth, width=width, widths=several, samples=samples, seed=seed,
                             quantities=quantities, inputs=x, lambda_W=lambda_w, lambda_b=lambda_b, params=param,
-                            z_max=z_max, progress=fmt is NumFormat.text, method=sampler)
+                            z_max=z_max, progress=True, method=sampler)  # on stderr, whatever the format
     if out is not None:
         write_atomic(out, report.plot)
     if fmt is NumFormat.json:
@@ -173,15 +173,8 @@ def _arch_validate_widths(path: Path, widths: str, samples: int, seed: int, z_ma
              "(the dNTK is checked for dense networks: use --activation)")
     net = load_arch_file(path)
     x = finite_width_inputs(net, inputs) if inputs is not None or uses_positions(net) else None
-    if fmt is NumFormat.text:
-        from rich.progress import Progress
-
-        with Progress(transient=True) as bar:
-            task = bar.add_task("sampling networks", total=samples * len(ws))
-            report = check_finite_width(net, ws, samples=samples, seed=seed, z_max=z_max, quantities=names,
-                                        inputs=x, progress=lambda done, total: bar.update(task, completed=done))
-    else:
-        report = check_finite_width(net, ws, samples=samples, seed=seed, z_max=z_max, quantities=names, inputs=x)
+    report = check_finite_width(net, ws, samples=samples, seed=seed, z_max=z_max, quantities=names, inputs=x,
+                                progress=True)  # on stderr, whatever the format
     if fmt is NumFormat.json:
         typer.echo(json.dumps(report.as_dict()))
         raise typer.Exit(0 if report.passed else 1)
@@ -221,15 +214,8 @@ def _arch_validate(path: Path, width: int, samples: int, seed: int, inputs: Opti
     if out is not None:
         check_png(out)
     x = load_npy(inputs, "--inputs") if inputs is not None else default_arch_inputs(net)
-    if fmt is NumFormat.text:
-        from rich.progress import Progress
-
-        with Progress(transient=True) as bar:
-            task = bar.add_task("sampling networks", total=samples)
-            report = validate_arch(net, x, width, samples=samples, seed=seed, z_max=z_max, ntk=ntk,
-                                   progress=lambda done: bar.update(task, completed=done))
-    else:
-        report = validate_arch(net, x, width, samples=samples, seed=seed, z_max=z_max, ntk=ntk)
+    report = validate_arch(net, x, width, samples=samples, seed=seed, z_max=z_max, ntk=ntk,
+                           progress=True)  # on stderr, whatever the format
     if out is not None:
         write_atomic(out, report.plot)
     if fmt is NumFormat.json:

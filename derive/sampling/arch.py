@@ -60,6 +60,7 @@ from derive.backends.precision import float64
 from derive.core import budget
 from derive.core.errors import DeriveError
 from derive.core.inputs import check_arch_inputs
+from derive.core.progress import stage
 from derive.sampling.dense import (
     DEFAULT_CHUNK_BYTES,
     MIN_NETWORKS_PER_DEVICE,
@@ -338,7 +339,7 @@ def work_estimate(net: Serial, shape: tuple[int, ...], width: int, n_networks: i
 @float64
 def sample_arch(net: Serial, inputs, width: int, *, n_networks: int = 200, seed: int = 0, ntk: bool = True,
                 ntk_outputs: int = 1, chunk: int | None = None, devices=None, dtype=jnp.float64,
-                progress: Callable[[int], None] | None = None) -> ArchMonteCarlo:
+                progress: bool | Callable[[int], None] | None = None) -> ArchMonteCarlo:
     """Sample ``n_networks`` networks of architecture ``net`` at ``width`` channels (module docstring).
 
     Args:
@@ -351,7 +352,8 @@ def sample_arch(net: Serial, inputs, width: int, *, n_networks: int = 200, seed:
         ntk_outputs: k, the output channels averaged in the NTK estimate.
         chunk: networks computed at once (default: what fits in about 32 MiB per device).
         devices: devices to shard networks over (default all).
-        progress: called with the number of networks done after each chunk.
+        progress: True for progress on stderr (:mod:`derive.core.progress`), or a callable called with
+            the number of networks done after each chunk.
     """
     if not isinstance(net, Serial):
         raise DeriveError(f"expected an architecture (derive.arch.Serial), got {type(net).__name__}")
@@ -383,13 +385,15 @@ def sample_arch(net: Serial, inputs, width: int, *, n_networks: int = 200, seed:
     shapes = jax.eval_shape(lambda: _chunk_samples(np.int64(0), key_data, inputs, **static))
     home = mesh.local_devices[0]
     state = jax.device_put(zero_moments({k: v.shape[1:] for k, v in shapes.items()}, inputs.dtype), home)
+    report, close = stage(progress, f"sampling {n_networks} networks of width {width}", n_networks)
     for start in range(0, n_networks, chunk):
         samples = _chunk_samples(np.int64(start), key_data, inputs, **static)
         samples = jax.device_put(jax.tree.map(lambda a: a.addressable_data(0), samples), home)
         state = _accumulate(state, samples, np.int64(start), np.int64(n_networks))
-        if progress is not None:
+        if report is not None:
             jax.block_until_ready(state)
-            progress(min(start + chunk, n_networks))
+            report(min(start + chunk, n_networks))
+    close()
     _, mean, m2, m3, m4 = state
 
     def moments(key: str) -> Moments:
@@ -468,7 +472,7 @@ class ArchValidation:
 
 @float64
 def validate_arch(net: Serial, inputs, width: int, *, samples: int = 200, seed: int = 0, z_max: float = 5.0,
-                  ntk: bool = True, progress: Callable[[int], None] | None = None) -> ArchValidation:
+                  ntk: bool = True, progress: bool | Callable[[int], None] | None = None) -> ArchValidation:
     """Sample ``samples`` networks of ``net`` at ``width`` and score every derived entry (z-scores)."""
     from derive.kernels.arch import arch_kernels
 

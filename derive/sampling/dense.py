@@ -82,6 +82,7 @@ from jax.sharding import PartitionSpec as P
 from derive.backends.precision import float64
 from derive.core import budget
 from derive.core.errors import DeriveError
+from derive.core.progress import stage
 from derive.sampling.estimators import Moments
 
 Activation = Callable[[jax.Array], jax.Array]
@@ -647,7 +648,7 @@ def sample_kernels(
     ntk: bool = True,
     method: str = "weights",
     devices: Sequence | None = None,
-    progress: Callable[[int], None] | None = None,
+    progress: bool | Callable[[int], None] | None = None,
     prng: str = DEFAULT_PRNG,
 ) -> MonteCarloResult:
     """Sample ``n_networks`` dense networks and estimate every layer's kernel and the output NTK.
@@ -685,7 +686,8 @@ def sample_kernels(
             random numbers, and N n_l instead of n_l (n_{l-1} + 1) normals per layer, which makes it
             about n / N times faster at width n where drawing the weights dominates (on CPU).
         devices: the devices to shard networks over (default ``jax.devices()``: all, on all hosts).
-        progress: called with the number of networks done after each chunk.
+        progress: True for progress on stderr (:mod:`derive.core.progress`), or a callable called with
+            the number of networks done after each chunk.
         prng: the generator the networks are drawn with, one of ``PRNGS``: "philox4x32" (default) or
             "threefry2x32". Philox 4x32-10 is the default because it draws normals fastest on CPU
             among the JAX generators that keep the guarantees above: measured on two cores with 512 x
@@ -750,16 +752,20 @@ def sample_kernels(
     static = dict(activation=activation, widths=widths, chunk=chunk, ntk=ntk, method=method, mesh=mesh,
                   prng=prng)
     kept = []
+    hidden = sorted(set(widths[1:]))
+    label = f"width {hidden[0]}" if len(hidden) == 1 else "widths " + ",".join(map(str, widths[1:]))
+    report, close = stage(progress, f"sampling {n_networks} networks of {label}", n_networks)
     for start in range(0, n_networks, chunk):
         samples = _chunk_samples(np.int64(start), key_data, inputs, hyper, **static)
         samples = jax.device_put(jax.tree.map(lambda a: a.addressable_data(0), samples), home)
         state = _accumulate(state, samples, np.int64(start), np.int64(n_networks))
         if keep_samples:
             kept.append({k: np.asarray(v)[: min(chunk, n_networks - start)] for k, v in samples.items()})
-        if progress is not None:
+        if report is not None:
             jax.block_until_ready(state)
-            progress(min(start + chunk, n_networks))
+            report(min(start + chunk, n_networks))
 
+    close()
     _, mean, m2, m3, m4 = state
 
     def moments(key: str) -> Moments:

@@ -32,6 +32,7 @@ from jax import lax
 from derive.backends.precision import float64
 from derive.core import budget
 from derive.core.errors import DeriveError
+from derive.core.progress import stage
 from derive.sampling.dense import forward, init_network
 
 Activation = Callable[[jax.Array], jax.Array]
@@ -107,7 +108,8 @@ _TRAIN_CACHE: dict = {}
 def train_ensemble(activation: Activation, x_train, y_train, x_test, depth: int, width: int, C_W: float,
                    C_b: float = 0.0, lambda_W: float | None = None, lambda_b: float | None = None, *,
                    steps: Sequence[int] | int, learning_rate: float, n_networks: int, seed: int = 0,
-                   chunk: int | None = None, progress: Callable[[int, int], None] | None = None) -> TrainedEnsemble:
+                   chunk: int | None = None, progress: bool | Callable[[int, int], None] | None = None
+                   ) -> TrainedEnsemble:
     """Train ``n_networks`` dense networks of hidden width ``width`` and record their test outputs.
 
     ``activation`` is a jnp function (:func:`derive.backends.codegen.jax_activation`); ``steps`` one or
@@ -138,6 +140,8 @@ def train_ensemble(activation: Activation, x_train, y_train, x_test, depth: int,
     base = jax.random.key(seed)
     hyper = tuple(jnp.asarray(h, jnp.float64) for h in (C_W, C_b, lambda_W, lambda_b, learning_rate))
     outputs, losses = [], []
+    report, close = stage(progress, f"training {n_networks} networks of width {width}", n_networks,
+                          lambda p: (lambda done: p(done, n_networks)))
     for start in range(0, n_networks, chunk):
         # Always a full chunk (one compilation); the surplus networks of the last one are dropped.
         keys = jax.vmap(lambda k: jax.random.fold_in(base, k))(jnp.arange(start, start + chunk))
@@ -145,8 +149,9 @@ def train_ensemble(activation: Activation, x_train, y_train, x_test, depth: int,
         take = min(chunk, n_networks - start)
         outputs.append(np.asarray(out)[:take])
         losses.append(np.asarray(loss)[:take])
-        if progress is not None:
-            progress(start + take, n_networks)
+        if report is not None:
+            report(start + take)
+    close()
     return TrainedEnsemble(np.concatenate(outputs), np.concatenate(losses), checkpoints, int(width))
 
 

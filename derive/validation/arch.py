@@ -97,7 +97,7 @@ def _seed(seed: int, width: int) -> int:
 @float64
 def sample_kernel_estimates(net: Serial, widths, *, samples: int = 4000, seed: int = 0, inputs=None,
                             input_dim: int = 8, ntk: bool = False,
-                            progress: Callable[[int, int], None] | None = None) -> dict:
+                            progress: bool | Callable[[int, int], None] | None = None) -> dict:
     """{width: [kernel_moments of every recorded output]} from ``samples`` networks per width (the seed
     of width n is derived from (seed, n)); ``inputs`` (N, *positions, d), default one input with
     x.x/n_0 = 1 in ``input_dim`` dimensions. With ``ntk`` the entry ``("ntk", width)`` holds (mean,
@@ -110,7 +110,10 @@ def sample_kernel_estimates(net: Serial, widths, *, samples: int = 4000, seed: i
     x = np.ones((1, int(input_dim))) if inputs is None else np.asarray(inputs, dtype=float)
     estimates = {}
     for k, w in enumerate(ws):
-        cb = None if progress is None else (lambda done, k=k: progress(k * samples + done, len(ws) * samples))
+        if progress is True:  # a stage per width
+            cb = True
+        else:
+            cb = None if not progress else (lambda done, k=k: progress(k * samples + done, len(ws) * samples))
         mc = sample_arch(net, x, w, n_networks=samples, seed=_seed(seed, w), ntk=ntk, progress=cb)
         estimates[w] = [kernel_moments(m, w) for m in mc.nngp]
         if ntk:
@@ -199,7 +202,7 @@ def _ntk_variance(theory, i: int) -> float:
 @float64
 def check_finite_width(net: Serial, widths, *, samples: int = 4000, seed: int = 0, z_max: float = 5.0,
                        quantities=("K", "V", "G1"), inputs=None, input_dim: int = 8,
-                       progress: Callable[[int, int], None] | None = None) -> FiniteWidthCheck:
+                       progress: bool | Callable[[int, int], None] | None = None) -> FiniteWidthCheck:
     """Sample ``samples`` networks of ``net`` at each of ``widths`` and compare K, V and G1 of every
     Gaussian-point output (and with ``Theta`` in ``quantities`` the output NTK) with the theory after
     a fit in 1/n: one input without positions by default (:func:`~derive.finite.arch.arch_finite_width`),

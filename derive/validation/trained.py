@@ -211,11 +211,11 @@ def validate_trained_dense(activation, x_train, y_train, x_test, depth: int, C_W
     sigma = jax_activation(activation)
     ensembles = []
     for w in widths:
-        if progress is not None:
+        if callable(progress):
             progress(f"training {n_networks} networks of width {w}")
         ensembles.append(train_ensemble(sigma, x_train, y2, x_test, depth, w, C_W, C_b, lambda_W, lambda_b,
                                         steps=steps, learning_rate=learning_rate, n_networks=n_networks,
-                                        seed=seed + 7919 * w))
+                                        seed=seed + 7919 * w, progress=progress is True))
     return compare(ensembles, theory, mode=mode, z_max=z_max, learning_rate=learning_rate)
 
 

@@ -189,19 +189,11 @@ def _width_seed(seed: int, width: int) -> int:
 
 
 def _progress_reporter(progress, total: int):
-    """(callback(done), close()) for ``progress``: False, True (a rich bar on stderr) or a callable."""
-    if not progress:
-        return None, lambda: None
-    if callable(progress):
-        return (lambda done: progress(done, total)), lambda: None
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    """(callback(done), close()) for ``progress``: False, True (:func:`derive.core.progress.bar` on
+    stderr) or a callable(done, total)."""
+    from derive.core.progress import stage
 
-    bar = Progress(TextColumn("sampling networks"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                   console=Console(stderr=True), transient=True)
-    bar.start()
-    task = bar.add_task("networks", total=total)
-    return (lambda done: bar.update(task, completed=done)), bar.stop
+    return stage(progress, "sampling networks", total, lambda p: (lambda done: p(done, total)))
 
 
 # ----------------------------------------------------------------------------------------------
