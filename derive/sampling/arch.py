@@ -29,7 +29,8 @@ dz_{i;a,p}/dtheta_mu dz_{i;b,q}/dtheta_mu over the first k = ``ntk_outputs`` out
 channel has the same law, so the mean over networks is unbiased for any k), with lambda_mu =
 lambda_W / fan_in for weights and lambda_b for biases (Neural Tangents' NTK parametrisation when
 lambda = C); the tied query/key weights use lambda = 1 / n_in (their contribution vanishes at
-infinite width), independent ones lambda_Q / n_in and lambda_K / n_in. Gradients come from one vector-Jacobian product per (input, position, channel).
+infinite width), independent ones lambda_Q / n_in and lambda_K / n_in. Gradients come from one
+vector-Jacobian product per (input, position, channel).
 
 Network k draws its parameters from ``fold_in(key(seed), k)``; networks are computed in chunks
 (``lax.map`` over the networks of a chunk, so every network runs the same single-network program),
