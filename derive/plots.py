@@ -120,7 +120,8 @@ def _layer_axis(ax, depth: int) -> None:
     if depth >= 50:
         log_axis(ax, "x")
     else:
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlim(0.5, depth + 0.5)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
 
 
 def depth_profile_plot(activation, profile, out: str | None = None, C_W: float | None = None,
@@ -141,7 +142,7 @@ def depth_profile_plot(activation, profile, out: str | None = None, C_W: float |
 
     depth = len(profile.K)
     layers = np.arange(1, depth + 1)
-    every = 0.09 if depth >= 50 else max(1, depth // 12)  # markers evenly spaced along the curve
+    every = 0.09 if depth >= 50 else max(2, depth // 10) if depth >= 6 else 1  # markers spaced along the curve
     fig = InlineFigure(figsize=(13, 4.3), layout="constrained")
     axes = fig.subplots(1, 3)
     axes[0].plot(layers, profile.K, label=r"$K^{(\ell)}$", **series_style(0, markevery=every))
@@ -234,15 +235,15 @@ def finite_width_plot(report: dict, out: str | None = None, C_W: float | None = 
         y = np.array([np.nan if v is None else v for v in norm[key]], dtype=float)
         curves[symbol] = y
         ax.plot(layers, y, label=f"{name} {symbol}", zorder=2.5 - 0.1 * i,
-                **series_style(i, markevery=(i % every, every)))
+                **series_style(i, markevery=every))
     reference_line(ax, y=0.0, linestyle="-", linewidth=0.8)
     _trust_limit(ax, layers, curves, TRUST_LIMIT, "layer")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
     parameters = ", ".join(t for t in (setting(C_W=C_W, C_b=C_b), _width_text(report.get("widths")),
                                        f"depth $L = {report['depth']}$") if t)
     style_axis(ax, r"layer $\ell$", r"normalised $1/n$ correction",
                f"{report['activation']}: leading $1/n$ corrections\n{parameters}", legend=False)
-    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2, framealpha=1.0,
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, framealpha=1.0,
               edgecolor="#BFBFBF")
     if out is not None:
         save_figure(fig, out, dpi=120)
@@ -275,14 +276,14 @@ def arch_finite_width_plot(result, out: str | None = None) -> Figure:
             ax.plot(x[keep], y[keep], label=f"{name} {symbol}", zorder=2.5 - 0.1 * i, **series_style(i))
     reference_line(ax, y=0.0, linestyle="-", linewidth=0.8)
     _trust_limit(ax, x, curves, TRUST_LIMIT, "output")
-    if len(x) <= 8:
-        ax.set_xticks(x, labels=result.labels, rotation=30, ha="right")
+    if len(x) <= 6 and max(len(label) for label in result.labels) <= 14:  # the labels fit side by side
+        ax.set_xticks(x, labels=result.labels)
     else:
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
     style_axis(ax, "recorded output (top-level layer or repeated block)", r"normalised $1/n$ correction",
                f"{result.name or 'architecture'}: leading $1/n$ corrections, width $n = {result.width}$",
                legend=False)
-    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2, framealpha=1.0,
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, framealpha=1.0,
               edgecolor="#BFBFBF")
     if out is not None:
         save_figure(fig, out, dpi=120)

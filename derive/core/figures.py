@@ -69,14 +69,18 @@ LABEL_SIZE, TITLE_SIZE, TICK_SIZE, LEGEND_SIZE = 10, 10, 9, 8
 
 def series_style(i: int, *, line: bool = True, marker: bool = True, markevery=None) -> dict:
     """Keyword arguments for ``ax.plot`` of the ``i``-th series: its Okabe-Ito colour, marker and
-    line style (``line``/``marker`` False drop one of them; ``markevery`` thins the markers of a
-    long curve)."""
+    line style (``line``/``marker`` False drop one of them). ``markevery`` thins the markers of a long
+    curve: every so many points (an int) or at that spacing along the curve (a float, a fraction of
+    the axes' diagonal); each series starts at its own offset, so that the markers of curves lying on
+    top of each other do not hide one another."""
     style = {"color": PALETTE[i % len(PALETTE)], "linewidth": 1.6 if line else 0,
              "linestyle": LINESTYLES[i % len(LINESTYLES)] if line else "none"}
     if marker:
         style.update(marker=MARKERS[i % len(MARKERS)], markersize=5, markeredgewidth=1.0)
-        if markevery is not None:
-            style["markevery"] = markevery
+        if isinstance(markevery, (int, np.integer)) and markevery > 1:
+            style["markevery"] = (int(i % markevery), int(markevery))
+        elif isinstance(markevery, float):
+            style["markevery"] = ((i % 3) * markevery / 3, markevery)
     return style
 
 

@@ -472,7 +472,7 @@ class ArchValidation:
                                                           f"($\\pm 1$ s.e.)")
         reference_line(right, y=0.0, label="theory")
         for ax in (left, right):
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
             ax.set_xlim(x[0] - 0.6, x[-1] + 0.6)
         xlabel = "recorded output (top-level layer or repeated block)"
         style_axis(left, xlabel, r"mean diagonal kernel $\bar{K} = \mathrm{mean}_a\, K_{aa}$",

@@ -491,7 +491,7 @@ def _plot_against_depth(ax, quantity: str, rows: list[dict], widths: tuple[int, 
     layers = sorted({r["layer"] for r in rows})
     ax.set_xticks(layers)
     if len(layers) > 12:
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
     ax.set_xlim(layers[0] - 0.5, layers[-1] + 0.5)
     description = _symbol(quantity)[1]
     what = r"Monte Carlo $-$ theory" if deviation else "Monte Carlo (no theory)"
