@@ -16,10 +16,18 @@ in the current folder by default)
 import sys
 
 import numpy as np
-from matplotlib.figure import Figure
 
 import derive
 from derive.backends.codegen import jax_activation
+from derive.core.figures import (
+    OKABE_ITO,
+    InlineFigure,
+    error_bars,
+    save_figure,
+    series_style,
+    setting,
+    style_axis,
+)
 from derive.rules.activations import resolve
 from derive.sampling.training import train_ensemble
 
@@ -51,25 +59,28 @@ print(f"trained ensemble (width 128, 300 networks) after {steps} steps: |mean - 
       f"{deviation.max():.3f} (standard error of the mean at most {mean_se.max():.3f}; the rest is the O(1/n) "
       f"correction of width 128, which derive.validate_trained extrapolates away over several widths)")
 
-fig = Figure(figsize=(10, 4), layout="constrained")
+fig = InlineFigure(figsize=(11, 5.2), layout="constrained")
 left, right = fig.subplots(1, 2, sharey=True)
-for ax, pred, label, colour in ((left, gp.nngp, "GP posterior (NNGP, noise 0.05²)", "#0072B2"),
-                                (left, converged.ntk, "NTK ensemble at convergence (ridge 0.05²)", "#D55E00"),
-                                (right, early.ntk, f"NTK ensemble after {steps} steps", "#009E73")):
+for i, (ax, pred, label) in enumerate(((left, gp.nngp, "GP posterior (NNGP, noise $0.05^2$)"),
+                                       (left, converged.ntk, "NTK ensemble at convergence (ridge $0.05^2$)"),
+                                       (right, early.ntk, f"NTK ensemble after {steps} steps"))):
     sd = np.sqrt(np.maximum(pred.variance, 0))
-    ax.plot(t_test, pred.mean, color=colour, lw=1.5, label=label + r" (mean $\pm 2\sigma$)")
-    ax.fill_between(t_test, pred.mean - 2 * sd, pred.mean + 2 * sd, color=colour, alpha=0.18, lw=0)
+    style = series_style(i, marker=False)
+    ax.plot(t_test, pred.mean, label=label + r": mean $\pm 2\sigma$", **style)
+    ax.fill_between(t_test, pred.mean - 2 * sd, pred.mean + 2 * sd, color=style["color"], alpha=0.15, lw=0)
+    for edge in (pred.mean - 2 * sd, pred.mean + 2 * sd):  # the band's edges, visible in grey print too
+        ax.plot(t_test, edge, color=style["color"], linestyle=style["linestyle"], lw=0.7, alpha=0.8)
 sd = np.sqrt(var[0, :, 0])
-right.errorbar(t_test[::5], mean[0, ::5, 0], yerr=2 * sd[::5], fmt="o", ms=3, color="black", capsize=2, lw=0.8,
-               label=r"300 trained networks, width 128 (mean $\pm 2\sigma$)")
-for ax in (left, right):
-    ax.plot(t_train, y_train, "x", color="black", ms=7, mew=1.5, label="training data")
-    ax.set_xlabel("input $t$ (the network sees $x = (t, 1)$)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower left")
-left.set_ylabel("network output $f(x)$")
-left.set_title("infinitely wide tanh network, depth 3", fontsize=10)
-right.set_title(f"infinite width against finite width, {steps} gradient-descent steps", fontsize=10)
+error_bars(right, t_test[::5], mean[0, ::5, 0], 2 * sd[::5], color="black", marker="o", markersize=4,
+           label=r"300 trained networks, width $n = 128$: mean $\pm 2\sigma$")
+for ax, title in ((left, "infinite width: Bayesian posterior and trained ensemble"),
+                  (right, f"infinite against finite width after {steps} gradient-descent steps")):
+    ax.plot(t_train, y_train, "x", color=OKABE_ITO["vermillion"] if ax is right else "black", ms=7, mew=1.8,
+            label="training data", zorder=4)
+    style_axis(ax, "input $t$ (the network sees $x = (t, 1)$)", "network output $f(x)$", title,
+               legend_loc="lower left")
+fig.suptitle(f"tanh network: {setting(C_W=net['C_W'], C_b=net['C_b'])}, depth $L = {net['depth']}$, "
+             f"learning rate {lr:g}", fontsize=11)
 out = sys.argv[1] if len(sys.argv) > 1 else "predictions.png"
-fig.savefig(out, dpi=150)
+save_figure(fig, out, dpi=150)
 print(f"wrote {out}")

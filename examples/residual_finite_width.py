@@ -53,17 +53,17 @@ for name, net in nets.items():
     print("  passed" if check.passed else "  FAILED")
 
 if args.out:
-    from matplotlib.figure import Figure
+    from derive.core.figures import InlineFigure, reference_line, save_figure, series_style, style_axis
+    from derive.finite.single import TRUST_LIMIT
 
-    fig = Figure(figsize=(6.4, 4.0))
+    fig = InlineFigure(figsize=(7.2, 5.0), layout="constrained")
     ax = fig.add_subplot()
-    for xi2, y in curves.items():
-        ax.plot(np.arange(1, blocks + 2), y, label=rf"$\xi^2 = {xi2:g}$, $\gamma^2 = {1 - xi2:g}$")
-    ax.axhline(0.1, color="0.4", lw=0.8, ls=":", label="0.1: the 1/n expansion stops being trustworthy")
-    ax.set_xlabel("recorded output (first dense, then blocks)")
-    ax.set_ylabel(r"$V/(nK^2)$")
-    ax.set_title(f"critical ReLU residual blocks, width n = {width}")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(args.out, dpi=120)
+    x = np.arange(1, blocks + 2)
+    for i, (xi2, y) in enumerate(curves.items()):
+        ax.plot(x, y, label=rf"$\xi^2 = {xi2:g}$, $\gamma^2 = {1 - xi2:g}$", **series_style(i, markevery=3))
+    reference_line(ax, y=TRUST_LIMIT, label=rf"trust limit {TRUST_LIMIT:g}: beyond it the $1/n$ expansion fails")
+    style_axis(ax, "recorded output (1: the first dense layer, then one per block)", r"four-point vertex $V/(n K^2)$",
+               rf"critical ReLU residual blocks $\xi z + \gamma\, W_2\, \mathrm{{relu}}(W_1 z)$, width $n = {width}$",
+               legend_loc="upper left")
+    save_figure(fig, args.out, dpi=120)
     print(f"\nwrote {args.out}")

@@ -68,9 +68,10 @@ def main() -> None:
     increments = np.diff(diagonal)
     print(f"increments per block: min {increments.min():.5f}, max {increments.max():.5f}")
     last = theory.nngp[-1].reshape(10, 10)
-    d = np.sqrt(np.diagonal(last))
+    first = theory.nngp[0].reshape(10, 10)
+    d, d0 = np.sqrt(np.diagonal(last)), np.sqrt(np.diagonal(first))
     print(f"correlation between the two sequences' first tokens after the last block: "
-          f"{last[0, 5] / (d[0] * d[5]):.4f} (input {theory.nngp[0].reshape(10, 10)[0, 5] / np.sqrt(theory.nngp[0].reshape(10, 10)[0, 0] * theory.nngp[0].reshape(10, 10)[5, 5]):.4f})")
+          f"{last[0, 5] / (d[0] * d[5]):.4f} (input {first[0, 5] / (d0[0] * d0[5]):.4f})")
 
     mc = sample_arch(net, tokens, args.width, n_networks=args.samples, seed=args.seed, progress=True)
     worst = [float(np.abs(z).max()) for z in mc.nngp_z(theory)]
@@ -81,21 +82,38 @@ def main() -> None:
     print("agreement within 5 sigma" if verdict else "DISAGREEMENT beyond 5 sigma")
 
     if args.out is not None:
-        from matplotlib.figure import Figure
+        from matplotlib.ticker import MaxNLocator
+
+        from derive.core.figures import (
+            InlineFigure,
+            error_bars,
+            reference_line,
+            save_figure,
+            series_style,
+            style_axis,
+        )
 
         est = np.array([np.mean(np.diagonal(m.mean)) for m in mc.nngp])
         err = np.array([np.sqrt(np.sum(np.diagonal(m.mean_stderr) ** 2)) / 10 for m in mc.nngp])
-        fig = Figure(figsize=(6, 4))
-        ax = fig.add_subplot()
-        ax.plot(depth, diagonal, "-", label="theory (infinite width)")
-        ax.plot(depth, intercept + slope * depth, ":", label=f"a + b l, b = {slope:.3f}")
-        ax.errorbar(depth, est, yerr=err, fmt="o", ms=3, capsize=2, label=f"sampled, width {args.width}")
-        ax.set_xlabel("block l")
-        ax.set_ylabel("mean diagonal kernel of the residual stream")
-        ax.set_title("pre-LN transformer: linear growth")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(args.out)
+        fig = InlineFigure(figsize=(12, 5.0), layout="constrained")
+        ax, dev = fig.subplots(1, 2)
+        ax.plot(depth, diagonal, label="theory (infinite width)", **series_style(0, marker=False))
+        ax.plot(depth, intercept + slope * depth, label=rf"linear fit $a + b\,\ell$, $b = {slope:.3f}$ per block",
+                **series_style(2, marker=False))
+        sampled = rf"{args.samples} sampled networks, width $n = {args.width}$ ($\pm 1$ s.e.)"
+        error_bars(ax, depth, est, err, 1, label=sampled, markersize=4.5)
+        error_bars(dev, depth, est - diagonal, err, 1, label=sampled, markersize=4.5)
+        reference_line(dev, y=0.0, label="theory")
+        for a in (ax, dev):
+            a.xaxis.set_major_locator(MaxNLocator(integer=True))
+        block = r"block $\ell$ (0: the embedding)"
+        style_axis(ax, block, r"mean diagonal kernel $\bar K^{(\ell)}$ of the residual stream",
+                   "theory and Monte Carlo", legend_loc="upper left")
+        style_axis(dev, block, r"$\bar K^{(\ell)}_{\mathrm{MC}} - \bar K^{(\ell)}_{\mathrm{theory}}$",
+                   "Monte Carlo $-$ theory (includes the $O(\\ell/n)$ correction)", legend=True)
+        fig.suptitle(f"{net.name}: linear growth of the kernel; {args.blocks} blocks, 2 sequences of 5 tokens",
+                     fontsize=11)
+        save_figure(fig, args.out, dpi=120)
         print(f"wrote {args.out}")
     raise SystemExit(0 if verdict else 1)
 

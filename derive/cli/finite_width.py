@@ -114,7 +114,7 @@ def finite_width(
     if out is not None:
         from derive.plots import finite_width_plot
 
-        write_atomic(out, lambda tmp: finite_width_plot(rep, tmp))
+        write_atomic(out, lambda tmp: finite_width_plot(rep, tmp, C_W=cw, C_b=cb))
     if fmt is Format.json:
         typer.echo(json.dumps(rep, default=json_number))
         return

@@ -29,7 +29,8 @@ dz_{i;a,p}/dtheta_mu dz_{i;b,q}/dtheta_mu over the first k = ``ntk_outputs`` out
 channel has the same law, so the mean over networks is unbiased for any k), with lambda_mu =
 lambda_W / fan_in for weights and lambda_b for biases (Neural Tangents' NTK parametrisation when
 lambda = C); the tied query/key weights use lambda = 1 / n_in (their contribution vanishes at
-infinite width), independent ones lambda_Q / n_in and lambda_K / n_in. Gradients come from one vector-Jacobian product per (input, position, channel).
+infinite width), independent ones lambda_Q / n_in and lambda_K / n_in. Gradients come from one
+vector-Jacobian product per (input, position, channel).
 
 Network k draws its parameters from ``fold_in(key(seed), k)``; networks are computed in chunks
 (``lax.map`` over the networks of a chunk, so every network runs the same single-network program),
@@ -445,28 +446,49 @@ class ArchValidation:
                 "z_max": self.z_max, "passed": self.passed, "results": self.results}
 
     def plot(self, path=None) -> Figure:
-        """Mean diagonal kernel K[(a,p),(a,p)] of every recorded output: theory and Monte Carlo.
-        Returns the matplotlib Figure (made without pyplot), saved to ``path`` (.png, .pdf, .svg)
-        when given."""
-        from derive.core.figures import InlineFigure, save_figure
+        """Mean diagonal kernel K[(a,p),(a,p)] of every recorded output. Left: theory (infinite width)
+        and Monte Carlo with +-1 standard-error bars; right: Monte Carlo minus theory, zero being the
+        theory. Returns the matplotlib Figure (made without pyplot), saved to ``path`` (.png, .pdf,
+        .svg) when given."""
+        from matplotlib.ticker import MaxNLocator
+
+        from derive.core.figures import (
+            InlineFigure,
+            error_bars,
+            reference_line,
+            save_figure,
+            series_style,
+            style_axis,
+        )
 
         x = np.arange(1, len(self.theory.nngp) + 1)
-        theory = [float(np.mean(np.diagonal(np.asarray(k).reshape(m.mean.shape))))
-                  for k, m in zip(self.theory.nngp, self.mc.nngp)]
-        est = [float(np.mean(np.diagonal(m.mean))) for m in self.mc.nngp]
-        err = [float(np.sqrt(np.sum(np.diagonal(m.mean_stderr) ** 2)) / len(np.diagonal(m.mean)))
-               for m in self.mc.nngp]
-        fig = InlineFigure(figsize=(6.4, 4.0))
-        ax = fig.add_subplot()
-        ax.plot(x, theory, "-", label="theory (infinite width)")
-        ax.errorbar(x, est, yerr=err, fmt="o", ms=3, capsize=2, label=f"Monte Carlo, width {self.widths[0]}")
-        ax.set_xlabel("recorded output (layer or block)")
-        ax.set_ylabel("mean diagonal kernel")
-        ax.set_title(self.name or "architecture")
-        ax.legend()
-        fig.tight_layout()
+        theory = np.array([float(np.mean(np.diagonal(np.asarray(k).reshape(m.mean.shape))))
+                           for k, m in zip(self.theory.nngp, self.mc.nngp)])
+        est = np.array([float(np.mean(np.diagonal(m.mean))) for m in self.mc.nngp])
+        err = np.array([float(np.sqrt(np.sum(np.diagonal(m.mean_stderr) ** 2)) / len(np.diagonal(m.mean)))
+                        for m in self.mc.nngp])
+        fig = InlineFigure(figsize=(11.5, 4.6), layout="constrained")
+        left, right = fig.subplots(1, 2)
+        width = self.widths[0]
+        left.plot(x, theory, label="theory (infinite width)", zorder=2, **series_style(0, marker=False))
+        error_bars(left, x, est, err, 1, label=f"Monte Carlo, width $n = {width}$ ($\\pm 1$ s.e.)")
+        error_bars(right, x, est - theory, err, 1, label=f"Monte Carlo $-$ theory, width $n = {width}$ "
+                                                          f"($\\pm 1$ s.e.)")
+        reference_line(right, y=0.0, label="theory")
+        for ax in (left, right):
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+            ax.set_xlim(x[0] - 0.6, x[-1] + 0.6)
+        xlabel = "recorded output (top-level layer or repeated block)"
+        style_axis(left, xlabel, r"mean diagonal kernel $\bar{K} = \mathrm{mean}_a\, K_{aa}$",
+                   "kernel: theory and Monte Carlo", legend=True)
+        style_axis(right, xlabel, r"$\bar{K}_{\mathrm{MC}} - \bar{K}_{\mathrm{theory}}$",
+                   "kernel: Monte Carlo $-$ theory", legend=True)
+        fig.suptitle(f"{self.name or 'architecture'}: {self.samples} sampled networks of width $n = {width}$ "
+                     f"against the infinite-width theory\n(estimates at one width include the $O(1/n)$ "
+                     f"correction; the outputs share their networks, so their errors are correlated)",
+                     fontsize=10)
         if path is not None:
-            save_figure(fig, path)
+            save_figure(fig, path, dpi=120)
         return fig
 
 

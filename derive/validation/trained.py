@@ -19,7 +19,7 @@ that a check without power shows as one.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -66,6 +66,9 @@ class TrainedValidation:
     mode: str
     z_max: float
     final_loss: dict
+    #: The network, for the figure's title: activation, depth, C_W, C_b (set by
+    #: :func:`validate_trained_dense`; not part of :meth:`to_dict`).
+    network: tuple = ()
 
     @property
     def passed(self) -> bool:
@@ -114,35 +117,57 @@ class TrainedValidation:
         for the first ``points`` test points (output 0) at one checkpoint (default: the one with the
         largest |z|): estimates with error bars, the fit a + b/n, zero = the prediction. Returns the
         matplotlib Figure (made without pyplot); saved to ``out`` (.png, .pdf, .svg) when given."""
-        from derive.core.figures import InlineFigure, save_figure
+        from matplotlib.lines import Line2D
+
+        from derive.core.figures import (
+            InlineFigure,
+            error_bars,
+            reference_line,
+            save_figure,
+            series_style,
+            setting,
+            style_axis,
+        )
 
         step = self.worst.step if step is None else step
-        fig = InlineFigure(figsize=(9, 4), layout="constrained")
+        fig = InlineFigure(figsize=(11, 5.2), layout="constrained")
         axes = fig.subplots(1, 2)
-        colours = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9"]
         inv = 1.0 / np.asarray(self.widths, dtype=float)
         grid = np.linspace(0.0, inv.max() * 1.05, 50)
         for ax, quantity in zip(axes, QUANTITIES):
             rows = [r for r in self.rows if r.quantity == quantity and r.step == step and r.output == 0][:points]
-            ax.axhline(0.0, color="black", lw=1, ls="--", label=f"infinite-width prediction ({self.mode})")
-            for k, (colour, r) in enumerate(zip(colours, rows)):
-                dodge = (k - (len(rows) - 1) / 2) * 0.008 * inv.max()  # side by side, not on top
-                ax.errorbar(inv + dodge, np.asarray(r.estimates) - r.theory, yerr=r.stderrs, fmt="o",
-                            color=colour, capsize=3, ms=4, label=f"test point {r.point}: z = {r.z:.1f}")
-                ax.errorbar([dodge], [r.intercept - r.theory], yerr=[r.intercept_stderr], fmt="s", mfc="white",
-                            color=colour, capsize=3, ms=5)
-                ax.plot(grid, r.intercept - r.theory + r.slope * grid, "-", color=colour, lw=1)
-            ax.set_xlabel(r"$1/n$ (inverse hidden width)")
-            symbol = r"$\mathbb{E}[f(x)]$" if quantity == "mean" else r"$\mathrm{Var}[f(x)]$"
-            ax.set_ylabel(f"ensemble {quantity} {symbol} minus prediction")
-            ax.set_xlim(left=-0.03 * inv.max())
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=7, loc="best")
+            for k, r in enumerate(rows):
+                dodge = (k - (len(rows) - 1) / 2) * 0.012 * inv.max()  # side by side, not on top
+                error_bars(ax, inv + dodge, np.asarray(r.estimates) - r.theory, r.stderrs, k,
+                           label=f"test point {r.point}: $z = {r.z:.1f}$")
+                error_bars(ax, [dodge], [r.intercept - r.theory], [r.intercept_stderr], k, hollow=True, marker="D",
+                           markersize=6.5)
+                style = series_style(k, marker=False)
+                ax.plot(grid, r.intercept - r.theory + r.slope * grid, color=style["color"],
+                        linestyle=style["linestyle"], lw=1.2, zorder=2)
+            handles = ax.get_legend_handles_labels()[0]
+            handles += [Line2D([], [], color="#4D4D4D", lw=1.2, label=r"lines: weighted fits $a + b/n$"),
+                        Line2D([], [], ls="", marker="D", mfc="white", mec="#4D4D4D", ms=6.5,
+                               label=r"fitted intercept $a$ at $1/n = 0$ ($\pm 1$ s.e.)"),
+                        reference_line(ax, y=0.0, label=f"infinite-width prediction ({self.mode})")]
+            ticks = [0.0, *sorted(inv)]
+            ax.set_xticks(ticks, labels=["0"] + [f"1/{n}" for n in sorted(self.widths, reverse=True)])
+            ax.set_xlim(-0.06 * inv.max(), inv.max() * 1.06)
+            symbol = r"\mathbb{E}[f(x)]" if quantity == "mean" else r"\mathrm{Var}[f(x)]"
+            style_axis(ax, r"inverse hidden width $1/n$", rf"${symbol}_{{\,n}} - {symbol}_{{\,\infty}}$",
+                       f"ensemble {quantity} minus the prediction, after {step} steps", legend=False)
+            ax.legend(handles=handles, fontsize=7.5, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.14),
+                      framealpha=1.0, edgecolor="#BFBFBF")
         verdict = "agree" if self.passed else "DISAGREE"
-        fig.suptitle(f"Trained ensembles after {step} steps ({self.n_networks} networks per width): theory and "
-                     f"sampling {verdict} (max |z| = {abs(self.worst.z):.2f} at step {self.worst.step})\n"
-                     f"lines: fits a + b/n; squares at 1/n = 0: the fitted intercepts with their errors",
-                     fontsize=9)
+        network = dict(self.network)
+        title = ", ".join(t for t in (setting(C_W=network.get("C_W"), C_b=network.get("C_b")),
+                                      f"depth $L = {network['depth']}$" if "depth" in network else "") if t)
+        name = f"{network['activation']} network" + (f": {title}" if title else "") if "activation" in network \
+            else "Trained ensembles"
+        fig.suptitle(f"{name}; widths $n = {', '.join(map(str, self.widths))}$, {self.n_networks} networks per "
+                     f"width, learning rate {self.learning_rate:g}\n"
+                     f"trained ensembles and the infinite-width prediction {verdict} (largest $|z| = "
+                     f"{abs(self.worst.z):.2f}$ at step {self.worst.step})", fontsize=10)
         if out is not None:
             save_figure(fig, out, dpi=150)
         return fig
@@ -216,7 +241,9 @@ def validate_trained_dense(activation, x_train, y_train, x_test, depth: int, C_W
         ensembles.append(train_ensemble(sigma, x_train, y2, x_test, depth, w, C_W, C_b, lambda_W, lambda_b,
                                         steps=steps, learning_rate=learning_rate, n_networks=n_networks,
                                         seed=seed + 7919 * w, progress=progress is True))
-    return compare(ensembles, theory, mode=mode, z_max=z_max, learning_rate=learning_rate)
+    result = compare(ensembles, theory, mode=mode, z_max=z_max, learning_rate=learning_rate)
+    name = getattr(activation, "name", str(activation))
+    return replace(result, network=(("activation", name), ("depth", int(depth)), ("C_W", C_W), ("C_b", C_b)))
 
 
 __all__ = ["QUANTITIES", "TrainedRow", "TrainedValidation", "compare", "validate_trained_dense"]

@@ -384,18 +384,35 @@ def _extrapolate(rows: list[dict], widths: tuple[int, ...], order: int) -> list[
 # Figure
 
 
+#: Symbol (mathtext, without $) and description of each built-in quantity in the figure.
+_SYMBOLS = {"K": ("K", r"kernel $K^{(\ell)}_{ab}$"), "Theta": (r"\Theta", r"output NTK $\Theta^{(L)}_{ab}$"),
+            "V": ("V", r"four-point vertex $V^{(\ell)}$"), "G1": (r"G^{\{1\}}", r"NLO kernel $G^{\{1\}(\ell)}$"),
+            "Theta_var": (r"n\,\mathrm{Var}\,\Theta", r"NTK fluctuation $n\,\mathrm{Var}(\Theta^{(L)})$"),
+            "dNTK_P": ("P", r"dNTK correlation $P^{(\ell)}$"), "dNTK_Q": ("Q", r"dNTK correlation $Q^{(\ell)}$")}
+
+
+def _symbol(quantity: str) -> tuple[str, str]:
+    """(symbol, description) of ``quantity`` for labels; a registered quantity goes by its name."""
+    return _SYMBOLS.get(quantity, (r"\mathrm{" + quantity.replace("_", r"\_") + "}", quantity))
+
+
 def _entry_label(entry) -> str:
-    return "x" + ",x".join(str(a) for a in entry)
+    return "$(" + ", ".join(f"x_{a}" for a in entry) + ")$" if len(entry) > 1 else f"$x_{entry[0]}$"
+
+
+def _y_label(quantity: str, deviation: bool) -> str:
+    s = _symbol(quantity)[0]
+    return rf"${s}_{{\mathrm{{MC}}}} - {s}_{{\mathrm{{theory}}}}$" if deviation else rf"${s}$ (Monte Carlo)"
 
 
 def plot_validation(report: ValidationReport, out: str | None = None) -> Figure:
-    """Theory (lines) and Monte Carlo estimates (error bars, +-1 stderr) against depth, one panel per
-    quantity; with several widths also against 1/n at the last reported layer, with the weighted fit
-    a + b/n and the theory at 1/n = 0. Returns the matplotlib Figure (made without pyplot), saved to
-    ``out`` (.png, .pdf, .svg) when given."""
-    from matplotlib.lines import Line2D
-
-    from derive.core.figures import InlineFigure, save_figure
+    """One row of panels per quantity. Left: Monte Carlo minus theory at every reported layer, for
+    every input or input pair (colours) and width (markers), with +-1 standard-error bars, zero being
+    the theory; with several widths, right: the same at the last reported layer against 1/n, with the
+    weighted fit a + b/n and its intercept at 1/n = 0 (the value checked). A quantity without a theory
+    shows its estimates instead. Returns the matplotlib Figure (made without pyplot), saved to ``out``
+    (.png, .pdf, .svg) when given."""
+    from derive.core.figures import InlineFigure, save_figure, setting
 
     by_quantity: dict[str, list[dict]] = {}
     for r in report.results:
@@ -403,63 +420,121 @@ def plot_validation(report: ValidationReport, out: str | None = None) -> Figure:
     several = len(report.widths) > 1
     ncols = 2 if several else 1
     nrows = max(1, len(by_quantity))
-    fig = InlineFigure(figsize=(6.2 * ncols, 3.6 * nrows))
+    fig = InlineFigure(figsize=(6.6 * ncols if several else 8.0, 4.6 * nrows + 0.9), layout="constrained")
     axes = fig.subplots(nrows, ncols, squeeze=False)
-    offsets = np.linspace(-0.15, 0.15, len(report.widths)) if several else [0.0]
-    markers = "osD^v<>p*h"
     for row_axes, (quantity, rows) in zip(axes, by_quantity.items()):
-        ax = row_axes[0]
-        handles = []
-        for k, entry in enumerate(sorted({tuple(r["inputs"]) for r in rows})):
-            color = f"C{k % 10}"
-            mine = [r for r in rows if tuple(r["inputs"]) == entry]
-            theory = sorted({(r["layer"], r["theory"]) for r in mine if r["theory"] is not None})
-            if theory:
-                ax.plot([t[0] for t in theory], [t[1] for t in theory], "-", marker="_", ms=16, color=color,
-                        lw=1)
-            for j, n in enumerate(report.widths):
-                pts = [r for r in mine if r["width"] == n]
-                ax.errorbar([r["layer"] + offsets[j] for r in pts], [r["estimate"] for r in pts],
-                            yerr=[r["stderr"] for r in pts], fmt=markers[j % len(markers)], color=color,
-                            ms=4, capsize=2)
-            handles.append(Line2D([], [], color=color, label=_entry_label(entry)))
-        handles += [Line2D([], [], ls="", marker=markers[j % len(markers)], color="0.3", label=f"n = {n}")
-                    for j, n in enumerate(report.widths)]
-        ax.set_xlabel(r"layer $\ell$")
-        layers = sorted({r["layer"] for r in rows})
-        ax.set_xticks(layers)
-        ax.set_xlim(layers[0] - 0.5, layers[-1] + 0.5)
-        ax.set_title(f"{quantity}: theory (lines), Monte Carlo +- 1 stderr (points)", fontsize=9)
-        ax.legend(handles=handles, fontsize=7, ncol=2)
+        _plot_against_depth(row_axes[0], quantity, rows, report.widths)
         if several:
             _plot_inverse_width(row_axes[1], quantity, rows, report.widths)
-    fig.suptitle(f"{report.activation}: C_W = {report.C_W:g}, C_b = {report.C_b:g}, depth {report.depth}, "
-                 f"{report.samples} networks per width", fontsize=10)
-    fig.tight_layout()
+    widths = ", ".join(map(str, report.widths))
+    fig.suptitle(f"{report.activation} network: {setting(C_W=report.C_W, C_b=report.C_b)}, depth $L = {report.depth}$, "
+                 f"width{'s' if several else ''} $n = {widths}$, {report.samples} sampled networks"
+                 f"{' per width' if several else ''}\n"
+                 r"Monte Carlo estimates with $\pm 1$ standard error, which at a finite width include the "
+                 r"$O(1/n)$ correction" + (r";" "\n" r"the intercept at $1/n = 0$ is what is checked"
+                                           if several else ""), fontsize=10)
     if out is not None:
         save_figure(fig, out, dpi=120)
     return fig
 
 
+#: Markers of the widths (the diamond marks the fitted intercept at 1/n = 0).
+def _width_marker(j: int) -> str:
+    from derive.core.figures import MARKERS
+
+    markers = [m for m in MARKERS if m != "D"]
+    return markers[j % len(markers)]
+
+
+def _legend_below(ax, handles, columns: int) -> None:
+    ax.legend(handles=handles, fontsize=7.5, ncol=columns, loc="upper center", bbox_to_anchor=(0.5, -0.16),
+              framealpha=1.0, edgecolor="#BFBFBF", handlelength=2.4)
+
+
+def _plot_against_depth(ax, quantity: str, rows: list[dict], widths: tuple[int, ...]) -> None:
+    """Monte Carlo minus theory (or the estimates, without a theory) against the layer: a colour per
+    entry, a marker per width, side by side within each layer."""
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import MaxNLocator
+
+    from derive.core.figures import PALETTE, error_bars, reference_line, style_axis
+
+    rows = [r for r in rows if r["width"] != EXTRAPOLATED]
+    entries = sorted({tuple(r["inputs"]) for r in rows})
+    deviation = all(r["theory"] is not None for r in rows)
+    slots = len(entries) * len(widths)
+    spread = min(0.8, 0.1 * (slots - 1))
+    offsets = np.linspace(-spread / 2, spread / 2, slots) if slots > 1 else [0.0]
+    handles = []
+    for k, entry in enumerate(entries):
+        for j, n in enumerate(widths):
+            pts = [r for r in rows if tuple(r["inputs"]) == entry and r["width"] == n]
+            if not pts:
+                continue
+            y = [r["estimate"] - (r["theory"] if deviation else 0.0) for r in pts]
+            error_bars(ax, [r["layer"] + offsets[k * len(widths) + j] for r in pts], y, [r["stderr"] for r in pts],
+                       color=PALETTE[k % len(PALETTE)], marker=_width_marker(j), markersize=5)
+        handles.append(Line2D([], [], color=PALETTE[k % len(PALETTE)], lw=2.5, label=_entry_label(entry)))
+    if len(widths) > 1:
+        handles += [Line2D([], [], ls="", marker=_width_marker(j), color="#4D4D4D", label=f"$n = {n}$")
+                    for j, n in enumerate(widths)]
+    if deviation:
+        handles.append(reference_line(ax, y=0.0, label="theory"))
+    layers = sorted({r["layer"] for r in rows})
+    ax.set_xticks(layers)
+    if len(layers) > 12:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+    ax.set_xlim(layers[0] - 0.5, layers[-1] + 0.5)
+    description = _symbol(quantity)[1]
+    what = r"Monte Carlo $-$ theory" if deviation else "Monte Carlo (no theory)"
+    style_axis(ax, r"layer $\ell$", _y_label(quantity, deviation), f"{description}: {what}", legend=False)
+    _legend_below(ax, handles, 4)
+
+
 def _plot_inverse_width(ax, quantity: str, rows: list[dict], widths: tuple[int, ...]) -> None:
+    """At the last reported layer: Monte Carlo minus theory against 1/n for every entry, the weighted
+    fit a + b/n (lines, one line style per entry) and its intercept a with its error at 1/n = 0 (open
+    diamonds)."""
+    from matplotlib.lines import Line2D
+
+    from derive.core.figures import error_bars, reference_line, series_style, style_axis
+
     layer = max(r["layer"] for r in rows)
     inv = 1.0 / np.asarray(widths, dtype=float)
     grid = np.linspace(0.0, inv.max() * 1.05, 50)
-    for k, entry in enumerate(sorted({tuple(r["inputs"]) for r in rows})):
-        color = f"C{k % 10}"
+    entries = sorted({tuple(r["inputs"]) for r in rows})
+    deviation = all(r["theory"] is not None for r in rows if r["layer"] == layer)
+    handles = []
+    for k, entry in enumerate(entries):
         mine = {r["width"]: r for r in rows if r["layer"] == layer and tuple(r["inputs"]) == entry}
         pts = [mine[n] for n in widths if n in mine]
-        ax.errorbar(1.0 / np.array([r["width"] for r in pts]), [r["estimate"] for r in pts],
-                    yerr=[r["stderr"] for r in pts], fmt="o", color=color, ms=4, capsize=2,
-                    label=_entry_label(entry))
         fit = mine.get(EXTRAPOLATED)
+        theory = next((r["theory"] for r in pts), None) if fit is None else fit["theory"]
+        shift = theory if deviation else 0.0
+        dodge = (k - (len(entries) - 1) / 2) * 0.018 * inv.max()  # side by side, not on top
+        for j, n in enumerate(widths):
+            if n in mine:
+                error_bars(ax, [1.0 / n + dodge], [mine[n]["estimate"] - shift], [mine[n]["stderr"]], k,
+                           marker=_width_marker(j), markersize=5)
+        style = series_style(k, marker=False)
+        label = _entry_label(entry) + (f": theory {theory:.4g}" if theory is not None else "")
+        handles.append(Line2D([], [], color=style["color"], linestyle=style["linestyle"], lw=1.6, label=label))
         if fit is not None:
-            ax.plot(grid, fit["estimate"] + fit["slope"] * grid + fit.get("curvature", 0.0) * grid**2, "--",
-                    color=color, lw=1)
-            ax.errorbar([0.0], [fit["estimate"]], yerr=[fit["stderr"]], fmt="s", mfc="none", color=color,
-                        capsize=2)
-            if fit["theory"] is not None:
-                ax.plot([0.0], [fit["theory"]], "*", color=color, ms=10, mec="k")
-    ax.set_xlabel(r"$1/n$")
-    ax.set_title(f"{quantity} at layer {layer}: fit a + b/n (dashed), theory at 1/n = 0 (star)", fontsize=9)
-    ax.legend(fontsize=7, ncol=2)
+            ax.plot(grid, fit["estimate"] - shift + fit["slope"] * grid + fit.get("curvature", 0.0) * grid**2,
+                    color=style["color"], linestyle=style["linestyle"], lw=1.2, zorder=2)
+            error_bars(ax, [dodge], [fit["estimate"] - shift], [fit["stderr"]], k, hollow=True, marker="D",
+                       markersize=6.5)
+    handles += [Line2D([], [], ls="", marker=_width_marker(j), color="#4D4D4D", label=f"$n = {n}$")
+                for j, n in enumerate(widths)]
+    handles += [Line2D([], [], color="#4D4D4D", lw=1.2, label=r"lines: weighted fits $a + b/n$"),
+                Line2D([], [], ls="", marker="D", mfc="white", mec="#4D4D4D", ms=6.5,
+                       label=r"fitted intercept $a$ at $1/n = 0$")]
+    if deviation:
+        handles.append(reference_line(ax, y=0.0, label="theory"))
+    ticks = [0.0, *sorted(inv)]
+    ax.set_xticks(ticks, labels=["0"] + [f"1/{n}" for n in sorted(widths, reverse=True)])
+    ax.set_xlim(-0.06 * inv.max(), inv.max() * 1.06)
+    what = r"Monte Carlo $-$ theory" if deviation else "Monte Carlo (no theory)"
+    style_axis(ax, r"inverse width $1/n$", _y_label(quantity, deviation),
+               rf"{_symbol(quantity)[1]} at layer $\ell = {layer}$: {what} against $1/n$", legend=False)
+    _legend_below(ax, handles, 3)
