@@ -62,6 +62,12 @@ class GaussianExpectation(sp.Function):
         """Whether the integrand has kinks or jumps (then the kink-aware rules are used)."""
         return is_kinked(self.integrand.expr)
 
+    def _latex(self, printer) -> str:
+        """``\\left\\langle f(z) \\right\\rangle_{K}`` (SymPy's LaTeX printer asks every head that has this
+        method); the quadrature order is the node's numerics, not its meaning, and is left out."""
+        under = ", ".join(printer._print(a) for a in self.covariance_args)
+        return rf"\left\langle {printer._print(self.integrand.expr)} \right\rangle_{{{under}}}"
+
     def numpy_value(self, walk):
         """The node's value with NumPy (:func:`derive.symbolic.numeric.evaluate` asks every head that
         has this method; ``walk`` evaluates a subexpression)."""
