@@ -3,7 +3,7 @@ numbers in tables).
 
 Numbers are written in full (:func:`number`: the shortest decimal that reads back as the same float);
 a long table shows its first and last rows under a line that says so (:func:`markdown_table`), and a
-large matrix its first rows and columns (:func:`matrix_table`): rows are left out, never digits.
+wide matrix its first columns (:func:`matrix_table`): rows and columns are left out, never digits.
 Standard errors and z-scores are statistics and show a few digits (:func:`rounded`). LaTeX goes
 between ``$...$`` in Markdown; no table cell holds a ``|`` inside a formula (it would split the cell).
 
@@ -58,19 +58,6 @@ def rounded(x, digits: int = 3) -> str:
     return "NaN" if math.isnan(f) else f"{f:.{digits}g}"
 
 
-def latex_number(x) -> str:
-    """:func:`number` as LaTeX: ``1.5 \\times 10^{-7}`` for ``1.5e-07``, ``\\infty``."""
-    text = number(x)
-    if text in ("inf", "-inf"):
-        return text.replace("inf", r"\infty")
-    if text == "NaN":
-        return r"\mathrm{NaN}"
-    if "e" in text:
-        mantissa, exponent = text.split("e")
-        return rf"{mantissa} \times 10^{{{int(exponent)}}}"
-    return text
-
-
 def latex_text(text: str) -> str:
     """``text`` as an upright LaTeX name (``\\mathrm{leaky\\_relu}``), its special characters escaped."""
     out = []
@@ -102,8 +89,7 @@ def markdown_text(text) -> str:
 def code(text) -> str:
     """``text`` as inline code (SymPy syntax), safe in a table cell."""
     body = str(text).replace("\n", " ").replace("|", r"\|")
-    fence = "``" if "`" in body else "`"
-    return f"{fence} {body} {fence}" if fence == "``" else f"`{body}`"
+    return f"`` {body} ``" if "`" in body else f"`{body}`"
 
 
 def math_cell(latex: str) -> str:
@@ -135,7 +121,8 @@ def markdown_table(header: list[str], rows: list[list], *, max_rows: int = MAX_R
 
 def matrix_table(matrix, *, corner: str = "", max_rows: int = 2 * MAX_COLUMNS, max_columns: int = MAX_COLUMNS) -> str:
     """A 2-d array as a Markdown table, rows and columns labelled by their (0-based) index; over
-    ``max_columns`` columns only the first are shown, and a line before the table says which."""
+    ``max_columns`` columns only the first are shown and over ``max_rows`` rows the first and last, each
+    under a line that says so."""
     m = np.asarray(matrix)
     if m.ndim != 2:
         m = m.reshape(m.shape[0], -1) if m.ndim else m.reshape(1, 1)
@@ -151,5 +138,5 @@ def upper_entries(n: int) -> list[tuple[int, int]]:
     return [(a, b) for a in range(n) for b in range(a, n)]
 
 
-__all__ = ["MAX_ROWS", "MAX_COLUMNS", "MISSING", "QUANTITY_LATEX", "number", "rounded", "latex_number", "latex_text",
+__all__ = ["MAX_ROWS", "MAX_COLUMNS", "MISSING", "QUANTITY_LATEX", "number", "rounded", "latex_text",
            "markdown_text", "code", "math_cell", "aligned", "markdown_table", "matrix_table", "upper_entries"]
