@@ -16,6 +16,7 @@ from derive.arch.description import Serial, dense_network, load_arch
 from derive.backends.precision import float64
 from derive.core import budget
 from derive.core import symbols as S
+from derive.core.display import markdown_table, matrix_table, rounded, upper_entries
 from derive.core.errors import DeriveError
 from derive.core.inputs import check_hyperparameters, check_inputs
 from derive.kernels.engine import network_gram
@@ -84,12 +85,24 @@ def criticality(spec, params: Mapping[str, str] | Sequence[str] | None = None, *
     return analyse(activation(spec, params, rule_dirs), tol=tol)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class GramResult:
     """NNGP and NTK Gram matrices K^(L), Theta^(L) of a batch (numpy, float64 unless asked)."""
 
     nngp: np.ndarray
     ntk: np.ndarray
+
+    def _shape(self) -> str:
+        return " x ".join(map(str, np.shape(self.nngp)))
+
+    def __repr__(self) -> str:
+        return f"GramResult(NNGP and NTK Gram matrices, {self._shape()}, {np.asarray(self.nngp).dtype})"
+
+    def _repr_markdown_(self) -> str:
+        return "\n".join([
+            f"**Gram matrices** of the network's output, {self._shape()} ({np.asarray(self.nngp).dtype}; "
+            "rows $a$, columns $b$)", "", "NNGP $K^{(L)}_{ab}$:", "", matrix_table(self.nngp, corner="$a$"), "",
+            "NTK $\\Theta^{(L)}_{ab}$:", "", matrix_table(self.ntk, corner="$a$")])
 
 
 @float64
@@ -336,7 +349,7 @@ def emit_code(spec: ActivationLike, params: Mapping[str, str] | Sequence[str] | 
     return to_source({"sigma_sigma": e, "dsigma_dsigma": d}, [S.K11, S.K12, S.K22])
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class MonteCarloCheck:
     """Derived theory against sampled networks: per-layer NNGP and output NTK with z-scores.
 
@@ -356,6 +369,25 @@ class MonteCarloCheck:
 
     def passed(self, z_max: float = 5.0) -> bool:
         return self.max_abs_z < z_max
+
+    def __repr__(self) -> str:
+        L, N = np.shape(self.nngp_z)[:2]
+        return (f"MonteCarloCheck(max |z| = {self.max_abs_z:.2f} over the NNGP of {L} layers and the NTK, {N} inputs; "
+                f"{self.sampled.n_networks} networks of width {self.sampled.widths[1]})")
+
+    def _repr_markdown_(self) -> str:
+        mc = self.sampled
+        L, N = np.shape(self.nngp_z)[:2]
+        rows = [["$K$", l + 1, a, b, self.theory_nngp[l, a, b], mc.nngp_mean[l, a, b], rounded(mc.nngp_stderr[l, a, b]),
+                 rounded(self.nngp_z[l, a, b], 2)] for l in range(L) for a, b in upper_entries(N)]
+        rows += [["$\\Theta$", L, a, b, self.theory_ntk[a, b], mc.ntk_mean[a, b], rounded(mc.ntk_stderr[a, b]),
+                  rounded(self.ntk_z[a, b], 2)] for a, b in upper_entries(N)]
+        verdict = "agrees" if self.passed() else "**disagrees**"
+        return "\n".join([
+            f"**Monte Carlo check**: {mc.n_networks} networks of width {mc.widths[1]} against the infinite-width "
+            f"theory (every layer's NNGP, the output NTK); largest $\\lvert z\\rvert$ = {self.max_abs_z:.2f}: "
+            f"{verdict} within 5 standard errors", "",
+            markdown_table(["", "layer", "$a$", "$b$", "theory", "sampled mean", "±", "z"], rows)])
 
 
 @float64

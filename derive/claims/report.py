@@ -15,6 +15,7 @@ from derive.claims.hints import hint
 from derive.claims.numeric import format_number, numeric_verdict
 from derive.claims.quantities import derivation
 from derive.claims.symbolic import symbolic_verdict
+from derive.core.display import aligned, code, markdown_table, markdown_text, math_cell, number
 from derive.core.errors import DeriveError
 from derive.rules.activations import Activation
 
@@ -24,7 +25,7 @@ from derive.rules.activations import Activation
 _SKIPPED = {"result": "skipped", "detail": "not requested (use --empirical / empirical=True)"}
 
 
-@dataclass
+@dataclass(repr=False)
 class CheckReport:
     """The verdict on one claim, and how each method reached its own."""
 
@@ -80,8 +81,37 @@ class CheckReport:
             lines.append(f"  hint: {self.hint}")
         return "\n".join(lines)
 
+    def _params(self) -> str:
+        return f" ({', '.join(f'{k} = {v}' for k, v in self.params.items())})" if self.params else ""
 
-@dataclass
+    def __repr__(self) -> str:
+        short = f"CheckReport({self.quantity} of {self.activation}: {self.verdict}"
+        with_claim = f"{short}; claim {self.claim})"
+        return with_claim if len(with_claim) <= 120 and "\n" not in self.claim else short + ")"
+
+    def _repr_markdown_(self) -> str:
+        lines = [f"**Check of `{self.quantity}` for {markdown_text(self.activation)}**{markdown_text(self._params())}: "
+                 f"verdict **{self.verdict}**", ""]
+        if self.formula:
+            lines += [code(self.formula), ""]
+        methods = [[name, self.methods[name]["result"], markdown_text(self.methods[name]["detail"])]
+                   for name in ("symbolic", "numeric", "empirical") if name in self.methods]
+        lines += [aligned([rf"\text{{claim}} &= {sp.latex(self.claim_expr)}",
+                           rf"\text{{derivation}} &= {sp.latex(self.derivation)}"]), "",
+                  markdown_table(["method", "result", "detail"], methods)]
+        if self.counterexample:
+            at = ", ".join(f"{markdown_text(k)} = {_cell(v)}" for k, v in self.counterexample.items())
+            values = "" if not self.values else ": " + ", ".join(
+                f"{markdown_text(k)} = {_cell(v)}" for k, v in self.values.items())
+            lines += ["", f"Largest disagreement at {at}{values}"]
+        if self.max_rel_error is not None and self.verdict != "equal":
+            lines += ["", f"Max relative error: {_cell(self.max_rel_error)}"]
+        if self.hint:
+            lines += ["", f"Hint: {markdown_text(self.hint)}"]
+        return "\n".join(lines)
+
+
+@dataclass(repr=False)
 class CheckSet:
     """Several claims (from a claim file) about one activation."""
 
@@ -104,6 +134,32 @@ class CheckSet:
     def to_text(self) -> str:
         body = "\n\n".join(rep.to_text() for rep in self.reports)
         return f"{body}\n\noverall: {self.verdict} ({len(self.reports)} claims)"
+
+    def _counts(self) -> str:
+        counts: dict[str, int] = {}
+        for rep in self.reports:
+            counts[rep.verdict] = counts.get(rep.verdict, 0) + 1
+        return ", ".join(f"{n} {v}" for v, n in counts.items())
+
+    def __repr__(self) -> str:
+        return f"CheckSet({self.activation}: {self.verdict}; {len(self.reports)} claims: {self._counts()})"
+
+    def _repr_markdown_(self) -> str:
+        params = f" ({', '.join(f'{k} = {v}' for k, v in self.params.items())})" if self.params else ""
+        rows = [[code(rep.quantity), math_cell(sp.latex(rep.claim_expr)), math_cell(sp.latex(rep.derivation)),
+                 f"**{rep.verdict}**" if rep.verdict != "equal" else rep.verdict,
+                 markdown_text(rep.hint or "")] for rep in self.reports]
+        return "\n".join([
+            f"**{len(self.reports)} claims about {markdown_text(self.activation)}**{markdown_text(params)}: "
+            f"overall **{self.verdict}** ({self._counts()})", "",
+            markdown_table(["quantity", "claim", "derivation", "verdict", "hint"], rows)])
+
+
+def _cell(v) -> str:
+    """A counterexample's coordinate or value: floats in full, mpmath numbers at their precision."""
+    if isinstance(v, (mpmath.mpf, mpmath.mpc)):
+        return format_number(v)
+    return number(v) if isinstance(v, (int, float, np.number)) else markdown_text(v)
 
 
 def _short(v) -> str:

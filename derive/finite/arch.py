@@ -124,6 +124,33 @@ class ArchFiniteWidth:
                         for k, v in self.normalised().items()})
         return out
 
+    def __repr__(self) -> str:
+        name = f"{self.name}: " if self.name else ""
+        width = f"width {self.width}" if self.width is not None else "V and G1 per 1/n"
+        out = "" if not self.labels or self.values["K"][-1] is None else (
+            f"; output K = {self.values['K'][-1]:.10g}, V = {self.values['V'][-1]:.10g}")
+        return f"ArchFiniteWidth({name}{len(self.labels)} outputs, {width}{out})"
+
+    def _repr_markdown_(self) -> str:
+        from derive.core.display import MISSING, QUANTITY_LATEX, markdown_table, markdown_text
+
+        quantities = [q for q in QUANTITIES if q in self.values]
+        norm = {} if self.width is None else self.normalised()
+        extra = [] if self.width is None else [
+            ("$V/(nK^2)$", "V_over_nK2"), ("$G^{\\{1\\}}/(nK)$", "G1_over_nK"),
+            ("$\\mathrm{Var}\\,\\hat\\Theta/\\Theta^2$", "varH_over_Theta2")]
+        rows = [[markdown_text(label), *(self.values[q][i] for q in quantities),
+                 *(norm[k][i] if np.isfinite(norm[k][i]) else MISSING for _, k in extra)]
+                for i, label in enumerate(self.labels)]
+        head = (f"**Finite-width corrections** of {markdown_text(self.name) or 'an architecture'}: one input, "
+                + (f"width {self.width}" if self.width is not None else "$V$, $G^{\\{1\\}}$ and the NTK's "
+                   "fluctuations as coefficients of 1/n") + "; $K$, $V$, $G^{\\{1\\}}$ at Gaussian points, "
+                "$\\Theta$ at infinite width, $\\mathrm{Var}\\,\\hat\\Theta = (A + 2B)/n$, $P, Q$ the dNTK's")
+        return "\n".join([head, "", markdown_table(
+            ["output", *(f"${QUANTITY_LATEX.get(q, q)}$" for q in quantities), *(label for label, _ in extra)], rows),
+            "", f"{MISSING}: the output of an activation or LayerNorm is not a Gaussian point (its statistics "
+            "enter the next dense layer), or the quantity is not carried there."])
+
 
 _NTK_SYMBOLS = tuple(S.BY_NAME[q] for q in FW_NTK_QUANTITIES)
 

@@ -14,6 +14,7 @@ import numpy as np
 import sympy as sp
 
 from derive.core import symbols as S
+from derive.core.display import markdown_table, upper_entries
 from derive.core.errors import DeriveError
 from derive.finite.moments import (
     MomentRule,
@@ -197,7 +198,7 @@ def channel_means(terms: BatchTerms, K: np.ndarray, V: np.ndarray, G: np.ndarray
     return ChannelMeans(two, cov, bias, table)
 
 
-@dataclass
+@dataclass(repr=False)
 class BatchProfile:
     """Per-layer tensors (index 0 = layer 1): K (L, N, N), V (L, N, N, N, N), G1 (L, N, N), and how
     four-point functions on three or four distinct inputs were computed (:func:`describe_rules`)."""
@@ -206,6 +207,30 @@ class BatchProfile:
     V: np.ndarray
     G1: np.ndarray
     quadrature: dict = field(default_factory=dict)
+
+    def _rule(self) -> str:
+        q = self.quadrature
+        if not q:
+            return ""
+        orders = ", ".join(map(str, q.get("orders", [])))
+        return f"{q.get('rule', '')} rule" + (f", orders {orders}" if orders else "")
+
+    def __repr__(self) -> str:
+        L, N = np.shape(self.K)[:2]
+        rule = f"; {self._rule()}" if self.quadrature else ""
+        return f"BatchProfile({L} layers, {N} inputs: K, G1 ({L}, {N}, {N}), V ({L}, {N}, {N}, {N}, {N}){rule})"
+
+    def _repr_markdown_(self) -> str:
+        L, N = np.shape(self.K)[:2]
+        rows = [[l + 1, a, b, self.K[l, a, b], self.G1[l, a, b], self.V[l, a, b, a, b], self.V[l, a, a, b, b]]
+                for l in range(L) for a, b in upper_entries(N)]
+        rule = f" Four-point functions of three or four inputs: {self._rule()}." if self.quadrature else ""
+        return "\n".join([
+            f"**Finite-width corrections of a batch**: {N} inputs, {L} layers (PDLT eqs. 4.90, 4.115); "
+            "$G^{\\{1\\}}_{ab}$ and $V_{(a_1a_2)(a_3a_4)}$ as coefficients of 1/n, two of $V$'s entries per pair "
+            f"shown (`V` holds all {N**4} per layer).{rule}", "",
+            markdown_table(["layer", "$a$", "$b$", "$K_{ab}$", "$G^{\\{1\\}}_{ab}$", "$V_{(ab)(ab)}$",
+                            "$V_{(aa)(bb)}$"], rows)])
 
 
 def batch_moment_rules(activation: Activation, s2: sp.Expr, k1: np.ndarray, depth: int, C_W: float,

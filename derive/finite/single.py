@@ -57,6 +57,7 @@ import sympy as sp
 
 from derive.core import budget
 from derive.core import symbols as S
+from derive.core.display import QUANTITY_LATEX, aligned, markdown_table, markdown_text
 from derive.core.errors import DeriveError
 from derive.finite.collective import activation_table, dense_after_activation, ntk_maps
 from derive.rules.activations import Activation
@@ -159,13 +160,14 @@ def _layer_setup(depth, C_W, C_b, lambda_W, lambda_b, k1, widths, input_norm):
     return cw, cb, lw, lb, n, input_norm
 
 
-@dataclass
+@dataclass(repr=False)
 class FiniteWidthProfile:
-    """Per-layer values, index 0 = layer 1, plus normalised fluctuations."""
+    """Per-layer values, index 0 = layer 1, plus normalised fluctuations; ``activation`` names sigma."""
 
     values: dict
     widths: np.ndarray  # n_1..n_L
     closed_form: dict = field(default_factory=dict)
+    activation: str = ""
 
     def normalised(self) -> dict:
         """V/(n_{l-1} K^2), G1/(n_{l-1} K), Var(H)/Theta^2 = (A + 2B)/(n_{l-1} Theta^2) and the dNTK's
@@ -178,6 +180,55 @@ class FiniteWidthProfile:
             return {"V_over_nK2": V / (n_prev * K**2), "G1_over_nK": G1 / (n_prev * K),
                     "varH_over_Theta2": (A + 2 * B) / (n_prev * Th**2),
                     "dH_over_nTheta2": (P + 2 * Q) / (n_prev * Th**2), "l_over_n": np.arange(1, len(K) + 1) / n_prev}
+
+    @property
+    def depth(self) -> int:
+        return len(self.values["K"])
+
+    def _uniform(self) -> bool:
+        return bool(np.all(self.widths == 1.0))
+
+    def __repr__(self) -> str:
+        name = f"{self.activation}, " if self.activation else ""
+        widths = "quantities per 1/n" if self._uniform() else f"widths {_widths_text(self.widths)}"
+        return (f"FiniteWidthProfile({name}{self.depth} layers, {widths}: "
+                f"{', '.join(q for q in QUANTITIES if q in self.values)})")
+
+    def _repr_markdown_(self) -> str:
+        per_n = self._uniform()
+        norm = {} if per_n else self.normalised()
+        layers = range(self.depth)
+        head = (f"**Finite-width corrections** of {markdown_text(self.activation) or 'a dense network'}, {self.depth} layers, "
+                + ("widths not given: every 1/n quantity is shown as its coefficient" if per_n
+                   else f"widths $n_1, \\dots, n_L$ = {_widths_text(self.widths)}") + " (PDLT ch. 4, 8, 11)")
+        legend = ("With $n = n_{\\ell-1}$: $\\mathbb{E}[z_i z_i] = K + G^{\\{1\\}}/n$, $V$ the four-point vertex "
+                  "(the connected four-point function is of order $V/n$), $\\mathbb{E}[\\hat\\Theta] = \\Theta$ at "
+                  "infinite width, $A, B, D, F$ the NTK's fluctuations ($\\mathrm{Var}\\,\\hat\\Theta = (A + 2B)/n$) "
+                  "and $P, Q$ the dNTK's.")
+
+        def table(quantities, extra):
+            header = ["$\\ell$", *(f"${QUANTITY_LATEX[q]}$" for q in quantities), *(label for label, _ in extra)]
+            rows = [[i + 1, *(self.values[q][i] for q in quantities), *(norm[k][i] for _, k in extra)]
+                    for i in layers]
+            return markdown_table(header, rows)
+
+        kernel_extra = [] if per_n else [("$V/(nK^2)$", "V_over_nK2"), ("$G^{\\{1\\}}/(nK)$", "G1_over_nK")]
+        ntk_extra = [] if per_n else [("$\\mathrm{Var}\\,\\hat\\Theta/\\Theta^2$", "varH_over_Theta2"),
+                                      ("$(P + 2Q)/(n\\Theta^2)$", "dH_over_nTheta2")]
+        lines = [head, "", legend, "", table([q for q in ("K", "G1", "V") if q in self.values], kernel_extra), "",
+                 table([q for q in ("Theta", "A", "B", "D", "F", "P", "Q") if q in self.values], ntk_extra)]
+        if self.closed_form:
+            lines += ["", "Closed forms in the depth $\\ell$:", "",
+                      aligned([f"{QUANTITY_LATEX.get(q, q)}^{{(\\ell)}} &= {sp.latex(e)}"
+                               for q, e in self.closed_form.items()])]
+        return "\n".join(lines)
+
+
+def _widths_text(widths) -> str:
+    w = np.asarray(widths, dtype=float)
+    if w.size and np.all(w == w[0]):
+        return f"{w[0]:g} (uniform)"
+    return "[" + ", ".join(f"{x:g}" for x in w) + "]"
 
 
 def iterate(maps: FiniteWidthMaps, depth: int, C_W, C_b, lambda_W=None, lambda_b=None, *, k1: float | None = None,
@@ -199,7 +250,8 @@ def iterate(maps: FiniteWidthMaps, depth: int, C_W, C_b, lambda_W=None, lambda_b
     net = dense_network(maps.activation, int(depth), cw, cb, lw, lb, None if widths is None else n)
     with np.errstate(all="ignore"):
         fw = arch_finite_width(net, input_norm=float(input_norm), tol=maps.tol)
-    return FiniteWidthProfile({q: np.array(fw.values[q], dtype=float) for q in QUANTITIES}, n)
+    return FiniteWidthProfile({q: np.array(fw.values[q], dtype=float) for q in QUANTITIES}, n,
+                              activation=maps.activation.name)
 
 
 def _solve_first_order(c: sp.Expr, g: sp.Expr, f1, l: sp.Symbol) -> sp.Expr | None:

@@ -69,6 +69,7 @@ import sympy as sp
 from derive.arch.description import Layer, Repeat, Serial, check_derivable
 from derive.backends.precision import float64
 from derive.core import budget
+from derive.core.display import MISSING, markdown_table, markdown_text, matrix_table
 from derive.core.errors import DeriveError
 from derive.core.inputs import check_arch_inputs
 from derive.finite.batch import batch_terms, channel_means
@@ -310,7 +311,7 @@ def _spatial_after(ops, N: int, spatial: tuple) -> tuple:
 # Walking an architecture
 
 
-@dataclass
+@dataclass(repr=False)
 class TensorFiniteWidth:
     """Per recorded output (as :func:`derive.kernels.arch.arch_kernels`): K and G1 of shape (M, M) and
     V of shape (M, M, M, M) over the M sites (input, position) flattened, at Gaussian points (None
@@ -329,6 +330,41 @@ class TensorFiniteWidth:
         return {"architecture": self.name, "labels": self.labels, "inputs": self.N,
                 "spatial": [list(s) for s in self.spatial],
                 **{q: [listed(x) for x in v] for q, v in self.values.items()}}
+
+    def _sites(self, i: int) -> int:
+        return self.N * math.prod(self.spatial[i])
+
+    def __repr__(self) -> str:
+        name = f"{self.name}: " if self.name else ""
+        positions = self.spatial[-1] if self.spatial else ()
+        shape = f" x {' x '.join(map(str, positions))} positions" if positions else ""
+        M = self._sites(-1) if self.labels else 0
+        return (f"TensorFiniteWidth({name}{len(self.labels)} outputs, {self.N} inputs{shape}: K, G1 "
+                f"({M}, {M}) and V ({M}, {M}, {M}, {M}) at the output)")
+
+    def _repr_markdown_(self) -> str:
+        rows = []
+        for i, label in enumerate(self.labels):
+            K, V, G = (self.values[q][i] for q in ("K", "V", "G1"))
+            Th = np.asarray(self.values["Theta"][i])
+            theta = float(np.mean(np.diag(Th)))
+            if K is None:
+                rows.append([markdown_text(label), self._sites(i), MISSING, MISSING, MISSING, theta])
+                continue
+            rows.append([markdown_text(label), self._sites(i), float(np.mean(np.diag(K))),
+                         float(np.mean(np.einsum("ssss->s", np.asarray(V)))), float(np.mean(np.diag(G))), theta])
+        positions = self.spatial[-1] if self.spatial else ()
+        where = f"positions {' x '.join(map(str, positions))}" if positions else "no positions"
+        lines = [f"**Finite-width corrections over sites** of {markdown_text(self.name) or 'an architecture'}: {self.N} inputs, "
+                 f"{where} at the output; a site $s$ is an (input, position) pair. Means over the sites of $K_{{ss}}$, "
+                 "$V_{(ss)(ss)}$, $G^{\\{1\\}}_{ss}$ (coefficients of 1/n) and the infinite-width $\\Theta_{ss}$:", "",
+                 markdown_table(["output", "sites", "$K_{ss}$", "$V_{(ss)(ss)}$", "$G^{\\{1\\}}_{ss}$",
+                                 "$\\Theta_{ss}$"], rows),
+                 "", f"{MISSING}: the output of an activation or a pooling of one is not a Gaussian point."]
+        if self.labels and self.values["K"][-1] is not None:
+            lines += ["", "At the output, $K_{st}$:", "", matrix_table(self.values["K"][-1], corner="$s$"), "",
+                      "$G^{\\{1\\}}_{st}$:", "", matrix_table(self.values["G1"][-1], corner="$s$")]
+        return "\n".join(lines)
 
 
 def _flat(net: Serial):

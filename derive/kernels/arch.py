@@ -53,6 +53,7 @@ from derive.backends.precision import float64
 from derive.backends.safe import clamp_covariance, covariance_floor
 from derive.core import budget
 from derive.core import symbols as S
+from derive.core.display import markdown_table, markdown_text, matrix_table
 from derive.core.errors import DeriveError, RuleError
 from derive.core.inputs import check_arch_inputs
 from derive.kernels.direct import _at_correlation
@@ -361,7 +362,7 @@ def _run(inputs, *, net: Serial, profile: bool):
     return [value for _, value in record]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class ArchKernels:
     """Kernel and NTK after every recorded output of an architecture (top-level layers and every
     repetition of a repeat, in order; ``labels`` names them).
@@ -377,6 +378,33 @@ class ArchKernels:
     @property
     def output(self) -> tuple[np.ndarray, np.ndarray]:
         return self.nngp[-1], self.ntk[-1]
+
+    def _inputs(self) -> int:
+        return int(np.shape(self.nngp[-1])[0]) if self.nngp else 0
+
+    def __repr__(self) -> str:
+        positions = self.spatial[-1] if self.spatial else ()
+        where = " x ".join(map(str, positions)) if positions else "none"
+        return (f"ArchKernels(NNGP and NTK of {len(self.labels)} recorded outputs for {self._inputs()} inputs; "
+                f"positions at the output: {where})")
+
+    def _repr_markdown_(self) -> str:
+        rows = []
+        for label, K, T, sp_ in zip(self.labels, self.nngp, self.ntk, self.spatial):
+            M = int(round(np.sqrt(np.size(K))))
+            K2, T2 = np.reshape(K, (M, M)), np.reshape(T, (M, M))
+            rows.append([markdown_text(label), " x ".join(map(str, sp_)) or "—", M, float(np.mean(np.diag(K2))),
+                         float(np.mean(np.diag(T2)))])
+        out = [f"**Infinite-width kernels of an architecture**: {self._inputs()} inputs; a site $s$ is an (input, "
+               "position) pair, positions flattened. Per recorded output, the means over the sites of "
+               "$K_{ss}$ and $\\Theta_{ss}$:", "",
+               markdown_table(["output", "positions", "sites", "$K_{ss}$", "$\\Theta_{ss}$"], rows)]
+        if self.nngp:
+            M = int(round(np.sqrt(np.size(self.nngp[-1]))))
+            K, T = np.reshape(self.nngp[-1], (M, M)), np.reshape(self.ntk[-1], (M, M))
+            out += ["", "At the output, NNGP $K_{st}$:", "", matrix_table(K, corner="$s$"),
+                    "", "NTK $\\Theta_{st}$:", "", matrix_table(T, corner="$s$")]
+        return "\n".join(out)
 
 
 @float64

@@ -59,6 +59,7 @@ from jax.sharding import PartitionSpec as P
 from derive.arch.description import Layer, Repeat, Serial, check_derivable
 from derive.backends.precision import float64
 from derive.core import budget
+from derive.core.display import markdown_table, markdown_text, rounded, upper_entries
 from derive.core.errors import DeriveError
 from derive.core.inputs import check_arch_inputs
 from derive.core.progress import stage
@@ -291,7 +292,7 @@ def _chunk_samples(start, key_data, inputs, *, net, width, ntk, ntk_outputs, chu
     return jax.lax.with_sharding_constraint(samples, NamedSharding(mesh, P()))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class ArchMonteCarlo:
     """Per-entry moments over sampled networks of every recorded kernel and of the output NTK.
 
@@ -316,6 +317,32 @@ class ArchMonteCarlo:
     def ntk_z(self, theory) -> np.ndarray:
         t = np.asarray(theory.ntk[-1]).reshape(self.ntk.mean.shape)
         return z_scores(self.ntk.mean, self.ntk.mean_stderr, t)
+
+    def __repr__(self) -> str:
+        ntk = "" if self.ntk is None else " and the output NTK"
+        return (f"ArchMonteCarlo({self.n_networks} networks of width {self.width}: kernels of {len(self.labels)} "
+                f"outputs{ntk})")
+
+    def _repr_markdown_(self) -> str:
+        rows = []
+        moments = list(zip(self.labels, ["$\\hat K$"] * len(self.labels), self.nngp))
+        if self.ntk is not None:
+            moments.append((self.labels[-1] if self.labels else "output", "$\\hat\\Theta$", self.ntk))
+        for label, what, m in moments:
+            mean, se = _square(m.mean), _square(m.mean_stderr)
+            rows += [[markdown_text(label), what, s, t, mean[s, t], rounded(se[s, t])]
+                     for s, t in upper_entries(mean.shape[0])]
+        return "\n".join([
+            f"**Sampled networks** of an architecture: {self.n_networks} networks of width {self.width} (seed "
+            f"{self.seed}); per entry $(s, t)$ over the sites (input, position), the mean over networks and its "
+            "standard error", "", markdown_table(["output", "", "$s$", "$t$", "mean", "±"], rows)])
+
+
+def _square(a) -> np.ndarray:
+    """An (M, M) view of a kernel of M sites, whatever its stored shape."""
+    a = np.asarray(a)
+    M = int(round(np.sqrt(a.size)))
+    return a.reshape(M, M)
 
 
 def work_estimate(net: Serial, shape: tuple[int, ...], width: int, n_networks: int, *, ntk: bool = True,
@@ -413,7 +440,7 @@ def sample_arch(net: Serial, inputs, width: int, *, n_networks: int = 200, seed:
 # Theory against sampled networks
 
 
-@dataclass
+@dataclass(repr=False)
 class ArchValidation:
     """Theory against Monte Carlo for every kernel entry of every recorded output and the output NTK.
 
@@ -444,6 +471,30 @@ class ArchValidation:
     def as_dict(self) -> dict:
         return {"architecture": self.name, "widths": self.widths, "samples": self.samples, "seed": self.seed,
                 "z_max": self.z_max, "passed": self.passed, "results": self.results}
+
+    def __repr__(self) -> str:
+        name = f"{self.name}: " if self.name else ""
+        verdict = "passed" if self.passed else "FAILED"
+        w = self.worst
+        worst = "" if w is None else f"; worst |z| = {abs(w['z']):.2f}"
+        quantities = ", ".join(dict.fromkeys(r["quantity"] for r in self.results))
+        return (f"ArchValidation({name}{verdict}; {len(self.results)} entries of {quantities}, {self.samples} "
+                f"networks of width {self.widths[0]}{worst})")
+
+    def _repr_markdown_(self) -> str:
+        verdict = "passed" if self.passed else "**failed**"
+        w = self.worst
+        worst = "" if w is None else f"; worst $z$ = {rounded(w['z'], 3)} ({markdown_text(w['quantity'])}, {markdown_text(w['layer'])})"
+        rows = [["$K$" if r["quantity"] == "K" else "$\\Theta$" if r["quantity"] == "Theta" else markdown_text(r["quantity"]),
+                 markdown_text(r["layer"]), _entry_text(r["entry"]), r["theory"], r["estimate"], rounded(r["stderr"]),
+                 rounded(r["z"], 3)] for r in self.results]
+        return "\n".join([
+            f"**Validation of {markdown_text(self.name) or 'an architecture'}** against {self.samples} sampled networks of width "
+            f"{self.widths[0]} (seed {self.seed}): {verdict}, every $\\lvert z\\rvert < {self.z_max:g}$ with "
+            f"$z = (\\text{{estimate}} - \\text{{theory}})/\\text{{stderr}}${worst}. The theory is infinite width: "
+            "the estimates carry an O(1/n) bias.", "",
+            "An entry is ((input $a$, position $p$), (input $b$, position $q$)), positions as flat indices.", "",
+            markdown_table(["quantity", "output", "entry", "theory", "estimate", "±", "z"], rows)])
 
     def plot(self, path=None) -> Figure:
         """Mean diagonal kernel K[(a,p),(a,p)] of every recorded output. Left: theory (infinite width)
@@ -490,6 +541,10 @@ class ArchValidation:
         if path is not None:
             save_figure(fig, path, dpi=120)
         return fig
+
+
+def _entry_text(entry) -> str:
+    return ", ".join("(" + ", ".join(map(str, e)) + ")" if isinstance(e, (list, tuple)) else str(e) for e in entry)
 
 
 @float64

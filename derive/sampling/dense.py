@@ -81,6 +81,7 @@ from jax.sharding import PartitionSpec as P
 
 from derive.backends.precision import float64
 from derive.core import budget
+from derive.core.display import markdown_table, rounded, upper_entries
 from derive.core.errors import DeriveError
 from derive.core.progress import stage
 from derive.sampling.estimators import Moments
@@ -527,7 +528,7 @@ def network_mesh(devices: Sequence | None = None) -> Mesh:
     return Mesh(np.asarray(jax.devices() if devices is None else list(devices)), (NETWORK_AXIS,))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class MonteCarloResult:
     """Per-entry means over sampled networks, their spread, and z-score helpers.
 
@@ -593,6 +594,25 @@ class MonteCarloResult:
     def ntk_z_scores(self, theory) -> np.ndarray:
         """(mean - theory) / stderr for the output-layer NTK, theory of shape (N, N)."""
         return z_scores(self.ntk_mean, self.ntk_stderr, theory)
+
+    def __repr__(self) -> str:
+        L, N = np.shape(self.nngp_mean)[:2]
+        what = "the NNGP" + ("" if self.ntk_mean is None else " and the NTK")
+        return (f"MonteCarloResult({self.n_networks} networks, widths {list(self.widths)}: {what} of {N} inputs "
+                f"through {L} layers)")
+
+    def _repr_markdown_(self) -> str:
+        L, N = np.shape(self.nngp_mean)[:2]
+        se, std = self.nngp_stderr, self.nngp_std
+        rows = [["$\\hat K$", l + 1, a, b, self.nngp_mean[l, a, b], rounded(se[l, a, b]), rounded(std[l, a, b])]
+                for l in range(L) for a, b in upper_entries(N)]
+        if self.ntk_mean is not None:
+            rows += [["$\\hat\\Theta$", L, a, b, self.ntk_mean[a, b], rounded(self.ntk_stderr[a, b]),
+                      rounded(self.ntk_std[a, b])] for a, b in upper_entries(N)]
+        return "\n".join([
+            f"**Sampled networks**: {self.n_networks} networks with widths $n_0, \\dots, n_L$ = {list(self.widths)} "
+            f"(seed {self.seed}); per entry the mean over networks, its standard error and the spread", "",
+            markdown_table(["", "layer", "$a$", "$b$", "mean", "±", "std"], rows)])
 
 
 def z_scores(estimate, stderr, theory) -> np.ndarray:

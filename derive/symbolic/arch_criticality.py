@@ -27,6 +27,7 @@ import sympy as sp
 
 from derive.arch.description import Layer, Repeat, Serial, check_derivable
 from derive.core import symbols as S
+from derive.core.display import markdown_table, markdown_text, number
 from derive.core.errors import DeriveError
 from derive.symbolic.maps import BK, BTheta, layer_maps
 from derive.symbolic.numeric import evaluate
@@ -71,7 +72,7 @@ def _item_map(item, K: float) -> tuple[float, float]:
     return _layer_forward(item, K)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class ArchCriticality:
     """Per recorded output (``labels`` as in :mod:`derive.kernels.arch`): the kernel K after it,
     and chi_par, chi_perp of that item (one repetition of a repeat), evaluated at its input."""
@@ -87,6 +88,24 @@ class ArchCriticality:
         return {"k0": self.k0, "layers": [
             {"label": lab, "K": k, "chi_par": cp, "chi_perp": cq}
             for lab, k, cp, cq in zip(self.labels, self.K, self.chi_par, self.chi_perp)], "notes": self.notes}
+
+    def __repr__(self) -> str:
+        if not self.labels:
+            return f"ArchCriticality(no recorded outputs, K0 = {number(self.k0)})"
+        return (f"ArchCriticality({len(self.labels)} outputs from K0 = {number(self.k0)}; at the output K = "
+                f"{self.K[-1]:.10g}, chi_perp = {self.chi_perp[-1]:.10g})")
+
+    def _repr_markdown_(self) -> str:
+        lines = [f"**Criticality of an architecture**: one input with $K^{{(0)}} = x\\cdot x/d = {number(self.k0)}$; "
+                 "after each recorded output its kernel $K$, and the susceptibilities of that item (one repetition "
+                 "of a repeat) at its input, $\\chi_\\parallel = \\partial K_\\mathrm{out}/\\partial K_\\mathrm{in}$ "
+                 "and $\\chi_\\perp = \\partial \\Theta_\\mathrm{out}/\\partial \\Theta_\\mathrm{in}$", "",
+                 markdown_table(["output", "$K$", "$\\chi_\\parallel$", "$\\chi_\\perp$"],
+                                [[markdown_text(lab), k, cp, cq] for lab, k, cp, cq in
+                                 zip(self.labels, self.K, self.chi_par, self.chi_perp)])]
+        if self.notes:
+            lines += ["", *(f"- {markdown_text(note)}" for note in self.notes)]
+        return "\n".join(lines)
 
 
 def _check_flat(net: Serial) -> None:

@@ -29,6 +29,7 @@ import numpy as np
 import sympy as sp
 
 from derive.core import symbols as S
+from derive.core.display import aligned, markdown_table, markdown_text, number
 from derive.rules.activations import Activation
 from derive.symbolic.expectations import tidy, wick
 from derive.symbolic.maps import activation_maps, ntk_coefficient
@@ -139,7 +140,23 @@ def k0_coefficients(taylor: list[sp.Expr]) -> tuple[sp.Expr, sp.Expr]:
     return sp.simplify(f.coeff(S.K, 2)), sp.simplify(chi.coeff(S.K, 1))
 
 
-@dataclass
+#: LaTeX of the names in :attr:`CriticalityReport.asymptotics` and ``learning_rates``.
+_LATEX = {"K": "K", "chi_par": r"\chi_\parallel", "chi_perp": r"\chi_\perp", "lambda_b": r"\lambda_b",
+          "lambda_W": r"\lambda_W"}
+
+
+def _point_cell(exact, value: float) -> str:
+    """A critical point's coordinate: its exact form in LaTeX and, unless an integer, its value."""
+    if value != value:  # K* of a scale-invariant activation: every K
+        return "any"
+    if exact is None or isinstance(exact, str):
+        return number(value)
+    if isinstance(exact, sp.Integer):
+        return f"${sp.latex(exact)}$"
+    return f"${sp.latex(exact)}$ = {number(value)}"
+
+
+@dataclass(repr=False)
 class CriticalityReport:
     """Everything :func:`analyse` finds; ``as_dict`` gives the documented JSON keys."""
 
@@ -178,6 +195,50 @@ class CriticalityReport:
             out.update(a1=float(self.a1), b1=float(self.b1), p_perp=float(self.p_perp),
                        a1_exact=str(self.a1), b1_exact=str(self.b1), p_perp_exact=str(self.p_perp))
         return out
+
+    def __repr__(self) -> str:
+        if not self.critical_points:
+            return f"CriticalityReport({self.activation.name}: class {self.cls}, no critical initialisation)"
+        p = self.critical_points[0]
+        k_star = "any" if p.K_star != p.K_star else f"{p.K_star:.10g}"
+        more = len(self.critical_points) - 1
+        return (f"CriticalityReport({self.activation.name}: class {self.cls}, critical at C_W = {p.C_W:.10g}, "
+                f"C_b = {p.C_b:.10g}, K* = {k_star}" + (f" (+{more} more)" if more else "") + ")")
+
+    def _repr_markdown_(self) -> str:
+        params = "".join(f", {k} = {v}" for k, v in self.activation.describe_params().items())
+        lines = [f"**Criticality of {markdown_text(self.activation.name)}**{markdown_text(params)}: "
+                 f"$\\sigma(z) = {sp.latex(self.activation.expression)}$, universality class `{self.cls}`"
+                 + ("" if self.maps.closed_form else " (the maps need quadrature)"), ""]
+        if self.reason:
+            lines += [markdown_text(self.reason), ""]
+        if self.critical_points:
+            rows = []
+            for p in self.critical_points:
+                cells = []
+                for key, value in (("C_W", p.C_W), ("C_b", p.C_b), ("K_star", p.K_star)):
+                    cells.append(_point_cell(p.exact.get(key), value))
+                rows.append([*cells, markdown_text(p.stability)])
+            lines += [markdown_table(["$C_W$", "$C_b$", "$K^*$", "stability"], rows), ""]
+        maps = [rf"\chi_\parallel(K) &= {sp.latex(self.maps.chi_par)}",
+                rf"\chi_\perp(K) &= {sp.latex(self.maps.chi_perp)}"]
+        lines += ["Susceptibilities of the single-input map $K \\mapsto C_b + C_W \\langle\\sigma^2\\rangle_K$ "
+                  "(PDLT eqs. 5.9, 5.10):", "", aligned(maps), ""]
+        known = [f"$\\sigma_{p} = {sp.latex(v)}$" for p, v in enumerate(self.taylor) if v is not None]
+        if known:
+            lines += ["Taylor data $\\sigma_p = \\sigma^{(p)}(0)$: " + ", ".join(known), ""]
+        if self.a1 is not None:
+            lines += [f"$a_1 = {sp.latex(self.a1)}$, $b_1 = {sp.latex(self.b1)}$, "
+                      f"$p_\\perp = b_1/a_1 = {sp.latex(self.p_perp)}$", ""]
+        if self.A2 is not None:
+            lines += [f"$A_2 = \\langle\\sigma^2\\rangle_K / K = {sp.latex(self.A2)}$", ""]
+        if self.asymptotics:
+            lines += ["Large depth: " + ", ".join(f"${_LATEX.get(k, k)}^{{(\\ell)}} \\sim {sp.latex(v)}$"
+                                                  for k, v in self.asymptotics.items()), ""]
+        if self.learning_rates:
+            lines += ["Depth-scaled learning rates: " + ", ".join(
+                f"${_LATEX.get(k, k)}^{{(\\ell)}} = {sp.latex(v)}$" for k, v in self.learning_rates.items()), ""]
+        return "\n".join(lines).rstrip()
 
 
 def _numeric(expr: sp.Expr):

@@ -20,13 +20,24 @@ from dataclasses import dataclass, field
 import sympy as sp
 
 from derive.core import symbols as S
+from derive.core.display import aligned, latex_text
 from derive.core.errors import DeriveError
 from derive.rules.activations import Activation
 from derive.symbolic.maps import activation_maps, after_dense, ntk_coefficient
 from derive.symbolic.quadrature import DEFAULT_TOL, GaussianExpectation
 
+#: The derived quantities in order, with their LaTeX (the left-hand sides of :meth:`KernelDerivation.to_latex`).
+LATEX_LABELS = {
+    "expectation": r"\langle \sigma(z_1)\sigma(z_2)\rangle_K",
+    "derivative_expectation": r"\langle \sigma'(z_1)\sigma'(z_2)\rangle_K",
+    "recursion": r"K^{(\ell+1)}_{12}",
+    "ntk_recursion": r"\Theta^{(\ell+1)}_{12}",
+    "single_input": r"K^{(\ell+1)}",
+    "single_input_ntk": r"\Theta^{(\ell+1)}",
+}
 
-@dataclass(frozen=True)
+
+@dataclass(frozen=True, repr=False)
 class KernelDerivation:
     """Everything derived for one activation at infinite width (see module docstring).
 
@@ -82,6 +93,34 @@ class KernelDerivation:
     def numeric(self, expr: sp.Expr) -> sp.Expr:
         """``expr`` with every activation parameter replaced by its value (given or default)."""
         return expr.xreplace(self.activation.defaults)
+
+    def items(self) -> dict[str, sp.Expr]:
+        """The two expectations and the four recursions, by name (the keys of :data:`LATEX_LABELS`)."""
+        return {name: getattr(self, name) for name in LATEX_LABELS}
+
+    def _how(self) -> str:
+        if self.closed_form:
+            return "closed form"
+        orders = sorted({n.order for n in self.nodes()})
+        which = f"order {orders[0]}" if len(orders) == 1 else f"orders {', '.join(map(str, orders))}"
+        return f"quadrature {which}"
+
+    def to_latex(self) -> str:
+        """Paste-ready LaTeX: a comment naming sigma, then an ``align`` block (amsmath) with one line per
+        quantity of :meth:`items` (what ``derive kernel --format latex`` prints)."""
+        lines = [rf"{LATEX_LABELS[k]} &= {sp.latex(v)}" for k, v in self.items().items()]
+        return (rf"% {self.activation.name}: \sigma(z) = {sp.latex(self.activation.expression)}"
+                + "\n\\begin{align}\n" + " \\\\\n".join(lines) + "\n\\end{align}")
+
+    def __repr__(self) -> str:
+        return f"KernelDerivation({self.activation.name}: NNGP and NTK recursions, {self._how()})"
+
+    def _repr_latex_(self) -> str:
+        params = "".join(rf",\ {latex_text(k)} = {latex_text(v)}" for k, v in self.activation.describe_params().items())
+        how = self._how() if self.closed_form else f"{self._how()} points per dimension, tolerance {self.tol:g}"
+        head = (rf"\sigma(z) &= {sp.latex(self.activation.expression)} \quad "
+                rf"\left({latex_text(self.activation.name)}{params};\ \text{{{how}}}\right)")
+        return aligned([head] + [rf"{LATEX_LABELS[k]} &= {sp.latex(v)}" for k, v in self.items().items()])
 
 
 def derive_kernel(activation: Activation, tol: float = DEFAULT_TOL) -> KernelDerivation:

@@ -31,6 +31,7 @@ import numpy as np
 from derive.arch.description import Serial
 from derive.backends.precision import float64
 from derive.core import budget
+from derive.core.display import QUANTITY_LATEX, markdown_table, markdown_text, rounded
 from derive.core.errors import DeriveError
 from derive.finite.arch import arch_finite_width
 from derive.sampling.arch import sample_arch
@@ -61,7 +62,7 @@ def kernel_moments(m: Moments, width: int) -> dict:
     return {"mean": mean, "mean_stderr": se, "V": v, "V_stderr": np.sqrt(np.maximum(v_var, 0.0))}
 
 
-@dataclass
+@dataclass(repr=False)
 class FiniteWidthCheck:
     """Rows per recorded output and quantity: theory, fitted value, its standard error, z, and
     ``detectable`` = z_max standard errors (``weak``: a deviation as large as the value itself would
@@ -88,6 +89,43 @@ class FiniteWidthCheck:
         return {"architecture": self.name, "widths": list(self.widths), "samples": self.samples,
                 "seed": self.seed, "z_max": self.z_max, "passed": self.passed, "results": self.rows,
                 "per_width": self.per_width}
+
+    def _quantities(self) -> list[str]:
+        return list(dict.fromkeys(r["quantity"] for r in self.rows))
+
+    def __repr__(self) -> str:
+        name = f"{self.name}: " if self.name else ""
+        verdict = "passed" if self.passed else "FAILED"
+        w = self.worst
+        worst = "" if w is None else f"; worst |z| = {abs(w['z']):.2f}"
+        return (f"FiniteWidthCheck({name}{verdict}; {len(self.rows)} fits of {', '.join(self._quantities())} over "
+                f"widths {list(self.widths)}, {self.samples} networks each{worst})")
+
+    def _repr_markdown_(self) -> str:
+        verdict = "passed" if self.passed else "**failed**"
+        w = self.worst
+        worst = "" if w is None else (f"; worst $z$ = {rounded(w['z'], 3)} ({markdown_text(w['quantity'])}, {markdown_text(w['layer'])}, "
+                                      f"entry {tuple(w['entry'])})")
+        head = (f"**Finite-width maps of {markdown_text(self.name) or 'an architecture'}** against {self.samples} sampled networks "
+                f"at each of the widths {list(self.widths)} (seed {self.seed}): {verdict}, every "
+                f"$\\lvert z\\rvert < {self.z_max:g}${worst}")
+        legend = ("Each entry $(s, t)$ of the empirical kernel is fitted as $a + b/n$ over the widths: $K$ is compared "
+                  "with the intercept of its mean, $G^{\\{1\\}}$ with the slope, $V$ with the intercept of "
+                  "$n\\,\\mathrm{Var}\\,\\hat K_{st} - (\\mathbb{E}\\hat K_{ss}\\,\\mathbb{E}\\hat K_{tt} + "
+                  "\\mathbb{E}[\\hat K_{st}]^2)$. *detectable*: the smallest deviation the run could detect "
+                  f"({self.z_max:g} standard errors); *weak*: a deviation as large as the theory would pass.")
+        if {"Theta", "Theta_var"} & set(self._quantities()):
+            legend += (" $\\Theta$: the intercept of the output NTK's mean; $n\\,\\mathrm{Var}\\,\\hat\\Theta$: the "
+                       "intercept of n times its variance, against $A + 2B$.")
+        rows = [[_quantity(r["quantity"]), markdown_text(r["layer"]),
+                 ", ".join(map(str, r["entry"])), r["theory"], r["estimate"], rounded(r["stderr"]),
+                 rounded(r["z"], 3), rounded(r["detectable"]), "weak" if r.get("weak") else ""] for r in self.rows]
+        return "\n".join([head, "", legend, "", markdown_table(
+            ["quantity", "output", "entry", "theory", "fitted", "±", "z", "detectable", ""], rows)])
+
+
+def _quantity(name: str) -> str:
+    return f"${QUANTITY_LATEX[name]}$" if name in QUANTITY_LATEX else markdown_text(name)
 
 
 def _seed(seed: int, width: int) -> int:

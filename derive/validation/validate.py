@@ -34,6 +34,7 @@ import numpy as np
 from derive.backends.codegen import jax_activation
 from derive.backends.precision import float64
 from derive.core import budget
+from derive.core.display import QUANTITY_LATEX, markdown_table, markdown_text, number, rounded
 from derive.core.errors import DeriveError
 from derive.core.inputs import check_hyperparameters, check_inputs
 from derive.rules.activations import as_activation
@@ -62,7 +63,7 @@ def _finite_or_none(x):
     return x if np.isfinite(x) else None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class ValidationReport:
     """Theory against Monte Carlo for one activation and initialisation.
 
@@ -138,6 +139,50 @@ class ValidationReport:
         """The figure of :func:`plot_validation`, saved to ``out`` when given; returns the matplotlib
         Figure."""
         return plot_validation(self, out)
+
+    def _widths(self) -> str:
+        return f"width {self.widths[0]}" if len(self.widths) == 1 else f"widths {list(self.widths)}"
+
+    def __repr__(self) -> str:
+        verdict = "passed" if self.passed else "FAILED"
+        w = self.worst
+        worst = "" if w is None else f"; worst |z| = {abs(w['z']):.2f}"
+        return (f"ValidationReport({self.activation}, depth {self.depth}: {verdict}; {len(self.results)} rows of "
+                f"{', '.join(self.quantities)}, {self.samples} networks at {self._widths()}{worst})")
+
+    def _repr_markdown_(self) -> str:
+        verdict = "passed" if self.passed else "**failed**"
+        w = self.worst
+        fits = any(r["width"] == EXTRAPOLATED for r in self.results)
+        worst = "" if w is None else (f"; worst $z$ = {rounded(w['z'], 3)} ({markdown_text(w['quantity'])}, layer {w['layer']}, "
+                                      f"inputs {tuple(w['inputs'])}, width {_width_text(w['width'])})")
+        head = (f"**Validation of {markdown_text(self.activation)}** against {self.samples} sampled networks at {self._widths()} "
+                f"(depth {self.depth}, $C_W$ = {self.C_W}, $C_b$ = {self.C_b}, $\\lambda_W$ = {self.lambda_W}, "
+                f"$\\lambda_b$ = {self.lambda_b}; {self.method} sampler, seed {self.seed}): {verdict}, every checked "
+                f"$\\lvert z\\rvert < {self.z_max:g}$ with $z = (\\text{{estimate}} - \\text{{theory}})/"
+                f"\\text{{stderr}}${worst}")
+        legend = ("Rows at width n→∞ are the intercepts of weighted fits $a + b/n$ over the widths (they decide the "
+                  "verdict; the per-width rows carry the O(1/n) bias). " if fits else "")
+        legend += ("*weak*: a deviation as large as the theory itself would pass; *not checked*: the row does not "
+                   "decide the verdict.")
+        header = ["quantity", "layer", "inputs", "width", "theory", "estimate", "±", "z", ""]
+        if fits:
+            header.insert(8, "1/n slope")
+        rows = []
+        for r in self.results:
+            note = "not checked" if not r["checked"] else ("weak" if r.get("weak") else "")
+            row = [f"${QUANTITY_LATEX[r['quantity']]}$" if r["quantity"] in QUANTITY_LATEX
+                   else markdown_text(r["quantity"]), r["layer"], ", ".join(map(str, r["inputs"])),
+                   _width_text(r["width"]), r["theory"], r["estimate"],
+                   rounded(r["stderr"]), rounded(r["z"], 3), note]
+            if fits:
+                row.insert(8, f"{number(r['slope'])} ± {rounded(r['slope_stderr'])}" if "slope" in r else "")
+            rows.append(row)
+        return "\n".join([head, "", legend, "", markdown_table(header, rows)])
+
+
+def _width_text(width) -> str:
+    return "n→∞" if width == EXTRAPOLATED else str(width)
 
 
 # ----------------------------------------------------------------------------------------------
