@@ -48,3 +48,19 @@ def test_plotting_notebook_shows_derive_and_pyplot_figures(tmp_path):
     assert backend and backend.lower() != "agg" and "inline" in backend, backend
     assert _pngs(pyplot_cells[0]) == 1
     assert not [out for cell in nb.cells for out in cell.get("outputs", []) if out.output_type == "error"]
+
+
+def test_tour_notebook_displays_every_result(tmp_path):
+    """examples/tour.ipynb: every code cell runs and displays its result object as LaTeX or Markdown
+    (the results' notebook representations), with no error output."""
+    nb = nbformat.read(ROOT / "examples" / "tour.ipynb", as_version=4)
+    env = {k: v for k, v in os.environ.items() if k != "MPLBACKEND"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
+    NotebookClient(nb, kernel_name="python3", timeout=600,
+                   resources={"metadata": {"path": str(tmp_path)}}).execute(env=env)
+    code = [cell for cell in nb.cells if cell.cell_type == "code"]
+    assert len(code) >= 5
+    shown = [cell for cell in code
+             if any({"text/latex", "text/markdown"} & set(out.get("data", {})) for out in cell.outputs)]
+    assert len(shown) >= 5, [cell.source for cell in code if cell not in shown]
+    assert not [out for cell in code for out in cell.outputs if out.output_type == "error"]
