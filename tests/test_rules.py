@@ -242,3 +242,12 @@ def test_builtin_rules_found_next_to_the_source_tree(monkeypatch):
 
     monkeypatch.setattr(files.resources, "files", no_package_data)
     assert builtin_rules_dir() == checkout / "rules"
+
+
+def test_layer_rules_are_read_once():
+    """Every architecture layer asks for its rule; the files are parsed once per folder set (a lost
+    cache made a 10^4-layer finite-width walk take minutes instead of seconds)."""
+    from derive.rules.layers import find_layer_rule, layer_rules
+
+    assert layer_rules() is layer_rules()
+    assert find_layer_rule("dense") is find_layer_rule("Dense")

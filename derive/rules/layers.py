@@ -393,6 +393,7 @@ def combine_weights(combine: sp.Expr) -> tuple[float, float]:
     return float(sp.diff(combine, FW_INPUT)) ** 2, float(sp.diff(combine, FW_BRANCH)) ** 2
 
 
+@lru_cache(maxsize=None)
 def layer_rules(extra: tuple[str, ...] = ()) -> dict[str, LayerRule]:
     """All layer rules by normalised name and alias (first folder wins)."""
     rules: dict[str, LayerRule] = {}

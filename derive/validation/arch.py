@@ -253,6 +253,9 @@ def check_finite_width(net: Serial, widths, *, samples: int = 4000, seed: int = 
                     budget.Estimate("", 0.0))
         budget.check(budget.Estimate(f"{samples} sampled networks at each of the widths "
                                      f"{', '.join(map(str, widths))}", total.ops, total.bytes))
+    if "Theta_var" in quantities and inputs is not None:  # refused before the (long) tensor form
+        raise DeriveError("Theta_var: the NTK fluctuations (A, B) are derived for one input without positions; "
+                          "this check has several inputs or positions")
     if inputs is None:
         theory = arch_finite_width(net)
     else:
