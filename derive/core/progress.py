@@ -13,8 +13,15 @@ import time
 from collections.abc import Callable
 
 
+def _in_notebook() -> bool:
+    """Whether this process is a running Jupyter kernel (not merely one that imported IPython)."""
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None and hasattr(ipython, "get_ipython") else None
+    return type(shell).__name__ == "ZMQInteractiveShell"
+
+
 def _interactive() -> bool:
-    if "ipykernel" in sys.modules:  # a notebook: rich renders its bar in the cell's output
+    if _in_notebook():  # rich renders its bar in the cell's output
         return True
     stream = sys.stderr
     return bool(getattr(stream, "isatty", lambda: False)())
