@@ -31,6 +31,7 @@ def _numpy_recursion(d, x, depth, C_W, C_b):
     return K, T
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["swish", "erf", "abs"])
 def test_gram_equals_numpy_loop(name):
     x = np.random.default_rng(3).standard_normal((4, 6))
@@ -55,6 +56,7 @@ def test_emit_code_is_a_standalone_module(tmp_path):
         float(evaluate(d.derivative_expectation, vals)), rel=1e-13)
 
 
+@pytest.mark.slow
 def test_monte_carlo_check_quadrature_activation():
     """swish (no closed form): sampled NNGP and NTK within 5 standard errors of the derived theory.
 
@@ -93,6 +95,7 @@ def test_dir_lists_only_the_public_api():
         assert getattr(derive, name) is not None
 
 
+@pytest.mark.slow
 def test_sample_is_the_dense_or_the_architecture_sampler():
     """derive.sample gives the samplers' own numbers for an activation name and for an architecture."""
     import derive

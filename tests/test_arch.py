@@ -117,6 +117,7 @@ def test_shipped_example_architectures_load():
 # Theory against independent references
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("activation", ["relu", "erf", "tanh", "gelu"])
 def test_dense_network_matches_the_dense_gram_path(activation):
     net = A.mlp(4, activation, 1.7, 0.1)
@@ -302,6 +303,7 @@ CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_sampled_networks_agree_with_the_theory(name):
     """Width 256, 200 networks: every recorded kernel entry and the output NTK within 5 standard
@@ -337,6 +339,7 @@ np.savez(sys.argv[1], devices=len(jax.devices()), mean=mc.nngp[-1].mean, m4=mc.n
 """
 
 
+@pytest.mark.slow
 def test_chunk_sizes_give_identical_numbers_and_four_devices_the_same_to_rounding(tmp_path):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
     out = tmp_path / "four.npz"

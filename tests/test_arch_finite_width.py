@@ -33,6 +33,7 @@ def _relative(a, b):
 
 @pytest.mark.parametrize("name,cw,cb", [("relu", 2.0, 0.0), ("tanh", 1.5, 0.1), ("gelu", 1.98, 0.17),
                                         ("erf", 1.2, 0.05), ("swish", 1.8, 0.1), ("linear", 0.9, 0.2)])
+@pytest.mark.slow
 def test_dense_network_equals_dense_engine(name, cw, cb):
     depth = 7
     fw = arch_finite_width(arch.mlp(depth, name, cw, cb))
@@ -90,6 +91,7 @@ def _derivatives(name):
 @pytest.mark.parametrize("name", ["tanh", "gelu", "relu", "swish"])
 @pytest.mark.parametrize("state", [dict(K=0.4, V=0.3, Theta=0.9, A=0.2, B=-0.1, D=0.3, F=0.15, P=-0.05, Q=0.4, r=1.0),
                                    dict(K=1.9, V=2.5, Theta=2.2, A=1.1, B=0.6, D=-0.4, F=0.8, P=0.3, Q=-0.2, r=0.5)])
+@pytest.mark.slow
 def test_dense_rule_ntk_maps_give_pdlt_recursions(name, state):
     """The [finite_width.ntk] maps of rules/layers/dense.toml against PDLT's NTK-fluctuation (8.89) and
     dNTK (ch. 11) recursions evaluated with mpmath: sigma'' and sigma''' written out, no integration by
@@ -165,6 +167,7 @@ NETWORKS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(NETWORKS))
 def test_infinite_width_agrees_with_arch_kernels(name):
     from derive.kernels.arch import arch_kernels
@@ -216,6 +219,7 @@ def _residual_by_hand(act, xi, gamma, cw1, cw2, cb, blocks):
 @pytest.mark.parametrize("act,xi,gamma,cw1,cw2,cb", [("tanh", 0.8, 0.9, 1.0, 1.0, 0.05),
                                                      ("tanh", 1.0, 0.6, 1.5, 1.0, 0.0),
                                                      ("relu", 0.6**0.5, 0.4**0.5, 2.0, 1.0, 0.0)])
+@pytest.mark.slow
 def test_residual_block_against_hand_derivation(act, xi, gamma, cw1, cw2, cb):
     mp.mp.dps = 30
     net = arch.serial(arch.dense(1.0), arch.repeat(3, _residual(act, xi, gamma, cw1, cw2, cb)))
@@ -532,6 +536,7 @@ def test_sampled_ntk_fluctuation_of_residual_mlps_and_a_dropped_term_is_rejected
     assert not compare_finite_width(wrong, estimates, quantities=("Theta_var",)).passed
 
 
+@pytest.mark.slow
 def test_sampled_ntk_fluctuation_of_a_mixed_network_and_a_dropped_term_is_rejected():
     """Dense layers with different activations and variances between them (not a uniform dense
     network): n Var(H_ii) of the output channel, fitted in 1/n over three widths, against A + 2B from
@@ -562,6 +567,7 @@ MID_LN = arch.serial(arch.dense(1.0), arch.residual(arch.dense(1.3), arch.layer_
                                                   arch.activation("tanh"), arch.dense(0.9), gamma=0.8))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("net", [PRE_LN, MID_LN], ids=["pre-LN blocks", "LayerNorm inside a branch"])
 def test_tensor_form_of_one_input_through_layernorm_and_residual_blocks_is_the_single_input_form(net):
     """One site: the numeric delta method over sites (JAX derivatives of the LayerNorm normalisation,
@@ -569,6 +575,7 @@ def test_tensor_form_of_one_input_through_layernorm_and_residual_blocks_is_the_s
     _assert_one_site_is_the_single_input_form(net, 1e-11)
 
 
+@pytest.mark.slow
 def test_tensor_form_of_a_batch_has_each_input_alone_on_its_diagonal():
     """Through LayerNorm and residual blocks every map is local on the diagonal: K_aa, G1_aa and
     V_(aa)(aa) of a batch are those of input a alone."""
@@ -587,6 +594,7 @@ def _transformer(heads, blocks=2):
         arch.residual(arch.layer_norm(), arch.dense(0.4), arch.activation("gelu"), arch.dense(1.6))))
 
 
+@pytest.mark.slow
 def test_attention_heads_enter_the_nlo_kernel_only():
     """Each head's logits average over n/H channels: their fluctuation adds to G1 in proportion to H
     (the logits' Wishart bias), while K and V do not depend on the number of heads."""

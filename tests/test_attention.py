@@ -77,6 +77,7 @@ def _relative(a, b):
     return float(np.abs(a - b).max() / np.abs(b).max())
 
 
+@pytest.mark.slow
 def test_two_tokens_against_mpmath():
     """T = 2: softmax is sigmoid(d) of the logit difference d, so both maps are two-dimensional
     Gaussian expectations over (d_a, d_b), computed at 25 digits by tests/reference.py."""
@@ -107,6 +108,7 @@ def test_two_tokens_against_mpmath():
         assert abs(R[i, j] - ref_r) <= 2e-6 * np.abs(R).max()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("c", [0.8, 2.0])
 def test_three_tokens_against_a_trapezoid_rule(c):
     rng = np.random.default_rng(5)
@@ -181,6 +183,7 @@ def _one_layer(mechanism, **kw):
         heads=4, C_Q=1.2, C_K=0.9, C_V=1.0, C_O=0.8, C_b=0.05, mechanism=mechanism, **kw))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mechanism", ["softmax", "identity"])
 def test_one_layer_agrees_with_sampled_networks(mechanism):
     """A single attention layer on Gaussian features: its mean kernel and NTK over the logits are exact
@@ -192,6 +195,7 @@ def test_one_layer_agrees_with_sampled_networks(mechanism):
     assert float(np.abs(mc.ntk_z(theory)).max()) < 5
 
 
+@pytest.mark.slow
 def test_wrong_attention_theories_are_detected():
     """At the same sample size the check has power: logits treated as zero (uniform attention) in the
     kernel, and the NTK without the query/key gradients, are both rejected."""

@@ -201,6 +201,7 @@ def test_empirical_catches_a_wrong_claim_the_engine_also_gets_wrong(monkeypatch)
     assert rec.methods["empirical"]["result"] == "not-equal" and rec.verdict == "not-equal"
 
 
+@pytest.mark.slow
 def test_empirical_finite_width_map_at_the_first_layer_state():
     right = derive.check("relu", "B", "B*C_W**2*r/4 + C_W**2*Theta**2/2", empirical=True)
     assert right.methods["empirical"]["result"] == "equal"

@@ -73,6 +73,7 @@ def test_symbolic_command_does_not_import_jax():
         (("gram", "-a", "relu", "--depth", "0", "--cw", "2"), "depth"),
     ],
 )
+@pytest.mark.slow
 def test_bad_input_exits_2_with_one_line(args, words):
     res = run(*args)
     assert res.returncode == 2
@@ -81,6 +82,7 @@ def test_bad_input_exits_2_with_one_line(args, words):
     assert "hacked" not in res.stdout
 
 
+@pytest.mark.slow
 def test_gram_npz_and_json(tmp_path):
     x = np.random.default_rng(1).standard_normal((3, 5))
     np.save(tmp_path / "x.npy", x)

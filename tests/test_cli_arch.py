@@ -49,6 +49,7 @@ def test_criticality_arch_reports_the_residual_condition():
     assert any("makes it 1" in note for note in out["notes"])
 
 
+@pytest.mark.slow
 def test_gram_arch_matches_the_api_and_writes_npz(tmp_path):
     x = np.random.default_rng(1).standard_normal((2, 6, 3))
     np.save(tmp_path / "x.npy", x)
@@ -63,6 +64,7 @@ def test_gram_arch_matches_the_api_and_writes_npz(tmp_path):
     np.testing.assert_allclose(saved["ntk"], ref.ntk[-1], rtol=1e-13)
 
 
+@pytest.mark.slow
 def test_validate_arch_json_and_exit_code(tmp_path):
     path = tmp_path / "net.toml"
     path.write_text("[[layers]]\ntype = 'dense'\nC_W = 2\n[[layers]]\ntype = 'layernorm'\n"
@@ -95,6 +97,7 @@ def test_validate_arch_json_and_exit_code(tmp_path):
     (["validate", "--arch", "examples/architectures/cnn.toml"], "--width"),
     (["criticality", "--arch", "examples/architectures/cnn.toml"], "spatial"),
 ])
+@pytest.mark.slow
 def test_arch_errors_are_one_line(args, message):
     res = run(*args)
     assert res.returncode == 2
@@ -109,6 +112,7 @@ def test_bad_arch_file_names_the_layer(tmp_path):
     assert "layers[2]" in res.stderr and "padding" in res.stderr
 
 
+@pytest.mark.slow
 def test_gram_method_option_gives_the_same_matrices():
     a = run("gram", "--activation", "relu", "--depth", "4", "--cw", "2", "--format", "json", "--method", "direct")
     b = run("gram", "--activation", "relu", "--depth", "4", "--cw", "2", "--format", "json", "--method", "tiled")
@@ -145,6 +149,7 @@ def test_finite_width_of_a_residual_architecture(tmp_path):
     assert text.returncode == 0 and (tmp_path / "fw.png").stat().st_size > 0, text.stderr
 
 
+@pytest.mark.slow
 def test_validate_architecture_over_widths(tmp_path):
     path = tmp_path / "res.toml"
     path.write_text("[[layers]]\ntype = 'dense'\n[[layers]]\ntype = 'residual'\ngamma = 0.8\n"
@@ -162,6 +167,7 @@ def test_validate_architecture_over_widths(tmp_path):
     assert text.returncode == 0 and "detects" in text.stdout, text.stderr
 
 
+@pytest.mark.slow
 def test_finite_width_and_validate_of_a_cnn():
     res = run("finite-width", "--arch", "examples/architectures/cnn.toml", "--format", "json")
     assert res.returncode == 0, res.stderr

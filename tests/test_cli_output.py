@@ -46,12 +46,14 @@ def _run(args, columns=60):
     return out.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args", COMMANDS, ids=lambda a: " ".join(Path(x).name for x in a))
 def test_nothing_is_cut_at_sixty_columns(args):
     text = _run(args)
     assert "…" not in text, text
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["relu", "gelu", "erf", "leaky_relu"])
 def test_printed_formulas_parse_back_to_the_json_ones(name):
     text = _run(["kernel", "--activation", name])

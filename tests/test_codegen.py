@@ -97,6 +97,7 @@ def reference(expr, args, columns):
     return np.array(out)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_matches_mpmath(case):
     name, expr, args, _ = case

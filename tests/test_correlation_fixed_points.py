@@ -70,6 +70,7 @@ def _cases():
             yield name, cw, cb
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,cw,cb", list(_cases()))
 def test_every_crossing_of_the_independent_map_is_reported(name, cw, cb):
     """The independent map, tabulated on a grid of rho: each sign change of its residual rho' - rho

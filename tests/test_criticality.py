@@ -114,6 +114,7 @@ def test_erf_a1_b1_against_direct_series():
     assert float(rep.b1) == pytest.approx(float(b1), rel=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["gelu", "swish"])
 def test_half_stable_critical_point_by_mpmath_root_finding(name):
     rep = analyse(resolve(name))

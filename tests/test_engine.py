@@ -19,6 +19,7 @@ X = np.random.default_rng(3).standard_normal((6, 5))
 
 @pytest.mark.parametrize("name,cw,cb,rtol", [("relu", 2.0, 0.1, 1e-12), ("erf", 1.2, 0.0, 1e-12),
                                              ("tanh", 1.5, 0.05, 1e-9)])  # tanh: quadrature (tol 1e-11 a layer)
+@pytest.mark.slow
 def test_the_dense_fast_path_equals_the_layer_by_layer_kernels(name, cw, cb, rtol):
     net = arch.dense_network(name, 5, cw, cb)
     assert dense_plan(net) is not None
@@ -56,6 +57,7 @@ def test_other_architectures_go_layer_by_layer(net):
         network_gram(net, X, method="tiled")
 
 
+@pytest.mark.slow
 def test_finite_width_facade_takes_an_activation_or_an_architecture():
     dense = derive.finite_width("relu", depth=4, C_W=2.0, k1=1.0)  # V grows by 5 K^2 a layer (PDLT 5.x)
     np.testing.assert_allclose(dense.values["V"], [0.0, 5.0, 10.0, 15.0], rtol=1e-13)
@@ -71,6 +73,7 @@ def test_finite_width_facade_takes_an_activation_or_an_architecture():
     assert derive.arch.serial is arch.serial
 
 
+@pytest.mark.slow
 def test_criticality_and_validate_take_an_activation_or_an_architecture():
     assert derive.criticality("relu").cls == "scale-invariant"
     crit = derive.criticality(arch.dense_network("relu", 3, 2.0, 0.0))

@@ -215,6 +215,7 @@ def _linear_exact(K1, C_W, C_b, depth, n):
     return np.array(out)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("width, method", [(64, "weights"), (128, "weights"), (128, "conditional")])
 def test_linear_network_four_point_vertex(width, method):
     """V^(2), V^(3) of a depth-3 linear network from 1500 networks agree with the recursion, for

@@ -243,6 +243,7 @@ def assert_close_to(result, reference, rtol=1e-12):
 CLOSED_FORMS = ["relu", "leaky_relu", "abs", "linear", "step", "erf", "gelu"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tile", [None, 3], ids=["one-tile", "tiles-of-3"])
 @pytest.mark.parametrize("c_b", [0.0, 0.3], ids=["C_b=0", "C_b=0.3"])
 @pytest.mark.parametrize("name", CLOSED_FORMS)
@@ -259,6 +260,7 @@ def test_tiled_matches_direct(name, c_b, tile):
             np.testing.assert_array_equal(m[5], m[0])  # row 5 is a copy of row 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["relu", "erf", "tanh"])
 def test_tiled_loops_over_many_tiles(name, monkeypatch):
     """Many tiles: the loops over diagonal and other tiles, in batches and one at a time (a
@@ -317,6 +319,7 @@ def test_homogeneous_form_of_relu():
     assert structure._homogeneous(RELU_D).degree == 0
 
 
+@pytest.mark.slow
 def test_mehler_matches_direct_quadrature():
     """The derived tanh nodes (order chosen for 1e-11) against their direct evaluation."""
     expectation, derivative = derived("tanh")
@@ -343,6 +346,7 @@ def mp_expect(f, k11, k12, k22):
     return float(mpmath.quad(g, [-9, 0, 9], [-9, 0, 9]))  # Gaussian tails beyond 9: < 1e-18
 
 
+@pytest.mark.slow
 def test_mehler_against_mpmath():
     """One tanh layer: K^(2) = E(K^(1)) and Theta^(2) = 1 + Ed(K^(1)) (C_W = 1, C_b = 0,
     lambda_W = 0, lambda_b = 1) at three covariances, against mpmath to 1e-8 relative."""
@@ -376,6 +380,7 @@ def test_mehler_falls_back_where_it_does_not_converge():
         gram_matrices(node, node, x, 2, 1.0, 0.1, method="tiled")
 
 
+@pytest.mark.slow
 def test_tanh_float32():
     expectation, derivative = derived("tanh")
     x = batch(seed=12)
@@ -408,6 +413,7 @@ print("identical")
 """
 
 
+@pytest.mark.slow
 def test_sharded_tiles_are_identical():
     """Rows sharded over 4 (and 2) simulated CPU devices give bit-identical matrices."""
     import subprocess
@@ -473,6 +479,7 @@ def test_tiled_hyperparameters_do_not_recompile():
     assert direct_method.TRACES[key] == before
 
 
+@pytest.mark.slow
 def test_forms_specialised_at_the_boundary():
     """Maps with a branch point at rho = +-1 that are not homogeneous (a variance added on its own)
     use the forms specialised there next to it; a smooth partner map keeps its own values."""

@@ -265,6 +265,7 @@ def test_reference_derivative_is_sigma_prime(case_id):
 # ------------------------------------------------------------------- activations, two inputs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cov_id", list(COVARIANCES))
 @pytest.mark.parametrize("quantity", ["expectation", "derivative_expectation"])
 @pytest.mark.parametrize("case_id", CASE_IDS)
@@ -356,6 +357,7 @@ def _expect2_sympy(expr: sp.Expr, cov, kinks1, kinks2):
 
 @pytest.mark.parametrize(("name", "cov"), _direct_params(DIRECT_TWO, DIRECT_COVARIANCES,
                                                          ["rho0.3", "rho-0.7", "rho0.999999", "rho1-exact"]))
+@pytest.mark.slow
 def test_direct_two_input(name, cov):
     expr, kinks1, kinks2 = DIRECT_TWO[name]
     result = gaussian_expectation(expr, (z1, z2))

@@ -35,6 +35,7 @@ HAND = {  # sigma, sigma' written out independently of the rules
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(HAND))
 @pytest.mark.parametrize("K", [0.3, 1.7])
 def test_map_expectations_against_mpmath(name, K):
@@ -55,6 +56,7 @@ def test_map_expectations_against_mpmath(name, K):
         assert abs(got - float(ref)) <= 1e-10 * scale, (key, got, ref)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["relu", "leaky_relu", "linear", "abs"])
 @pytest.mark.parametrize("C_W, lam_W, lam_b", [(None, None, 0.0), (1.7, 0.6, 0.3)])
 def test_closed_forms_in_depth_match_iteration(name, C_W, lam_W, lam_b):
@@ -80,6 +82,7 @@ def test_no_closed_form_outside_the_solvable_case():
     assert closed_forms_in_depth(maps, 2.0, 0.1, 2.0, 0.1, 1.0, 1.0) == {}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["relu", "tanh", "swish", "gelu"])
 def test_generated_jax_matches_numpy_iteration(name):
     maps = finite_width_maps(resolve(name))
@@ -93,6 +96,7 @@ def test_generated_jax_matches_numpy_iteration(name):
         np.testing.assert_allclose(jx[q], prof.values[q], rtol=1e-12, atol=1e-300)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, cw, cb", [("tanh", 1.0, 0.0), ("relu", 2.0, 0.0), ("gelu", 1.983058257437548, 0.1729223907560669)])
 def test_depth_ten_thousand_is_finite(name, cw, cb):
     maps = finite_width_maps(resolve(name))
@@ -134,6 +138,7 @@ def _cov_and_se(x, y):
 MC_CASES = [("relu", 2.0, 0.1), ("tanh", 1.5, 0.1), ("swish", 1.8, 0.1)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, cw, cb", MC_CASES)
 def test_ntk_fluctuations_against_sampled_networks(name, cw, cb):
     """n Var(H_11) -> A + 2B and n Cov(H_11, z_1^2) -> D + 2F, extrapolated over widths 48, 96, 192.
@@ -169,6 +174,7 @@ def test_ntk_fluctuations_against_sampled_networks(name, cw, cb):
     assert abs(a - (D + 2 * F)) < 5 * se, (a, se, D + 2 * F)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, cw, cb", [("tanh", 1.5, 0.1), ("swish", 1.8, 0.1), ("relu", 2.0, 0.1)])
 def test_nlo_kernel_against_sampled_networks(name, cw, cb):
     """n (E[z^2] - K) -> G1 at the last layer (depth 3), extrapolated over widths 16, 32, 64."""
@@ -192,6 +198,7 @@ def test_nlo_kernel_against_sampled_networks(name, cw, cb):
 
 @pytest.mark.parametrize("name, cw, cb, lam_w, lam_b", [("relu", 2.0, 0.1, 1.3, 0.4), ("tanh", 1.5, 0.1, 0.6, 0.9),
                                                        ("swish", 1.8, 0.2, 0.6, 0.9)])
+@pytest.mark.slow
 def test_dntk_against_sampled_networks(name, cw, cb, lam_w, lam_b):
     """n E[dH_ijj z_i] -> P and n E[dH_iij z_j] -> Q (i != j), the dNTK's leading statistics.
 
@@ -263,6 +270,7 @@ def _sampled_ghat(name, x, depth, n, cw, cb, S_net, seed):
     return np.asarray(jax.lax.map(one, jnp.arange(S_net), batch_size=500))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, cw, cb", [("relu", 2.0, 0.1), ("tanh", 1.8, 0.1), ("swish", 1.8, 0.1)])
 def test_batch_vertex_and_nlo_kernel_against_sampled_networks(name, cw, cb):
     """V_{(ab)(cd)} = n Cov(G_hat_ab, G_hat_cd) and G1_ab = n (E G_hat_ab - K_ab) for two inputs at
@@ -289,6 +297,7 @@ def test_batch_vertex_and_nlo_kernel_against_sampled_networks(name, cw, cb):
         assert abs(a_ - theory) < 5 * se, (key, a_, se, theory)
 
 
+@pytest.mark.slow
 def test_sampled_dntk_does_not_depend_on_the_chunk_size():
     from derive.sampling.dntk import sample_dntk
 

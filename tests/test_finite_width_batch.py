@@ -32,6 +32,7 @@ def _assert_layers_close(got, want, rtol=1e-12):
                                    err_msg=f"layer {layer}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ACTIVATIONS + ["elu", "leaky_relu"])
 def test_generated_jax_matches_numpy_batch_iteration(name):
     """Every rule for four-point functions on three or four distinct inputs: exact (relu, leaky_relu),
@@ -45,6 +46,7 @@ def test_generated_jax_matches_numpy_batch_iteration(name):
         _assert_layers_close(getattr(got, q), getattr(want, q))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n_inputs, depth", [(1, 3), (2, 1), (2, 2), (3, 4)])
 def test_small_batches_and_depths_match_numpy(n_inputs, depth):
     act = resolve("tanh")
@@ -57,6 +59,7 @@ def test_small_batches_and_depths_match_numpy(n_inputs, depth):
     assert np.all(got.V[0] == 0) and np.all(got.G1[0] == 0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["erf", "tanh"])
 def test_singular_input_kernel_matches_numpy(name):
     """Four inputs in two dimensions with C_b = 0: K^(1) has rank 2, so the sub-covariances of three
@@ -88,6 +91,7 @@ def test_diagonal_is_the_single_input_iteration(name):
         np.testing.assert_allclose(got.G1[:, a, a], single.values["G1"], rtol=1e-10, atol=1e-300)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["relu", "erf"])
 def test_symmetries(name):
     got = iterate_batch_jax(resolve(name), X4, 4, C_W, C_B)
@@ -99,6 +103,7 @@ def test_symmetries(name):
     np.testing.assert_allclose(K, K.transpose(0, 2, 1), rtol=1e-13)
 
 
+@pytest.mark.slow
 def test_compiles_once_per_shape():
     """New hyperparameters and widths reuse the compiled iteration; the key holds the set of
     quadrature orders (a fixed order no other test uses), so the count starts from this test."""

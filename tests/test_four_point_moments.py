@@ -230,6 +230,7 @@ def test_reference_reproduces_known_values():
 # ---------------------------------------------------------------------- piecewise-linear: exact
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["relu", "leaky_relu", "abs", "step"])
 @pytest.mark.parametrize("cov_key", list(COVS))
 def test_piecewise_polynomial_moments_are_exact(name, cov_key):
@@ -287,6 +288,7 @@ def test_singular_covariance():
 # ------------------------------------------------------------------------------ smooth: trapezoid
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["erf", "gelu"])
 @pytest.mark.parametrize("cov_key", ["random8", "random5", "anti", "aligned", "mixed"])
 def test_smooth_moments_against_orthant_reference(name, cov_key):
@@ -359,6 +361,7 @@ def _gl_reference(sigma, cov, powers, width, points, half_width=8.0):
 SIGMAS = {"tanh": np.tanh, "swish": lambda z: z * sps.expit(z)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["tanh", "swish"])
 @pytest.mark.parametrize("cov_key", ["random8", "random5", "anti", "aligned", "mixed"])
 def test_tanh_and_swish_on_three_inputs(name, cov_key):

@@ -96,6 +96,7 @@ def test_no_module_imports_the_facade():
     assert not offenders, offenders
 
 
+@pytest.mark.slow
 def test_every_module_imports_first():
     names = sorted(_modules())
     script = (

@@ -124,6 +124,7 @@ def _brute_force_statistics(params, activation, x, lambda_W, lambda_b):
     return np.stack(kernels), ntk / n_out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("depth", [1, 2, 3, 4])
 @pytest.mark.parametrize("activation", [jnp.tanh, jax.nn.relu, jnp.sin], ids=["tanh", "relu", "sin"])
 @pytest.mark.parametrize("lambdas", [(1.7, 0.3), (0.6, 1.9)], ids=["default", "other"])
@@ -152,6 +153,7 @@ def test_parameter_statistics():
 # Reproducibility and compilation
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("prng", mc.PRNGS)
 def test_same_seed_same_numbers_for_any_chunk_size(prng):
     def run(chunk, seed=7):
@@ -210,6 +212,7 @@ _PHILOX_DRAWS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 7, 2**40 + 3, -5])
 def test_philox_is_jax_philox4x32(seed):
     """The sampler's Philox 4x32-10 (64-bit products instead of lax.mulhi, which does not compile under
@@ -258,6 +261,7 @@ def sampled():
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(CASES))
 def test_agrees_with_infinite_width_theory(sampled, name):
     result = sampled[name]
@@ -276,6 +280,7 @@ def test_detects_five_percent_error_in_C_W(sampled, name):
     assert worst > 5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32], ids=["float64", "float32"])
 @pytest.mark.parametrize("prng", mc.PRNGS)
 def test_forward_statistics_agree_with_theory_for_every_prng(prng, dtype):
@@ -349,6 +354,7 @@ def test_empirical_grams_match_numpy():
     np.testing.assert_allclose(grams[0], 0.3 + 1.7 * X @ X.T / 4, rtol=1e-14)  # deterministic first layer
 
 
+@pytest.mark.slow
 def test_per_layer_widths_and_streamed_moments():
     """Network k of the sampler is init_network(fold_in(key(seed), k)) at the given widths, and the
     streamed moments equal two-pass moments of the kept samples."""
@@ -380,6 +386,7 @@ def test_per_layer_widths_and_streamed_moments():
     np.testing.assert_allclose(fwd.gram_moments.m2, res.gram_moments.m2, rtol=1e-9)
 
 
+@pytest.mark.slow
 def test_threefry_gives_the_networks_of_jax_default_key():
     """prng="threefry2x32" draws network k from fold_in(jax.random.key(seed), k) with JAX's default
     generator, as the sampler did before it had a ``prng`` option; another PRNG draws other networks."""
@@ -394,6 +401,7 @@ def test_threefry_gives_the_networks_of_jax_default_key():
     assert not np.any(np.isclose(other.nngp_samples[:, -1], res.nngp_samples[:, -1], rtol=1e-6))
 
 
+@pytest.mark.slow
 def test_conditional_mean_of_the_kernel_is_the_empirical_gram():
     """E[K_hat^(l)] = E[G_hat^(l)]: given layer l - 1, z^(l)_i ~ N(0, G_hat^(l)) i.i.d.
 
@@ -438,6 +446,7 @@ np.savez(sys.argv[1], **out)
 """
 
 
+@pytest.mark.slow
 def test_one_and_four_devices_give_identical_numbers(tmp_path):
     """Four simulated CPU devices (XLA_FLAGS must be set before JAX starts, hence subprocesses) with a
     chunk rounded up to 8 = 2 per device, against one device with the default chunk: for every PRNG,
@@ -467,6 +476,7 @@ def test_one_and_four_devices_give_identical_numbers(tmp_path):
     assert not np.array_equal(one["philox4x32/nngp"], one["threefry2x32/nngp"])
 
 
+@pytest.mark.slow
 def test_conditional_sampler():
     """The conditional sampler: forward statistics only, G_hat^(1) as with weights, the same numbers
     for any chunk size, and the law of the weight sampler (checked statistically in

@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 import nbformat
+import pytest
 from nbclient import NotebookClient
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -25,6 +26,7 @@ def _tagged(nb, tag: str) -> list:
     return [cell for cell in nb.cells if tag in cell.metadata.get("tags", [])]
 
 
+@pytest.mark.slow
 def test_plotting_notebook_shows_derive_and_pyplot_figures(tmp_path):
     nb = nbformat.read(NOTEBOOK, as_version=4)
     derive_cells, pyplot_cells = _tagged(nb, "derive-figure"), _tagged(nb, "pyplot-figure")
@@ -50,6 +52,7 @@ def test_plotting_notebook_shows_derive_and_pyplot_figures(tmp_path):
     assert not [out for cell in nb.cells for out in cell.get("outputs", []) if out.output_type == "error"]
 
 
+@pytest.mark.slow
 def test_tour_notebook_displays_every_result(tmp_path):
     """examples/tour.ipynb: every code cell runs and displays its result object as LaTeX or Markdown
     (the results' notebook representations), with no error output."""

@@ -85,6 +85,7 @@ FIGURES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("suffix", [".png", ".svg"])
 @pytest.mark.parametrize("name", list(FIGURES))
 def test_a_figure_leaves_matplotlib_alone_and_is_saved(matplotlib_state, request, tmp_path, name, suffix):
@@ -101,6 +102,7 @@ def test_a_figure_leaves_matplotlib_alone_and_is_saved(matplotlib_state, request
     assert [p.name for p in tmp_path.iterdir()] == [out.name]  # no temporary file left beside it
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(FIGURES))
 def test_without_a_file_the_figure_is_only_returned(matplotlib_state, request, tmp_path, monkeypatch, name):
     monkeypatch.chdir(tmp_path)
@@ -160,6 +162,7 @@ def test_every_axis_is_labelled_and_every_shared_axis_has_a_legend(matplotlib_st
             assert ax.get_legend() is not None, (name, ax.get_title())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(FIGURES))
 def test_lines_and_markers_use_the_okabe_ito_palette(matplotlib_state, request, name):
     """No matplotlib default colours: every line and marker is an Okabe-Ito colour or a grey (reference

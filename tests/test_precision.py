@@ -87,6 +87,7 @@ def fresh(tmp_path_factory):
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_jax_configuration_is_left_alone(fresh):
     assert fresh["x64"] is False
     assert fresh["float32"] == "float32" and fresh["default"] == "float32"

@@ -50,6 +50,7 @@ def _cases():
                 yield name, noise, label, t
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,noise,label,t", list(_cases()))
 def test_predictions_equal_neural_tangents(name, noise, label, t):
     data, meta = _reference()
@@ -100,6 +101,7 @@ def _moments(A, K_joint, n):
     return A @ Y_TRAIN, L @ K_joint @ L.T
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["relu", "tanh"])
 @pytest.mark.parametrize("mode", ["nngp", "ntk"])
 def test_gradient_flow_equals_the_matrix_exponential(name, mode):
@@ -250,6 +252,7 @@ def _cli(*args, cwd=None):
                           cwd=cwd or ROOT)
 
 
+@pytest.mark.slow
 def test_cli_predict_files_json_and_npz(tmp_path):
     for name, value in (("x", X_TRAIN), ("y", Y_TRAIN), ("xt", X_TEST)):
         np.save(tmp_path / f"{name}.npy", value)
@@ -268,6 +271,7 @@ def test_cli_predict_files_json_and_npz(tmp_path):
         assert f["nngp_covariance"].shape == (4, 4)
 
 
+@pytest.mark.slow
 def test_cli_predict_demo_text_fits_80_columns_and_bad_requests_exit_2(tmp_path):
     res = _cli("predict", "-a", "relu", "-L", "3", "--cw", "2", "--time", "1", "--time", "5")
     assert res.returncode == 0, res.stderr

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 import derive
 from derive import arch
@@ -17,6 +18,7 @@ X = np.random.default_rng(0).standard_normal((3, 4))
 NET = arch.serial(arch.dense(1.0), arch.activation("tanh"), arch.dense(1.0))
 
 
+@pytest.mark.slow
 def test_stages_are_lines_on_stderr_and_nothing_on_stdout(capsys):
     derive.sample("tanh", X, 8, 2, 1.5, 0.1, n_networks=6)
     derive.validate(NET, widths=(4, 8), samples=5, quantities=("K",))
@@ -28,6 +30,7 @@ def test_stages_are_lines_on_stderr_and_nothing_on_stdout(capsys):
     assert sum(": done in " in line for line in lines) == 3
 
 
+@pytest.mark.slow
 def test_progress_false_is_silent(capsys):
     derive.sample(NET, X, 8, n_networks=6, progress=False)
     derive.monte_carlo_check("tanh", X, 2, 1.5, width=8, n_networks=4, progress=False)
@@ -41,6 +44,7 @@ def test_a_callable_sees_every_chunk_up_to_the_total(capsys):
     assert capsys.readouterr() == ("", "")
 
 
+@pytest.mark.slow
 def test_json_on_stdout_stays_clean():
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     run = subprocess.run([sys.executable, "-m", "cli", "validate", "--activation", "tanh", "--cw", "1.5", "--depth", "2",

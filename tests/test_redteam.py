@@ -488,6 +488,7 @@ DOORS = ("--activation", "--param", "--claim", "--claim-latex", "--define", "--c
          "--targets", "--test-inputs", "--time", "--noise", "--learning-rate", "--steps", "--networks")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("door", DOORS)
 def test_door_refuses_cleanly(outcomes, door):
     tried = [o for o in outcomes if o.attempt.door == door]
@@ -523,6 +524,7 @@ def test_a_refusal_catches_what_it_should(tmp_path):
     ["kernel", "--activation", "__import__('os').system('touch CANARY')"],
     ["gram", "-a", "relu", "--depth", "nan", "--cw", "2"],
 ])
+@pytest.mark.slow
 def test_subprocess_refusals(tmp_path, args):
     """The refusals a user sees: exit status 2 and one line on stderr, from a real process."""
     out = next((args[i + 1] for i, a in enumerate(args) if a == "--out"), None)
@@ -538,6 +540,7 @@ def test_work_estimate_refusal_names_the_limit(tmp_path):
     assert "operations" in outcome.stderr and "DERIVE_MAX_WORK=" in outcome.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("delay", [1.0, 3.0, 8.0])
 def test_interrupt_leaves_previous_output(tmp_path, delay):
     """Ctrl-C during a run with --out, while importing, deriving or sampling: the previous file is

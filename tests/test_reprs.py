@@ -112,6 +112,7 @@ def _balanced(latex: str) -> bool:
     return depth == 0 and left == right and latex.count(r"\begin{") == latex.count(r"\end{")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", [*BUILDERS, *PARTS])
 def test_short_repr_and_rich_display(built, name):
     obj = built(name)

@@ -122,6 +122,7 @@ def test_identity_files_exist():
     assert IDENTITY_FILES and IDENTITIES
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("ident_id", "cov", "draw"), list(_cases()))
 def test_identity_against_reference(ident_id, cov, draw):
     """The TOML result equals <integrand> (reference), and so does the engine on that integrand."""

@@ -60,6 +60,7 @@ def _numpy_training(params, x, y, xt, C_W, C_b, lr, steps):
     return forward(params, xt)[1][-1]
 
 
+@pytest.mark.slow
 def test_trainer_equals_a_numpy_loop():
     y = Y_TRAIN[:, None]
     C_W, C_b, lr, steps, width = 1.7, 0.2, 0.9, 7, 6
@@ -72,6 +73,7 @@ def test_trainer_equals_a_numpy_loop():
             np.testing.assert_allclose(ens.outputs[k, c], expected, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.slow
 def test_ensembles_do_not_depend_on_the_chunk_size():
     act = jax_activation(resolve("relu"))
     a = train_ensemble(act, X_TRAIN, Y_TRAIN, X_TEST, 3, 8, 2.0, 0.0, steps=[5], learning_rate=1.0, n_networks=6,
@@ -105,6 +107,7 @@ def test_trained_ensembles_agree_with_the_infinite_width_prediction(name, cw, cb
     assert max(right.final_loss.values()) < 0.05 * float(np.mean(Y_TRAIN**2))
 
 
+@pytest.mark.slow
 def test_validate_trained_api_report_and_figure(tmp_path):
     rep = derive.validate_trained("erf", X_TRAIN, Y_TRAIN, X_TEST, 3, 1.5, 0.05, widths=(8, 16, 32), n_networks=60,
                                   steps=(0, 10))
@@ -126,6 +129,7 @@ def test_validate_trained_refuses(kwargs, message):
         derive.validate_trained("relu", X_TRAIN, Y_TRAIN, X_TEST, 3, 2.0, **kwargs)
 
 
+@pytest.mark.slow
 def test_cli_validate_trained_exit_codes(tmp_path):
     base = [sys.executable, "-m", "cli", "validate-trained", "-a", "tanh", "-L", "3", "--cw", "1.5", "--cb", "0.05",
             "--widths", "8,16,32", "--networks", "150", "--steps", "0", "--steps", "40", "--format", "json"]

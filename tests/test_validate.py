@@ -49,6 +49,7 @@ def _theory(name, C_W, lambda_W):
     return np.asarray(K), np.asarray(T)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(CASES))
 def test_sampled_kernel_and_ntk_agree_with_theory(reports, name):
     report = reports[name]
@@ -73,6 +74,7 @@ def test_detects_five_percent_error_in_C_W(reports, name):
     assert max(np.abs(z)) > 5
 
 
+@pytest.mark.slow
 def test_wrong_theory_plugged_into_the_registry_fails_the_report():
     """The same relu sample (same seed and sizes) against a K theory with C_W off by 5%."""
     C_W, C_b = CASES["relu"]
@@ -104,6 +106,7 @@ def test_same_seed_same_numbers():
     assert a != run(4)
 
 
+@pytest.mark.slow
 def test_several_widths_extrapolate_in_inverse_width(tmp_path):
     calls = []
     report = validate("tanh", 1.5, 0.05, 2, widths=[64, 32], samples=150, seed=2, quantities="K,V",
@@ -127,6 +130,7 @@ def test_several_widths_extrapolate_in_inverse_width(tmp_path):
     assert (tmp_path / "mc.png").stat().st_size > 10_000
 
 
+@pytest.mark.slow
 def test_dntk_quantities_agree_and_a_wrong_theory_is_detected():
     """Layer-2 dNTK statistics are exact at any width (Gaussian layer 1, deterministic layer-1 NTK), so
     one small width suffices; the same sample rejects a theory 25% off (about 10 standard errors)."""
@@ -162,6 +166,7 @@ def run(*args: str) -> subprocess.CompletedProcess:
                           timeout=300)
 
 
+@pytest.mark.slow
 def test_cli_json_is_one_object_and_exit_status_zero():
     res = run("--activation", "relu", "--cw", "2", "--cb", "0.1", "--depth", "2", "--width", "32",
               "--samples", "60", "--quantities", "K,Theta,V", "--format", "json")
@@ -173,6 +178,7 @@ def test_cli_json_is_one_object_and_exit_status_zero():
     assert all(ROW_KEYS <= set(r) for r in out["results"])
 
 
+@pytest.mark.slow
 def test_cli_failed_check_exits_one_and_writes_the_figure(tmp_path):
     fig = tmp_path / "check.png"
     res = run("-a", "relu", "--cw", "2", "--depth", "2", "--width", "16", "--samples", "30",
@@ -187,12 +193,14 @@ def test_cli_failed_check_exits_one_and_writes_the_figure(tmp_path):
     [],
     ["--width", "8", "--quantities", "K,nonsense"],
 ])
+@pytest.mark.slow
 def test_cli_bad_input_exits_two_with_one_line(args):
     res = run("-a", "relu", "--cw", "2", "--depth", "2", *args)
     assert res.returncode == 2
     assert res.stderr.strip().startswith("error:") and len(res.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_rows_state_their_power():
     """Every checked row says the smallest deviation it could detect (z_max standard errors) and
     whether a deviation as large as the value itself would pass; G1 at these sizes has no power."""

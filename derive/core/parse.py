@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ast
 import math
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 
 import sympy as sp
@@ -272,7 +273,9 @@ def parse_expression(
         table.update(functions)
     source, columns = _caret_to_power(text.strip())
     try:
-        tree = ast.parse(source, mode="eval")
+        with warnings.catch_warnings():  # Python's own warnings on odd text ("1if") are not the user's
+            warnings.simplefilter("ignore", SyntaxWarning)
+            tree = ast.parse(source, mode="eval")
     except SyntaxError as exc:
         col = columns[min(exc.offset, len(columns)) - 1] + 1 if exc.offset else None
         raise ParseError(f"invalid syntax ({exc.msg})", text, col, where) from None
