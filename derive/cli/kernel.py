@@ -55,14 +55,7 @@ def kernel(
 
     d = api.kernel(activation, param, rule_dirs=tuple(map(str, rules or ())))
     act = d.activation
-    items = {
-        "expectation": d.expectation,
-        "derivative_expectation": d.derivative_expectation,
-        "recursion": d.recursion,
-        "ntk_recursion": d.ntk_recursion,
-        "single_input": d.single_input,
-        "single_input_ntk": d.single_input_ntk,
-    }
+    items = d.items()
     if fmt is Format.json:
         out = {
             "activation": act.name,
@@ -77,20 +70,7 @@ def kernel(
         typer.echo(json.dumps(out))
         return
     if fmt is Format.latex:
-        import sympy as sp
-
-        labels = {
-            "expectation": r"\langle \sigma(z_1)\sigma(z_2)\rangle_K",
-            "derivative_expectation": r"\langle \sigma'(z_1)\sigma'(z_2)\rangle_K",
-            "recursion": r"K^{(\ell+1)}_{12}",
-            "ntk_recursion": r"\Theta^{(\ell+1)}_{12}",
-            "single_input": r"K^{(\ell+1)}",
-            "single_input_ntk": r"\Theta^{(\ell+1)}",
-        }
-        # a paste-ready align block (amsmath): one aligned line per quantity, no trailing break
-        lines = [rf"{labels[k]} &= {sp.latex(v)}" for k, v in items.items()]
-        typer.echo(rf"% {act.name}: \sigma(z) = {sp.latex(act.expression)}")
-        typer.echo("\\begin{align}\n" + " \\\\\n".join(lines) + "\n\\end{align}")
+        typer.echo(d.to_latex())  # a paste-ready align block (amsmath), one line per quantity
         return
     from rich.console import Console
 
