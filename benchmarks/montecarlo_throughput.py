@@ -47,6 +47,8 @@ import numpy as np
 
 from derive.sampling import dense as mc
 
+jax.config.update("jax_enable_x64", True)  # this script's own process: its float64 baselines
+
 TARGET = 0.5  # fraction of the jnp.dot peak
 TARGET_MIN_WIDTH = 512
 

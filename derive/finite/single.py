@@ -55,6 +55,7 @@ from functools import lru_cache
 import numpy as np
 import sympy as sp
 
+from derive.backends.precision import float64
 from derive.core import budget
 from derive.core import symbols as S
 from derive.core.display import QUANTITY_LATEX, aligned, markdown_table, markdown_text
@@ -379,6 +380,7 @@ _ARGS = (*(STATE[q] for q in QUANTITIES), S.C_W, S.C_b, S.lambda_W, S.lambda_b, 
 _JAX_STEPS: dict = {}
 
 
+@float64
 def iterate_jax(maps: FiniteWidthMaps, depth: int, C_W, C_b, lambda_W=None, lambda_b=None, *,
                 k1: float | None = None, widths=None, input_norm: float = 1.0) -> dict:
     """The same iteration as :func:`iterate`, code-generated to JAX and jit-compiled (``lax.scan``

@@ -213,6 +213,7 @@ def layer_widths(input_dim: int, depth: int, width: int, out_width: int | None =
     return (input_dim,) + (width,) * (depth - 1) + (out,)
 
 
+@float64
 def init_network(key: jax.Array, widths: Sequence[int], C_W: float, C_b: float, dtype=jnp.float64) -> Params:
     """Sample [(W^(1), b^(1)), ..., (W^(L), b^(L))] with W^(l) of shape (n_l, n_{l-1}).
 
@@ -299,6 +300,7 @@ def _empirical_ntk(params: Params, dsigmas, overlaps, lambda_W, lambda_b) -> jax
     return ntk
 
 
+@float64
 def network_statistics(
     params: Params,
     activation: Activation,
@@ -328,6 +330,7 @@ def network_statistics(
     return stats["nngp"], stats["ntk"]
 
 
+@float64
 def empirical_grams(params: Params, activation: Activation, inputs: jax.Array, C_W: float, C_b: float
                     ) -> jax.Array:
     """G_hat^(l)_{ab} = C_b + (C_W / n_{l-1}) h^(l-1)_a . h^(l-1)_b for l = 1..L, shape (L, N, N).
