@@ -116,3 +116,11 @@ def test_sample_is_the_dense_or_the_architecture_sampler():
     np.testing.assert_array_equal(got.nngp[-1].mean, want.nngp[-1].mean)
     with pytest.raises(derive.DeriveError, match="depth and C_W"):
         derive.sample("tanh", x, 16)
+
+
+def test_reports_take_an_activation_name_or_object():
+    from derive.finite.single import finite_width_report
+
+    by_name = finite_width_report("tanh", 3, 1.5, 0.1)
+    by_object = finite_width_report(derive.activation("tanh"), 3, 1.5, 0.1)
+    assert by_name["V"] == by_object["V"] and by_name["A"] == by_object["A"]

@@ -61,7 +61,7 @@ from derive.core import symbols as S
 from derive.core.display import QUANTITY_LATEX, aligned, markdown_table, markdown_text
 from derive.core.errors import DeriveError
 from derive.finite.collective import activation_table, dense_after_activation, ntk_maps
-from derive.rules.activations import Activation
+from derive.rules.activations import Activation, as_activation
 from derive.rules.layers import act, find_layer_rule
 from derive.symbolic.expectations import expect
 from derive.symbolic.maps import activation_maps, after_dense, ntk_coefficient
@@ -116,7 +116,9 @@ def _expectations(sigma: sp.Expr, dsigma: sp.Expr, tol: float) -> dict:
 def finite_width_maps(activation: Activation, tol: float = DEFAULT_TOL) -> FiniteWidthMaps:
     """The single-input finite-width maps of a dense layer after ``activation`` (parameters at their
     values; the layer's C_W, C_b, lambda_W, lambda_b symbolic), derived from the layer rules: the one
-    derivation every architecture uses (module docstring)."""
+    derivation every architecture uses (module docstring). ``activation``: an Activation, or a rule
+    name or expression in z."""
+    activation = as_activation(activation)
     dense = find_layer_rule("dense")
     fw = dense_after_activation(activation, tol)
     am = activation_maps(activation, tol, numeric=True)
@@ -348,8 +350,10 @@ def depth_to_width(profile: FiniteWidthProfile) -> dict:
 
 def finite_width_report(activation: Activation, depth: int, C_W, C_b, lambda_W=None, lambda_b=None, *,
                         k1: float | None = None, widths=None, tol: float = DEFAULT_TOL) -> dict:
-    """Everything ``derive finite-width`` reports, as a JSON-ready dict (index 0 = layer 1)."""
+    """Everything ``derive finite-width`` reports, as a JSON-ready dict (index 0 = layer 1); the
+    activation an Activation, or a rule name or expression in z."""
     check_depth(depth)
+    activation = as_activation(activation)
     maps = finite_width_maps(activation, tol)
     prof = iterate(maps, depth, C_W, C_b, lambda_W, lambda_b, k1=k1, widths=widths)
     cw0, cb0 = np.atleast_1d(C_W)[0], np.atleast_1d(C_b)[0]
