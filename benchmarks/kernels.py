@@ -384,6 +384,9 @@ def main(argv=None) -> int:
     if args.nt_worker:
         return nt_worker(args.nt_worker)
 
+    import jax
+
+    jax.config.update("jax_enable_x64", True)  # this script's own process: the float64 jnp baseline
     from derive.api import kernel
     from derive.symbolic.recursions import numeric_kernel_expressions
 
