@@ -50,6 +50,7 @@ from typing import Union
 import sympy as sp
 import tomllib
 
+from derive.core.display import exact_fraction
 from derive.core.errors import DeriveError, RuleError
 from derive.core.parse import parse_expression
 from derive.rules.layers import LayerRule, find_layer_rule
@@ -158,12 +159,8 @@ class Layer:
 
 def _shown(v: float) -> str:
     """A parameter as written back: a small rational exactly (1/3), else every digit of the float."""
-    from fractions import Fraction
-
-    q = Fraction(float(v)).limit_denominator(10**4)
-    if float(q) == float(v):
-        return str(q)
-    return repr(float(v))
+    q = exact_fraction(v)
+    return repr(float(v)) if q is None else str(q)
 
 
 @lru_cache(maxsize=None)

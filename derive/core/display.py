@@ -30,6 +30,19 @@ QUANTITY_LATEX = {
 }
 
 
+#: Largest denominator a float is shown as a rational with (1/3, 2/5: architecture parameters).
+MAX_DENOMINATOR = 10**4
+
+
+def exact_fraction(x: float):
+    """The rational of denominator <= MAX_DENOMINATOR that equals the float ``x`` exactly (1/6 for
+    0.16666666666666666), else None."""
+    from fractions import Fraction
+
+    q = Fraction(float(x)).limit_denominator(MAX_DENOMINATOR)
+    return q if float(q) == float(x) else None
+
+
 def number(x) -> str:
     """``x`` with every significant digit: the shortest decimal that reads back as the same float
     (a float32 as a float32), integers as integers, None as :data:`MISSING`."""

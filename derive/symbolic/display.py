@@ -13,25 +13,21 @@ The JSON outputs keep SymPy's own text (``str``), which tools read back; the tex
 
 from __future__ import annotations
 
-from fractions import Fraction
-
 import sympy as sp
 from sympy.printing.str import StrPrinter
 
-#: Largest denominator shown as a rational.
-MAX_DENOMINATOR = 10**4
+from derive.core.display import exact_fraction
 
 
 def rationalise(expr: sp.Expr) -> sp.Expr:
-    """``expr`` with every float that equals a rational of denominator <= MAX_DENOMINATOR exactly (in
-    float64) replaced by that rational; the others kept."""
+    """``expr`` with every float that equals a small rational exactly (in float64,
+    :func:`derive.core.display.exact_fraction`) replaced by that rational; the others kept."""
     if not isinstance(expr, sp.Basic):
         return expr
     swap = {}
     for f in expr.atoms(sp.Float):
-        value = float(f)
-        q = Fraction(value).limit_denominator(MAX_DENOMINATOR)
-        if float(q) == value:
+        q = exact_fraction(f)
+        if q is not None:
             swap[f] = sp.Rational(q.numerator, q.denominator)
     return expr.xreplace(swap) if swap else expr
 
@@ -53,4 +49,4 @@ def readable(expr) -> str:
     return _Readable({"order": None}).doprint(rationalise(expr))
 
 
-__all__ = ["MAX_DENOMINATOR", "rationalise", "readable"]
+__all__ = ["rationalise", "readable"]
