@@ -652,3 +652,39 @@ def test_sampled_attention_layer_agrees_and_its_own_fluctuations_are_needed():
     finally:
         tensor._attention_fluctuations = original
     assert not compare_finite_width(wrong, estimates).passed
+
+
+@pytest.mark.parametrize("name", ["tanh", "gelu", "relu"])
+def test_dense_rule_jacobian_is_the_derivative_of_the_infinite_width_maps(name):
+    """[finite_width.jacobian] of rules/layers/dense.toml (what residual blocks chain through their
+    branch) against mpmath: K' = C_b + C_W <s^2>_K and Theta' = lambda_b + lambda_W <s^2>_K +
+    C_W Theta <s'^2>_K by 30-digit quadrature, differentiated numerically in K and Theta."""
+    from derive.core import symbols as S
+    from derive.finite.arch import _parameters, _Point, _Walker
+
+    K0, Th0, cw, lw = 0.8, 1.3, 1.5, 1.2
+    dense = arch.dense(cw, 0.1, lambda_W=lw)
+    walker = _Walker(1e-11)
+    point = walker.elementwise(_Point(K0, 0.0, 0.0, Th0, 1, 1), arch.activation(name))
+    values = {S.K: K0, S.V: 0.0, S.G1: 0.0, S.r: 1.0, **dict(_parameters(dense))}
+    got = walker.jacobian(point, dense, values)
+
+    mp.mp.dps = 30
+    sigma = {"tanh": mp.tanh, "gelu": lambda u: u * (1 + mp.erf(u / mp.sqrt(2))) / 2,
+             "relu": lambda u: max(u, 0)}[name]
+    dsigma = {"tanh": lambda u: 1 - mp.tanh(u) ** 2,
+              "gelu": lambda u: (1 + mp.erf(u / mp.sqrt(2))) / 2 + u * mp.exp(-u * u / 2) / mp.sqrt(2 * mp.pi),
+              "relu": lambda u: 1 if u > 0 else 0}[name]
+
+    def gauss(f, K):
+        return mp.quad(lambda x: f(mp.sqrt(K) * x) * mp.exp(-x * x / 2), [-mp.inf, 0, mp.inf]) / mp.sqrt(2 * mp.pi)
+
+    def kernel(K):
+        return cw * gauss(lambda u: sigma(u) ** 2, K)
+
+    def ntk(K, Th):
+        return lw * gauss(lambda u: sigma(u) ** 2, K) + cw * Th * gauss(lambda u: dsigma(u) ** 2, K)
+
+    want = (mp.diff(kernel, K0), mp.diff(lambda K: ntk(K, Th0), K0), mp.diff(lambda t: ntk(K0, t), Th0))
+    for g, w, what in zip(got, want, ("dK'/dK", "dTheta'/dK", "dTheta'/dTheta")):
+        assert g == pytest.approx(float(w), rel=1e-9), what
