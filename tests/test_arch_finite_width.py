@@ -10,6 +10,7 @@ LayerNorm and evaluated with mpmath, and sampled networks at three widths after 
 import mpmath as mp
 import numpy as np
 import pytest
+import sympy as sp
 
 import derive.finite.arch as afw
 import derive.finite.collective as collective
@@ -267,6 +268,47 @@ def test_layernorm_then_activation_by_hand():
         assert abs(fw.values["K"][i] - K_hand) < 1e-10 * K_hand
 
 
+def test_ntk_fluctuations_after_layernorm_by_hand():
+    """dense(C_W=2) -> LayerNorm -> gelu -> dense(C_W, C_b) for one input, from the LayerNorm Jacobian
+    by hand, u = z/sqrt(K) ~ N(0, 1), s = gelu(u), Theta and K the first layer's (A = B = D = F = V = 0
+    there). The next NTK diagonal given the input is T = lambda_W mean(s^2) + C_W Theta mean(s'^2)/S^2
+    with S^2 = mean(z^2) - mean(z)^2; moving the channel mean by K^(1/2) mean(u) and the variance by
+    K mean(u^2 - 1) gives T's influence function
+
+        iota_T = lambda_W [s^2 - 2<ss'> u - <ss'u> (u^2 - 1)]
+                 + (C_W Theta/K) [s'^2 - 2<s's''> u - (<s's''u> + <s'^2>) (u^2 - 1)],
+
+    and G's (the next variance) is C_W times the first bracket. A = Var iota_T, D = Cov(iota_T, iota_G).
+    The Jacobian (1/S) diag(s') P with P = 1 - 11^T/n - u u^T/n contracts the NTK into
+    F = C_W^2 (Theta/K) E[(w - <w> - <wu> u)^2], w = s s' (the projection removes the mean and the
+    direction of the input; no F term survives it), and B = C_W^2 (Theta/K)^2 <s'^4>."""
+    mp.mp.dps = 30
+    cw, cb = 1.5, 0.1
+    Phi = lambda t: (1 + mp.erf(t / mp.sqrt(2))) / 2  # noqa: E731
+    phi = lambda t: mp.exp(-t * t / 2) / mp.sqrt(2 * mp.pi)  # noqa: E731
+    s, ds, dds = (lambda t: t * Phi(t)), (lambda t: Phi(t) + t * phi(t)), (lambda t: phi(t) * (2 - t * t))
+    K, Theta = 2.0, 2.0
+    g = lambda f: _gauss(f, 1)  # noqa: E731
+    a1, a2 = g(lambda t: s(t) * ds(t)), g(lambda t: s(t) * ds(t) * t)
+    b1, b2, b3 = g(lambda t: ds(t) * dds(t)), g(lambda t: ds(t) * dds(t) * t), g(lambda t: ds(t) ** 2)
+    first = lambda t: s(t) ** 2 - 2 * a1 * t - a2 * (t * t - 1)  # noqa: E731
+    iota_T = lambda t: cw * first(t) + cw * Theta / K * (ds(t) ** 2 - 2 * b1 * t - (b2 + b3) * (t * t - 1))  # noqa: E731
+    iota_G = lambda t: cw * first(t)  # noqa: E731
+    w1, w2 = g(lambda t: s(t) * ds(t)), g(lambda t: s(t) * ds(t) * t)
+    hand = {
+        "A": g(lambda t: iota_T(t) ** 2) - g(iota_T) ** 2,
+        "B": cw**2 * (Theta / K) ** 2 * g(lambda t: ds(t) ** 4),
+        "D": g(lambda t: iota_T(t) * iota_G(t)) - g(iota_T) * g(iota_G),
+        "F": cw**2 * Theta / K * g(lambda t: (s(t) * ds(t) - w1 - w2 * t) ** 2),
+    }
+    net = arch.serial(arch.dense(2.0), arch.layer_norm(), arch.activation("gelu"), arch.dense(cw, cb))
+    fw = arch_finite_width(net)
+    assert fw.values["Theta"][0] == Theta and fw.values["K"][0] == K
+    for q, value in hand.items():
+        assert abs(fw.values[q][-1] - float(value)) < 1e-9 * abs(float(value)), (q, fw.values[q][-1], value)
+    assert fw.values["P"][-1] is None and fw.values["Q"][-1] is None
+
+
 # ------------------------------------------------------------------------------------------------
 # What is refused, and why
 
@@ -465,9 +507,8 @@ def test_sampled_cnns_agree_and_a_dropped_term_is_rejected(name):
 
 
 def test_ntk_fluctuations_are_carried_only_where_derived():
-    """A..Q after dense layers fed by activations; None after LayerNorm (its statistics move with the
-    NTK); A..F through residual blocks and P, Q not (None from a residual block on); the dense
-    network's equal the dense engine's."""
+    """A..Q after dense layers fed by activations; A..F after LayerNorm and through residual blocks,
+    P, Q not (None from there on); the dense network's equal the dense engine's."""
     from derive.finite.arch import QUANTITIES
 
     assert QUANTITIES[-6:] == ("A", "B", "D", "F", "P", "Q")
@@ -476,7 +517,9 @@ def test_ntk_fluctuations_are_carried_only_where_derived():
     for q in ("A", "B", "D", "F", "P", "Q"):
         assert _relative(mlp.values[q], profile.values[q]) < 1e-12, q
     ln = arch_finite_width(NETWORKS["layernorm stack"])
-    assert ln.values["A"][0] == 0.0 and all(v is None for v in ln.values["A"][1:])
+    for q in ("A", "B", "D", "F"):
+        assert all(v is not None and np.isfinite(v) and v != 0 for v in ln.values[q][1:]), q
+    assert ln.values["P"][0] == 0.0 and all(v is None for v in ln.values["P"][1:] + ln.values["Q"][1:])
     res = arch_finite_width(arch.serial(arch.dense(1.0), arch.activation("tanh"), arch.dense(1.5),
                                         arch.residual(arch.dense(1.0), arch.activation("tanh"), arch.dense(1.0)),
                                         arch.activation("tanh"), arch.dense(1.2)))
@@ -533,6 +576,37 @@ def test_sampled_ntk_fluctuation_of_residual_mlps_and_a_dropped_term_is_rejected
     finally:
         afw._combine_ntk = original
     assert wrong.values["A"][-1] + 2 * wrong.values["B"][-1] != pytest.approx(check.rows[-1]["theory"])
+    assert not compare_finite_width(wrong, estimates, quantities=("Theta_var",)).passed
+
+
+def _layernorm_statistics_held(self, F):
+    """The wrong influence function of an NTK statistic: LayerNorm's mean and variance held at their
+    infinite-width values (their own fluctuation dropped)."""
+    return sp.expand(sum((self.bar(collective._diff(F, a)) * self.bar(a.args[0])
+                          for a in collective._top_means(F)), sp.Integer(0)))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["layernorm stack", "pre-LN residual gelu"])
+def test_sampled_ntk_fluctuation_through_layernorm_and_a_dropped_term_is_rejected(name):
+    """n Var(H_ii) of the output channel of three blocks LayerNorm -> tanh -> dense, and of three
+    pre-LN residual blocks x + 0.7 W2 gelu(W1 LN(x)), fitted in 1/n over three widths, against A + 2B
+    carried through LayerNorm; the maps that hold LayerNorm's statistics at their infinite-width
+    values (38.6 -> 24.2 and 50.5 -> 72.0) are rejected by the same samples."""
+    net = NETWORKS[name]
+    theory = arch_finite_width(net)
+    estimates = sample_kernel_estimates(net, (48, 96, 192), samples=4000, seed=7, ntk=True)
+    check = compare_finite_width(theory, estimates, quantities=("Theta", "Theta_var"))
+    assert check.passed and not any(r["weak"] for r in check.rows), check.rows
+    original = collective._Collective.influence
+    try:
+        collective._Collective.influence = _layernorm_statistics_held
+        collective.ntk_maps.cache_clear()
+        wrong = arch_finite_width(net)
+    finally:
+        collective._Collective.influence = original
+        collective.ntk_maps.cache_clear()
+    assert wrong.values["A"][-1] != pytest.approx(theory.values["A"][-1], rel=0.1)
     assert not compare_finite_width(wrong, estimates, quantities=("Theta_var",)).passed
 
 
@@ -688,3 +762,22 @@ def test_dense_rule_jacobian_is_the_derivative_of_the_infinite_width_maps(name):
     want = (mp.diff(kernel, K0), mp.diff(lambda K: ntk(K, Th0), K0), mp.diff(lambda t: ntk(K0, t), Th0))
     for g, w, what in zip(got, want, ("dK'/dK", "dTheta'/dK", "dTheta'/dTheta")):
         assert g == pytest.approx(float(w), rel=1e-9), what
+
+
+@pytest.mark.parametrize("maps, define, message", [
+    ({"A": "ncov(s^2, T)"}, {"T": "mean(s^2)"}, r"ncov\(...\) takes channel statistics"),
+    ({"A": "mean(s^2)"}, {}, r"a channel statistic \(mean\(...\)\) is used through ncov, dK or dz"),
+    ({"A": "E(mean(s^2)*ds)"}, {}, r"mean\(...\) inside E\(...\)"),
+    ({"A": "dK(G)*s"}, {"G": "mean(s^2)"}, r"uses s outside E\(...\) and mean\(...\)"),
+    ({"A": "dz(G, G)"}, {"G": "mean(s^2)"}, r"dz"),
+])
+def test_rule_statistics_are_checked_with_one_line_errors(maps, define, message):
+    """The channel-statistic operators of [finite_width.ntk] take statistics, and statistics appear
+    only through them: a wrong rule is refused with what and where."""
+    from derive.core.errors import DeriveError as Base
+    from derive.rules.layers import _parse_ntk_maps
+
+    full = {q: "0" for q in ("A", "B", "D", "F", "P", "Q")} | maps
+    with pytest.raises(Base, match=message) as info:
+        _parse_ntk_maps(full, define, {"C_W": sp.Symbol("C_W")}, "mine.toml")
+    assert "\n" not in str(info.value) and "mine.toml" in str(info.value)

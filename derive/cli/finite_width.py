@@ -198,8 +198,8 @@ def _arch_finite_width(net, path: Path, width: Optional[int], fmt: Format, out: 
         table.add_row(*row)
     console.print(table)
     console.print("'-': the output of an activation or layernorm is not a Gaussian point (its statistics "
-                  "enter the next dense layer), or Var(H) = (A + 2B)/n is not derived there (after LayerNorm); "
-                  "--format json has A, B, D, F (and P, Q, not carried through residual blocks)")
+                  "enter the next dense layer); "
+                  "--format json has A, B, D, F (and P, Q, not carried through LayerNorm or residual blocks)")
     if out is not None:
         console.print(f"wrote {out}")
 

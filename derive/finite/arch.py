@@ -37,10 +37,11 @@ dNTK (A, B, D, F, P, Q) from the dense rule's ``[finite_width.ntk]`` maps (PDLT 
 the run of activations). Through a residual block the NTK fluctuations A, B, D, F are combined from
 the skip's, the branch output's and cross terms through the branch's Jacobian (:func:`_combine_ntk`;
 the derivatives of the branch's infinite-width maps come from the dense rule's
-``[finite_width.jacobian]``); the dNTK (P, Q) is not carried through residual blocks. After
-LayerNorm (its channel statistics also fluctuate with the NTK) none are derived (None, and None from
-there on). Layers without a
-``[finite_width]`` table are refused with the reason; conv, pooling and flatten have the tensor form
+``[finite_width.jacobian]``). After LayerNorm the same maps give A, B, D, F: the rule writes them
+with channel statistics (``ncov``, ``dK``, ``dz`` of the next layer's conditional variance and NTK
+diagonal), which carry LayerNorm's fluctuating mean and variance and its Jacobian's projection.
+The dNTK (P, Q) is not carried after LayerNorm or through residual blocks (None from there on).
+Layers without a ``[finite_width]`` table are refused with the reason; conv, pooling and flatten have the tensor form
 (:mod:`derive.finite.tensor`).
 """
 
@@ -225,24 +226,27 @@ class _Walker:
 
     def fluctuations(self, p: _Point, layer: Layer, values: dict) -> tuple | None:
         """(A, B, D, F, P, Q) after a dense layer, from its rule's [finite_width.ntk] maps; None when the
-        input point has none or the run since it holds channel means (LayerNorm), which the maps do not
-        carry; a quantity whose map needs one that is not derived (P and Q after a residual block) is
-        None."""
+        input point has none. After a run with channel means (LayerNorm) only the maps the rule states
+        hold there (``ntk_after_means``: A, B, D, F for dense); a quantity not derived, or whose map
+        needs one that is not (P and Q after a residual block or LayerNorm), is None."""
         maps = layer.rule.finite_width_ntk
-        if not maps or p.fluctuations is None or p.run.has(mean):
+        if not maps or p.fluctuations is None:
             return None
+        if p.run.has(mean):
+            maps = tuple((q, e) for q, e in maps if q in layer.rule.finite_width_ntk_after_means)
         exprs = ntk_maps(maps, (), p.run, p.activations, self.tol)
         known = {s: v for s, v in zip(_NTK_SYMBOLS, p.fluctuations) if v is not None}
         state = {**values, S.Theta: p.Theta, **known}
         missing = set(_NTK_SYMBOLS) - set(known)
-        return tuple(None if exprs[q].free_symbols & missing else float(evaluate(exprs[q], state))
+        return tuple(None if q not in exprs or exprs[q].free_symbols & missing else float(evaluate(exprs[q], state))
                      for q in FW_NTK_QUANTITIES)
 
     def jacobian(self, p: _Point, layer: Layer, values: dict) -> tuple | None:
         """(dK'/dK, dTheta'/dK, dTheta'/dTheta) of a dense layer's infinite-width maps at the point p,
-        from its rule's [finite_width.jacobian]; None after channel means (LayerNorm)."""
+        from its rule's [finite_width.jacobian] (through channel means too: the derivatives of the
+        statistics' infinite-width values)."""
         maps = layer.rule.finite_width_jacobian
-        if not maps or p.run.has(mean):
+        if not maps:
             return None
         exprs = ntk_maps(maps, (), p.run, p.activations, self.tol)
         state = {**values, S.Theta: p.Theta}

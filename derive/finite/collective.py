@@ -34,7 +34,18 @@ from functools import lru_cache
 import sympy as sp
 
 from derive.core import symbols as S
-from derive.rules.layers import FW_DRUN, FW_RUN, FW_SITES, E, act, find_layer_rule, mean
+from derive.rules.layers import (
+    FW_DRUN,
+    FW_RUN,
+    FW_SITES,
+    FW_STATISTIC_OPERATORS,
+    E,
+    act,
+    dK,
+    find_layer_rule,
+    mean,
+    ncov,
+)
 from derive.symbolic.expectations import expect, tidy
 from derive.symbolic.quadrature import GaussianExpectation
 
@@ -57,10 +68,15 @@ def _E(f: sp.Expr, tol: float) -> sp.Expr:
     for term in sp.Add.make_args(sp.expand(f.xreplace(held))):
         coeff, dep = term.as_independent(z, as_Add=False)
         by_function[dep] = by_function.get(dep, sp.Integer(0)) + coeff
-    out = sp.Integer(0)
-    for dep, coeff in by_function.items():
-        out += coeff * _E1(dep, tol)
-    return tidy(out.xreplace({d: node for node, d in held.items()}))
+    out = sp.Add(*(coeff * _E1(dep, tol) for dep, coeff in by_function.items()))
+    out = out.xreplace({d: node for node, d in held.items()})
+    # Tidying (for display) a long sum of closed forms costs more than it is worth (minutes for the
+    # covariance of two influence functions after LayerNorm); those are only evaluated.
+    return tidy(out) if len(by_function) <= _TIDY_TERMS else out
+
+
+#: Sums of at most this many expectations are tidied by :func:`_E`.
+_TIDY_TERMS = 12
 
 
 def _E1(f: sp.Expr, tol: float) -> sp.Expr:
@@ -167,6 +183,24 @@ class _Collective:
             self._bias[m] = out
         return self._bias[m]
 
+    def influence(self, F: sp.Expr) -> sp.Expr:
+        """The influence function of the statistic F(means): sum_a dF/dm_a iota_a."""
+        return sp.expand(sum((self.bar(_diff(F, a)) * self.iota(a) for a in _top_means(F)), sp.Integer(0)))
+
+    def diota(self, m) -> sp.Expr:
+        """d iota_m / dz: the derivative of the mean's own function (its means held at their values),
+        plus the inner means' through their weights; activations differentiated before binding."""
+        g = m.args[0]
+        held = g.xreplace({inner: self.mean_value(inner) for inner in _top_means(g)})
+        out = self.bind(sp.diff(held, z))
+        for inner in _top_means(g):
+            out += _E(self.bar(_diff(g, inner)), self.tol) * self.diota(inner)
+        return out
+
+    def dz(self, F: sp.Expr) -> sp.Expr:
+        """d iota_F / dz: n times the statistic's gradient in one channel, as a function of that channel."""
+        return sp.expand(sum((self.bar(_diff(F, a)) * self.diota(a) for a in _top_means(F)), sp.Integer(0)))
+
     def collective(self, F: sp.Expr) -> dict:
         """K' = F(<g>), the influence function, n Var and n (E - K') of F(means)."""
         means = _top_means(F)
@@ -205,19 +239,50 @@ def segment_maps(F: sp.Expr, activations: tuple, tol: float, cross: bool) -> dic
     return out
 
 
+def channel_derivative(run: sp.Expr) -> sp.Expr:
+    """d run / dz with the channel means in ``run`` held (the diagonal of the run's Jacobian; the
+    means' own dependence on each channel is O(1/n) per entry, carried by the influence functions)."""
+    held = {m: sp.Dummy(f"m{i}") for i, m in enumerate(_top_means(run))}
+    return sp.diff(run.xreplace(held), z).xreplace({d: m for m, d in held.items()})
+
+
 @lru_cache(maxsize=512)
 def ntk_maps(maps: tuple, values: tuple, run: sp.Expr, activations: tuple, tol: float) -> dict:
-    """A dense layer's ``[finite_width.ntk]`` maps (rules/layers/dense.toml) after the run ``run`` (one
-    channel of the last Gaussian point z, in act(k, d, z) nodes): parameters ``values`` ((symbol,
-    value) pairs; the others stay symbolic) substituted, s = run(z) and ds = run'(z) bound, and every
-    E(.) derived at variance K. The maps hold for a run without channel means (activations); the
-    caller refuses the others."""
+    """A dense layer's ``[finite_width.ntk]`` (or ``.jacobian``) maps (rules/layers/dense.toml) after the
+    run ``run`` (one channel of the last Gaussian point z, in act(k, d, z) and mean(...) nodes):
+    parameters ``values`` ((symbol, value) pairs; the others stay symbolic) substituted, s = run(z)
+    and ds = run'(z) bound (channel means held at their infinite-width values inside E(...)), and
+
+        E(f)        <f>_K
+        ncov(X, Y)  n Cov(X, Y) = Cov_K(iota_X, iota_Y) + r V d<iota_X>/dK d<iota_Y>/dK
+        dK(X)       d<iota_X>/dK (the derivative of X's infinite-width value in K)
+        dz(X)       d iota_X / dz
+
+    for channel statistics X, Y (expressions in mean(...) of s and ds) with influence functions iota
+    by the delta method over nested means (module docstring). Whether a map holds for a run with
+    channel means is the rule's statement (``finite_width.ntk_after_means``); the caller asks only
+    for those."""
     c = _Collective(activations, tol)
-    bound = {FW_RUN: run, FW_DRUN: sp.diff(run, z)}
+    bound = {FW_RUN: run, FW_DRUN: channel_derivative(run)}
+    influence = {}
+
+    def iota(X):
+        if X not in influence:
+            influence[X] = c.influence(X.xreplace(bound))
+        return influence[X]
+
+    def statistic(node):
+        if isinstance(node, ncov):
+            return c.ncov(iota(node.args[0]), iota(node.args[1]))
+        if isinstance(node, dK):
+            return _dE(iota(node.args[0]), tol)
+        return c.dz(node.args[0].xreplace(bound))
+
     out = {}
     for key, expr in maps:
         expr = expr.xreplace(dict(values))
-        out[key] = expr.replace(lambda e: isinstance(e, E), lambda e: _E(c.bind(e.args[0].xreplace(bound)), tol))
+        expr = expr.replace(lambda e: isinstance(e, FW_STATISTIC_OPERATORS), statistic)
+        out[key] = expr.replace(lambda e: isinstance(e, E), lambda e: _E(c.bar(e.args[0].xreplace(bound)), tol))
     return out
 
 
@@ -235,4 +300,5 @@ def dense_after_activation(activation, tol: float) -> dict:
     return segment_maps(F, (activation_table(activation),), tol, False)
 
 
-__all__ = ["activation_table", "dense_after_activation", "ntk_maps", "quadratic", "r", "segment_maps"]
+__all__ = ["activation_table", "channel_derivative", "dense_after_activation", "ntk_maps", "quadratic", "r",
+           "segment_maps"]

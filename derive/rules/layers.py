@@ -100,6 +100,27 @@ class mean(sp.Function):
     nargs = 1
 
 
+class ncov(sp.Function):
+    """ncov(X, Y): n Cov of two channel statistics X, Y (expressions in mean(...) of the run) to order
+    1/n, by the delta method at the last Gaussian point (:mod:`derive.finite.collective`)."""
+
+    nargs = 2
+
+
+class dK(sp.Function):
+    """dK(X): the derivative of a channel statistic's infinite-width value with respect to the last
+    Gaussian point's kernel K."""
+
+    nargs = 1
+
+
+class dz(sp.Function):
+    """dz(X): the derivative of a channel statistic's influence function with respect to the channel z
+    (n times the statistic's gradient in that channel); a function of z, used inside E(...)."""
+
+    nargs = 1
+
+
 class act(sp.Function):
     """act(k, d, u): the d-th almost-everywhere derivative of the k-th activation at u (finite-width
     tables write ``sigma(u)``; differentiation raises d)."""
@@ -128,6 +149,8 @@ FW_NTK_QUANTITIES = ("A", "B", "D", "F", "P", "Q")
 #: (``[finite_width.jacobian]``): what a residual block needs for the cross terms of its skip and
 #: branch (derive/finite/arch.py).
 FW_JACOBIAN = ("dK_dK", "dTheta_dK", "dTheta_dTheta")
+#: The operators on channel statistics in ``[finite_width.define]``, ``.ntk`` and ``.jacobian``.
+FW_STATISTIC_OPERATORS = (ncov, dK, dz)
 #: The forms a ``[finite_width]`` table may take (module docstrings of :mod:`derive.finite.arch`
 #: and :mod:`derive.finite.tensor`).
 FW_KINDS = ("variance", "means", "elementwise", "combine")
@@ -179,6 +202,9 @@ class LayerRule:
     finite_width_ntk: tuple[tuple[str, sp.Expr], ...] = ()  # [finite_width.ntk], definitions substituted
     finite_width_jacobian: tuple[tuple[str, sp.Expr], ...] = ()  # [finite_width.jacobian], likewise
     finite_width_not_derived: str = ""  # why the layer has no finite-width maps (finite_width.not_derived)
+    # The NTK maps that also hold when the run since the last Gaussian point holds channel means
+    # (finite_width.ntk_after_means): the others are not derived there.
+    finite_width_ntk_after_means: tuple[str, ...] = ()
 
     def no_finite_width(self) -> str:
         """The message for a layer without finite-width maps: the rule's own reason where it gives one."""
@@ -246,6 +272,9 @@ def _load_layer(path: Path) -> LayerRule:
         fw_data = dict(data.get("finite_width", {}))
         ntk_data, define_data = fw_data.pop("ntk", {}), fw_data.pop("define", {})
         jacobian_data = fw_data.pop("jacobian", {})
+        after_means = fw_data.pop("ntk_after_means", [])
+        if not isinstance(after_means, list) or not set(after_means) <= set(FW_NTK_QUANTITIES):
+            raise RuleError(f"{where}: finite_width.ntk_after_means lists some of {', '.join(FW_NTK_QUANTITIES)}")
         not_derived = fw_data.pop("not_derived", "")
         if not isinstance(not_derived, str) or (not_derived and fw_data):
             raise RuleError(f"{where}: finite_width.not_derived is a reason (text), in a table without maps")
@@ -263,7 +292,8 @@ def _load_layer(path: Path) -> LayerRule:
                      output=data.get("output", "same"), aliases=tuple(data.get("aliases", [])),
                      description=data.get("description", ""), source=data.get("source", ""),
                      path=str(path), finite_width_table=finite_width, finite_width_ntk=finite_width_ntk,
-                     finite_width_jacobian=finite_width_jacobian, finite_width_not_derived=not_derived)
+                     finite_width_jacobian=finite_width_jacobian, finite_width_not_derived=not_derived,
+                     finite_width_ntk_after_means=tuple(after_means))
     _check_rule(rule, where)
     return rule
 
@@ -273,7 +303,8 @@ def _parse_ntk_maps(maps: dict, definitions: dict, table: dict, where: str,
     """The ``[finite_width.ntk]`` maps of A, B, D, F, P, Q and the ``[finite_width.jacobian]``
     derivatives (FW_JACOBIAN) with the ``[finite_width.define]`` helpers (each may use the earlier
     ones) substituted. Symbols: the state K, V, G1, Theta, A..Q and r, the rule's parameters, and
-    inside E(...) the channel z, the run s and its derivative ds."""
+    inside E(...) and mean(...) the channel z, the run s and its derivative ds. A channel statistic
+    (an expression in mean(...) of them) appears only as the argument of ncov, dK or dz."""
     jacobian = {} if jacobian is None else jacobian
     if not all(isinstance(t, dict) for t in (maps, definitions, jacobian)):
         raise RuleError(f"{where}: finite_width.ntk, finite_width.define and finite_width.jacobian must be tables")
@@ -281,11 +312,37 @@ def _parse_ntk_maps(maps: dict, definitions: dict, table: dict, where: str,
         raise RuleError(f"{where}: finite_width.define and finite_width.jacobian go with finite_width.ntk")
     names = {**table, **{q: S.BY_NAME[q] for q in ("K", "V", "G1", "Theta", "r", "z", *FW_NTK_QUANTITIES)},
              "s": FW_RUN, "ds": FW_DRUN}
-    functions = {"E": (E, 1, 1)}
+    functions = {"E": (E, 1, 1), "mean": (mean, 1, 1), "ncov": (ncov, 2, 2), "dK": (dK, 1, 1),
+                 "dz": (dz, 1, 1)}
+    channel = {S.z, FW_RUN, FW_DRUN}
+
+    def check(expr: sp.Expr, label: str, statistic: bool = False, helper: bool = False) -> None:
+        """s, ds, z only inside E(...) or mean(...) (a helper may be a function of the channel, used
+        inside E); mean(...) only inside ncov, dK, dz (or a statistic)."""
+        for op in expr.atoms(*FW_STATISTIC_OPERATORS):
+            for arg in op.args:
+                if not arg.has(mean):
+                    raise RuleError(f"{where}: {label}: {type(op).__name__}(...) takes channel statistics "
+                                    f"(expressions in mean(...)), got {sp.sstr(arg)}")
+                check(arg, label, statistic=True)
+        for node in expr.atoms(E):
+            inner = node.args[0].xreplace({d: sp.Integer(1) for d in node.args[0].atoms(dz)})
+            if inner.has(mean):
+                raise RuleError(f"{where}: {label}: mean(...) inside E(...) (a statistic is used through ncov, dK, dz)")
+        held = {e: sp.Integer(1) for e in expr.atoms(E, mean, *FW_STATISTIC_OPERATORS)}
+        outside = expr.xreplace(held)
+        stray = outside.free_symbols & channel
+        if stray and not helper:
+            raise RuleError(f"{where}: {label} uses {', '.join(sorted(s.name for s in stray))} outside E(...) and "
+                            "mean(...)")
+        if not statistic and expr.xreplace({e: sp.Integer(1) for e in expr.atoms(*FW_STATISTIC_OPERATORS)}).has(mean):
+            raise RuleError(f"{where}: {label}: a channel statistic (mean(...)) is used through ncov, dK or dz")
+
     for key, text in definitions.items():
         if key in names or key in functions:
             raise RuleError(f"{where}: finite_width.define.{key} would hide a symbol of the maps")
         names[key] = parse_expression(str(text), names, functions=functions, where=f"{where} finite_width.define.{key}")
+        check(names[key], f"finite_width.define.{key}", statistic=names[key].has(mean), helper=True)
 
     def parse(data: dict, keys: tuple, table_name: str) -> tuple:
         unknown = set(data) - set(keys)
@@ -296,11 +353,7 @@ def _parse_ntk_maps(maps: dict, definitions: dict, table: dict, where: str,
             if key not in data:
                 continue
             expr = parse_expression(str(data[key]), names, functions=functions, where=f"{where} {table_name}.{key}")
-            outside = expr.xreplace({e: sp.Integer(1) for e in expr.atoms(E)})
-            stray = outside.free_symbols & {S.z, FW_RUN, FW_DRUN}
-            if stray:
-                raise RuleError(f"{where}: {table_name}.{key} uses {', '.join(sorted(s.name for s in stray))} "
-                                "outside E(...)")
+            check(expr, f"{table_name}.{key}")
             out.append((key, expr))
         if out and len(out) != len(keys):
             missing = sorted(set(keys) - {k for k, _ in out})
@@ -417,5 +470,6 @@ def layer_names(extra: tuple[str, ...] = ()) -> list[str]:
     return sorted({r.name for r in layer_rules(extra).values()})
 
 
-__all__ = ["BK12", "BTheta12", "E", "FW_BRANCH", "FW_DRUN", "FW_INPUT", "FW_KINDS", "FW_NTK_QUANTITIES", "FW_RUN", "FW_SITES", "act", "dsigma", "mean", "LayerRule",
+__all__ = ["BK12", "BTheta12", "E", "FW_BRANCH", "FW_DRUN", "FW_INPUT", "FW_KINDS", "FW_NTK_QUANTITIES", "FW_RUN", "FW_SITES",
+           "FW_STATISTIC_OPERATORS", "act", "dK", "dsigma", "dz", "mean", "ncov", "LayerRule",
            "OPERATORS", "SHAPE_PRESERVING", "combine_weights", "StructuralOperator", "find_layer_rule", "layer_names", "layer_rules", "sigma"]
