@@ -25,7 +25,7 @@ from derive.finite.moments import (
     distinct_moment,
     moment_rule,
 )
-from derive.finite.single import finite_width_maps
+from derive.finite.single import single_expectations
 from derive.rules.activations import Activation
 from derive.symbolic.expectations import expect
 from derive.symbolic.numeric import evaluate
@@ -88,15 +88,29 @@ class BatchTerms:
     g2: sp.Expr
 
 
+_BATCH_TERMS: dict = {}
+
+
 def batch_terms(activation: Activation, tol: float = DEFAULT_TOL) -> BatchTerms:
-    """The coefficients :func:`iterate_batch` evaluates (and the JAX batch iteration compiles)."""
+    """The coefficients :func:`iterate_batch` evaluates (and the JAX batch iteration compiles); derived
+    once per activation function and tolerance (a transformer's blocks share them)."""
+    key = (activation.sigma_numeric, tol)
+    if key not in _BATCH_TERMS:
+        if len(_BATCH_TERMS) >= 32:
+            _BATCH_TERMS.pop(next(iter(_BATCH_TERMS)))
+        _BATCH_TERMS[key] = _batch_terms(activation, tol)
+    return _BATCH_TERMS[key]
+
+
+def _batch_terms(activation: Activation, tol: float) -> BatchTerms:
     from derive.symbolic.recursions import derive_kernel
 
-    fw = finite_width_maps(activation, tol)
-    s2 = fw.expectations["s2"]
+    # The single-input expectations only (the same ones finite_width_maps holds, not its NTK maps).
+    e = single_expectations(activation.sigma_numeric, activation.derivative(numeric=True), tol)
+    s2 = e["s2"]
     d = derive_kernel(activation, tol)
     return BatchTerms(batch_expectations(activation, tol), d.numeric(d.expectation), s2,
-                      fw.expectations["s4"], sp.diff(s2, S.K), sp.diff(s2, S.K, 2))
+                      e["s4"], sp.diff(s2, S.K), sp.diff(s2, S.K, 2))
 
 
 def _pair_values(expr: sp.Expr, k11, k12, k22):

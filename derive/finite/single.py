@@ -92,7 +92,7 @@ class FiniteWidthMaps:
 
 
 @lru_cache(maxsize=64)
-def _expectations(sigma: sp.Expr, dsigma: sp.Expr, tol: float) -> dict:
+def single_expectations(sigma: sp.Expr, dsigma: sp.Expr, tol: float) -> dict:
     """The single-input Gaussian expectations PDLT's maps are written with (module docstring)."""
     z, K = S.z, S.K
 
@@ -125,7 +125,7 @@ def finite_width_maps(activation: Activation, tol: float = DEFAULT_TOL) -> Finit
     theta = after_dense(am.single_kernel, "single_ntk", ntk_coefficient(am.single_ntk, S.Theta))
     fluctuations = ntk_maps(dense.finite_width_ntk, (), act(0, 0, S.z), (activation_table(activation),), tol)
     recursions = {"K": fw["K"], "V": fw["V"], "G1": fw["G1"], "Theta": theta, **fluctuations}
-    e = _expectations(activation.sigma_numeric, activation.derivative(numeric=True), tol)
+    e = single_expectations(activation.sigma_numeric, activation.derivative(numeric=True), tol)
     return FiniteWidthMaps(activation, e, {q: recursions[q] for q in QUANTITIES}, tol)
 
 
@@ -419,5 +419,5 @@ def iterate_jax(maps: FiniteWidthMaps, depth: int, C_W, C_b, lambda_W=None, lamb
     return {q: np.concatenate([np.asarray(hist[i]), [float(last[i])]]) for i, q in enumerate(QUANTITIES)}
 
 
-__all__ = ["FiniteWidthMaps", "FiniteWidthProfile", "QUANTITIES", "STATE", "TRUST_LIMIT", "closed_forms_in_depth",
+__all__ = ["FiniteWidthMaps", "single_expectations", "FiniteWidthProfile", "QUANTITIES", "STATE", "TRUST_LIMIT", "closed_forms_in_depth",
            "depth_to_width", "finite_width_maps", "finite_width_report", "iterate", "iterate_jax", "r"]

@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import jax
 import jax.numpy as jnp
@@ -163,9 +164,28 @@ class _Means:
     bias: np.ndarray
     cov: np.ndarray
     cross: np.ndarray
-    to_matrix: object
+    kind: tuple  # ("products", M) or ("layernorm", M, eps): how m maps to the matrix (_to_matrix)
     linear: bool
     jacobian_in_K: np.ndarray | None = None  # d<m>/dK, shape (dim m, M^2), for X through a branch
+
+    @property
+    def to_matrix(self):
+        return _to_matrix(self.kind)
+
+
+def _to_matrix(kind: tuple):
+    """The matrix of products a weighted layer's statement reads, from the flattened means m."""
+    M = kind[1]
+    if kind[0] == "products":
+        return lambda m: m.reshape(M, M)
+    eps = kind[2]
+
+    def normalised(m):
+        a, mu = m[:M * M].reshape(M, M), m[M * M:]
+        var = jnp.diagonal(a) - mu * mu + eps
+        return (a - mu[:, None] * mu[None, :]) / jnp.sqrt(var[:, None] * var[None, :])
+
+    return normalised
 
 
 def _pair_means(p: _Point, r: float) -> _Means:
@@ -174,8 +194,7 @@ def _pair_means(p: _Point, r: float) -> _Means:
     M = K.shape[0]
     wick = np.einsum("su,tv->stuv", K, K) + np.einsum("sv,tu->stuv", K, K)
     cov = (wick + r * V).reshape(M * M, M * M)
-    return _Means(K.reshape(-1), G.reshape(-1), cov, cov.copy(), lambda m: m.reshape(M, M), True,
-                  np.eye(M * M))
+    return _Means(K.reshape(-1), G.reshape(-1), cov, cov.copy(), ("products", M), True, np.eye(M * M))
 
 
 def _layernorm_means(p: _Point, r: float) -> _Means:
@@ -191,14 +210,8 @@ def _layernorm_means(p: _Point, r: float) -> _Means:
     cross[:, :M * M] = pair.cov
     jac = np.zeros((M * M + M, M * M))  # d<m>/dK: a follows K, mu stays 0
     jac[:M * M] = np.eye(M * M)
-
-    def to_matrix(m):
-        a, mu = m[:M * M].reshape(M, M), m[M * M:]
-        var = jnp.diagonal(a) - mu * mu + eps
-        return (a - mu[:, None] * mu[None, :]) / jnp.sqrt(var[:, None] * var[None, :])
-
     return _Means(np.concatenate([K.reshape(-1), np.zeros(M)]), np.concatenate([G.reshape(-1), np.zeros(M)]),
-                  cov, cross, to_matrix, False, jac)
+                  cov, cross, ("layernorm", M, eps), False, jac)
 
 
 def _activation_means(p: _Point, activation, r: float, tol: float, need_cross: bool) -> _Means:
@@ -214,7 +227,7 @@ def _activation_means(p: _Point, activation, r: float, tol: float, need_cross: b
         KK = np.einsum("sc,td->stcd", K, K).reshape(M * M, M * M)
         cross = (KK + r / 2 * V.reshape(M * M, M * M)) @ D.T
     return _Means(means.value.reshape(-1), means.bias.reshape(-1), means.cov.reshape(M * M, M * M), cross,
-                  lambda m: m.reshape(M, M), True, D / 2)
+                  ("products", M), True, D / 2)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -237,6 +250,36 @@ def _attention_parts(layer: Layer, N: int, spatial: tuple):
     return f
 
 
+@lru_cache(maxsize=64)
+def _statement_map(layer: Layer, after: tuple, kind: tuple, N: int, spatial: tuple) -> tuple:
+    """The weighted layer's output covariance F(m) as a function of the means it reads (through the
+    run's pooling ``after`` and the layer's statement), with its Jacobian and Hessian, compiled once
+    per layer, run and shape (a stack of equal blocks compiles each once)."""
+    _, op, expr = _statement(layer)
+    c0, c1 = _constants(expr)
+    to_matrix = _to_matrix(kind)
+    is_attention = op == "attend"
+    if is_attention:
+        values = {s.name: float(v) for s, v in layer.values().items()}
+        C_O, C_V = values["C_O"], values["C_V"]
+        f = _attention_parts(layer, N, _spatial_after(after, N, spatial))
+
+    def pooled(m):
+        X = to_matrix(m)
+        sp_ = spatial
+        for name, lay in after:
+            X, sp_ = _op(name, lay, X, N, sp_)
+        return X
+
+    def F(m):
+        X = pooled(m)
+        if is_attention:
+            return c0 + C_O * f(X, C_V * X)
+        return c0 + c1 * _op(op, layer, X, N, _spatial_after(after, N, spatial))[0]
+
+    return jax.jit(F), jax.jit(jax.jacfwd(F)), jax.jit(jax.hessian(F)), jax.jit(pooled)
+
+
 def _weighted(layer: Layer, p: _Point, means: _Means, N: int):
     """The next Gaussian point (K, V, G1, positions) and the Jacobian J of its kernel in the means."""
     kind, op, expr = _statement(layer)
@@ -253,31 +296,18 @@ def _weighted(layer: Layer, p: _Point, means: _Means, N: int):
             raise DeriveError(f"layer '{layer.type}': attend(...) is scaled by C_O*C_V in its finite_width "
                               "statement (values by C_V, the output by C_O)")
         heads = int(layer.option("heads"))
-        f = _attention_parts(layer, N, _spatial_after(after, N, spatial))
-
-    def pooled(m):
-        X = means.to_matrix(m)
-        sp_ = spatial
-        for name, lay in after:
-            X, sp_ = _op(name, lay, X, N, sp_)
-        return X, sp_
-
-    def F(m):
-        X, sp_ = pooled(m)
-        if is_attention:
-            return c0 + C_O * f(X, C_V * X)
-        return c0 + c1 * _op(op, layer, X, N, sp_)[0]
-
+    F, jacobian, hessian, pooled = _statement_map(layer, tuple(after), means.kind, N, spatial)
     m0 = jnp.asarray(means.value)
     K1 = np.asarray(F(m0))
-    J = np.asarray(jax.jacfwd(F)(m0)).reshape(K1.size, -1)
+    J = np.asarray(jacobian(m0)).reshape(K1.size, -1)
     V1 = J @ means.cov @ J.T
     G1 = J @ means.bias
     if not (means.linear and not is_attention):
-        Hs = np.asarray(jax.hessian(F)(m0)).reshape(K1.size, m0.size, m0.size)
+        Hs = np.asarray(hessian(m0)).reshape(K1.size, m0.size, m0.size)
         G1 = G1 + 0.5 * np.einsum("kab,ab->k", Hs, means.cov)
     if is_attention:
-        dV, dG = _attention_fluctuations(f, np.asarray(pooled(m0)[0]), C_O, C_V, heads)
+        dV, dG = _attention_fluctuations(layer, N, _spatial_after(after, N, spatial),
+                                         np.asarray(pooled(m0)), C_O, C_V, heads)
         V1, G1 = V1 + dV, G1 + dG
         out_spatial = _spatial_after(after, N, spatial)
     else:
@@ -286,16 +316,26 @@ def _weighted(layer: Layer, p: _Point, means: _Means, N: int):
     return (K1.reshape(M1, M1), V1.reshape(M1, M1, M1, M1), G1.reshape(M1, M1), out_spatial, J)
 
 
-def _attention_fluctuations(f, Min: np.ndarray, C_O: float, C_V: float, heads: int):
+@lru_cache(maxsize=32)
+def _attention_derivatives(layer: Layer, N: int, spatial: tuple) -> tuple:
+    """d f/dU, d f/dS and d^2 f/dU^2 of one head's f(U, S), compiled once per layer and shape."""
+    f = _attention_parts(layer, N, spatial)
+    return (jax.jit(jax.jacfwd(f, argnums=0)), jax.jit(jax.jacfwd(f, argnums=1)),
+            jax.jit(jax.hessian(f, argnums=0)))
+
+
+def _attention_fluctuations(layer: Layer, N: int, spatial: tuple, Min: np.ndarray, C_O: float, C_V: float,
+                            heads: int):
     """Attention's own order-1/n terms (module docstring): each head's logit and value means over its
     n/H channels fluctuate with the Wishart covariance W around M and C_V M. Returns (n Cov(G | M),
     n (E[G | M] - g(M))), flattened."""
     Mm = Min.shape[0]
     W = (np.einsum("su,tv->stuv", Min, Min) + np.einsum("sv,tu->stuv", Min, Min)).reshape(Mm * Mm, Mm * Mm)
     U0, S0 = jnp.asarray(Min), C_V * jnp.asarray(Min)
-    JU = np.asarray(jax.jacfwd(lambda U: f(U, S0))(U0)).reshape(Mm * Mm, -1)
-    JS = np.asarray(jax.jacfwd(lambda Sm: f(U0, Sm))(S0)).reshape(Mm * Mm, -1)
-    HU = np.asarray(jax.hessian(lambda U: f(U, S0))(U0)).reshape(Mm * Mm, Mm * Mm, Mm * Mm)
+    dU, dS, dUU = _attention_derivatives(layer, N, spatial)
+    JU = np.asarray(dU(U0, S0)).reshape(Mm * Mm, -1)
+    JS = np.asarray(dS(U0, S0)).reshape(Mm * Mm, -1)
+    HU = np.asarray(dUU(U0, S0)).reshape(Mm * Mm, Mm * Mm, Mm * Mm)
     dV = C_O**2 * (JU @ W @ JU.T + C_V**2 * JS @ W @ JS.T)
     dG = C_O * heads / 2 * np.einsum("kab,ab->k", HU, W)
     return dV, dG
