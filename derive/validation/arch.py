@@ -232,8 +232,8 @@ def _ntk_variance(theory, i: int) -> float:
     values = theory.values
     if "A" not in values or values["A"][i] is None:
         raise DeriveError("Theta_var: the NTK fluctuations (A, B) are derived for one input through dense layers "
-                          "after activations and residual blocks of them; this architecture's output has none "
-                          "(LayerNorm on the way, or several inputs)")
+                          "after activations or LayerNorm and residual blocks of them; this architecture's output "
+                          "has none")
     return values["A"][i] + 2 * values["B"][i]
 
 
