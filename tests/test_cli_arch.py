@@ -181,3 +181,22 @@ def test_finite_width_and_validate_of_a_cnn():
     assert check.returncode == 0, check.stderr
     rows = json.loads(check.stdout)["results"]
     assert {tuple(r["entry"]) for r in rows if r["layer"] == "3:conv"} == {(a, b) for a in range(3) for b in range(a, 3)}
+
+
+@pytest.mark.parametrize("args", [
+    ("finite-width", "--activation", "tanh", "--cw", "1.5", "--cb", "0.1", "--depth", "5", "--width", "64"),
+    ("finite-width", "--arch", "examples/architectures/pre_ln_mlp.toml", "--width", "64"),
+])
+def test_finite_width_numbers_do_not_depend_on_the_hash_seed(args):
+    """Every digit of the JSON is the same in processes with different hash seeds: the derived
+    expressions (hence their rounding) must not follow the order of Python's sets."""
+    import os
+
+    outs = []
+    for seed in ("0", "1", "2"):
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        res = subprocess.run([sys.executable, "-m", "cli", *args, "--format", "json"], capture_output=True,
+                             text=True, env=env, cwd=ROOT, timeout=600)
+        assert res.returncode == 0, res.stderr
+        outs.append(res.stdout)
+    assert outs[0] == outs[1] == outs[2]

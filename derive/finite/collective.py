@@ -63,7 +63,7 @@ def _E(f: sp.Expr, tol: float) -> sp.Expr:
     if not f.has(z):
         return f
     # Coefficients that are expectations already (quadrature nodes) are constants here.
-    held = {node: sp.Dummy("c", real=True) for node in f.atoms(GaussianExpectation)}
+    held = {node: sp.Dummy("c", real=True) for node in sorted(f.atoms(GaussianExpectation), key=sp.default_sort_key)}
     by_function: dict = {}
     for term in sp.Add.make_args(sp.expand(f.xreplace(held))):
         coeff, dep = term.as_independent(z, as_Add=False)

@@ -419,7 +419,10 @@ def tidy(expr: sp.Expr) -> sp.Expr:
     functions), takes the real part when every symbol is real (characteristic-function results),
     and collects terms over the transcendental pieces (arccos, arcsin, square roots, exponentials).
     """
-    nodes = {node: sp.Dummy(f"node{k}") for k, node in enumerate(expr.atoms(GaussianExpectation))}
+    # In a fixed order (not the set's, which follows the hash seed): the dummies' order decides how
+    # the simplification groups terms, hence the rounding of the evaluated result.
+    ordered = sorted(expr.atoms(GaussianExpectation), key=sp.default_sort_key)
+    nodes = {node: sp.Dummy(f"node{k}") for k, node in enumerate(ordered)}
     if nodes:  # keep quadrature integrands exactly as built
         return _tidy(expr.xreplace(nodes)).xreplace({d: node for node, d in nodes.items()})
     return _tidy(expr)
@@ -432,6 +435,6 @@ def _tidy(expr: sp.Expr) -> sp.Expr:
     expr = sp.powsimp(sp.expand(expr), combine="exp")
     expr = expr.replace(lambda e: isinstance(e, sp.exp), lambda e: sp.exp(sp.factor(sp.cancel(e.args[0]))))
     expr = sp.expand(real_part(expr))
-    atoms = [a for a in expr.atoms(sp.acos, sp.asin, sp.exp, sp.erf, sp.Pow)
+    atoms = [a for a in sorted(expr.atoms(sp.acos, sp.asin, sp.exp, sp.erf, sp.Pow), key=sp.default_sort_key)
              if not a.is_Pow or (a.exp.is_Rational and not a.exp.is_Integer)]
     return sp.collect(sp.expand(expr), atoms, func=sp.factor)
