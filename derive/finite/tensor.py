@@ -157,20 +157,17 @@ class _Point:
 @dataclass
 class _Means:
     """The channel means a weighted layer reads, flattened into one vector m: its infinite-width value,
-    n (E m - <m>), n Cov(m, m), n Cov(z_s z_t, m) against the point's own products (``cross``) and the
-    map ``to_matrix`` from m to the matrix of products the layer's statement uses (before pooling)."""
+    n (E m - <m>), n Cov(m, m), n Cov(z_s z_t, m) against the point's own products (``cross``) and
+    ``kind``, which names the map (:func:`_to_matrix`) from m to the matrix of products the layer's
+    statement uses (before pooling)."""
 
     value: np.ndarray
     bias: np.ndarray
     cov: np.ndarray
     cross: np.ndarray
-    kind: tuple  # ("products", M) or ("layernorm", M, eps): how m maps to the matrix (_to_matrix)
+    kind: tuple  # ("products", M) or ("layernorm", M, eps)
     linear: bool
     jacobian_in_K: np.ndarray | None = None  # d<m>/dK, shape (dim m, M^2), for X through a branch
-
-    @property
-    def to_matrix(self):
-        return _to_matrix(self.kind)
 
 
 def _to_matrix(kind: tuple):
