@@ -146,10 +146,26 @@ def matrix_table(matrix, *, corner: str = "", max_rows: int = 2 * MAX_COLUMNS, m
     return note + table
 
 
+def verdict(passed: bool, *, markdown: bool = False) -> str:
+    """A check's verdict: "passed", or "FAILED" (``**failed**`` in Markdown)."""
+    return "passed" if passed else ("**failed**" if markdown else "FAILED")
+
+
+def worst_z(worst: dict | None) -> str:
+    """"; worst |z| = 1.23" for a one-line repr, from the row with the largest |z| (None: "")."""
+    return "" if worst is None else f"; worst |z| = {abs(worst['z']):.2f}"
+
+
+def quantity_cell(name: str) -> str:
+    """A quantity's name in a table cell: its LaTeX where :data:`QUANTITY_LATEX` has it, else as text."""
+    return f"${QUANTITY_LATEX[name]}$" if name in QUANTITY_LATEX else markdown_text(name)
+
+
 def upper_entries(n: int) -> list[tuple[int, int]]:
     """The pairs (a, b), a <= b < n: the distinct entries of a symmetric n x n matrix."""
     return [(a, b) for a in range(n) for b in range(a, n)]
 
 
 __all__ = ["MAX_ROWS", "MAX_COLUMNS", "MISSING", "QUANTITY_LATEX", "number", "rounded", "latex_text",
-           "markdown_text", "code", "math_cell", "aligned", "markdown_table", "matrix_table", "upper_entries"]
+           "markdown_text", "code", "math_cell", "aligned", "markdown_table", "matrix_table", "upper_entries",
+           "verdict", "worst_z", "quantity_cell"]

@@ -59,7 +59,15 @@ from jax.sharding import PartitionSpec as P
 from derive.arch.description import Layer, Repeat, Serial, check_derivable
 from derive.backends.precision import float64
 from derive.core import budget
-from derive.core.display import markdown_table, markdown_text, rounded, upper_entries
+from derive.core.display import (
+    markdown_table,
+    markdown_text,
+    quantity_cell,
+    rounded,
+    upper_entries,
+    verdict,
+    worst_z,
+)
 from derive.core.errors import DeriveError
 from derive.core.inputs import check_arch_inputs
 from derive.core.progress import stage
@@ -474,23 +482,18 @@ class ArchValidation:
 
     def __repr__(self) -> str:
         name = f"{self.name}: " if self.name else ""
-        verdict = "passed" if self.passed else "FAILED"
-        w = self.worst
-        worst = "" if w is None else f"; worst |z| = {abs(w['z']):.2f}"
         quantities = ", ".join(dict.fromkeys(r["quantity"] for r in self.results))
-        return (f"ArchValidation({name}{verdict}; {len(self.results)} entries of {quantities}, {self.samples} "
-                f"networks of width {self.widths[0]}{worst})")
+        return (f"ArchValidation({name}{verdict(self.passed)}; {len(self.results)} entries of {quantities}, "
+                f"{self.samples} networks of width {self.widths[0]}{worst_z(self.worst)})")
 
     def _repr_markdown_(self) -> str:
-        verdict = "passed" if self.passed else "**failed**"
         w = self.worst
         worst = "" if w is None else f"; worst $z$ = {rounded(w['z'], 3)} ({markdown_text(w['quantity'])}, {markdown_text(w['layer'])})"
-        rows = [["$K$" if r["quantity"] == "K" else "$\\Theta$" if r["quantity"] == "Theta" else markdown_text(r["quantity"]),
-                 markdown_text(r["layer"]), _entry_text(r["entry"]), r["theory"], r["estimate"], rounded(r["stderr"]),
+        rows = [[quantity_cell(r["quantity"]), markdown_text(r["layer"]), _entry_text(r["entry"]), r["theory"], r["estimate"], rounded(r["stderr"]),
                  rounded(r["z"], 3)] for r in self.results]
         return "\n".join([
             f"**Validation of {markdown_text(self.name) or 'an architecture'}** against {self.samples} sampled networks of width "
-            f"{self.widths[0]} (seed {self.seed}): {verdict}, every $\\lvert z\\rvert < {self.z_max:g}$ with "
+            f"{self.widths[0]} (seed {self.seed}): {verdict(self.passed, markdown=True)}, every $\\lvert z\\rvert < {self.z_max:g}$ with "
             f"$z = (\\text{{estimate}} - \\text{{theory}})/\\text{{stderr}}${worst}. The theory is infinite width: "
             "the estimates carry an O(1/n) bias.", "",
             "An entry is ((input $a$, position $p$), (input $b$, position $q$)), positions as flat indices.", "",

@@ -31,7 +31,7 @@ import numpy as np
 from derive.arch.description import Serial
 from derive.backends.precision import float64
 from derive.core import budget
-from derive.core.display import QUANTITY_LATEX, markdown_table, markdown_text, rounded
+from derive.core.display import markdown_table, markdown_text, quantity_cell, rounded, verdict, worst_z
 from derive.core.errors import DeriveError
 from derive.finite.arch import arch_finite_width
 from derive.sampling.arch import sample_arch
@@ -95,19 +95,16 @@ class FiniteWidthCheck:
 
     def __repr__(self) -> str:
         name = f"{self.name}: " if self.name else ""
-        verdict = "passed" if self.passed else "FAILED"
-        w = self.worst
-        worst = "" if w is None else f"; worst |z| = {abs(w['z']):.2f}"
-        return (f"FiniteWidthCheck({name}{verdict}; {len(self.rows)} fits of {', '.join(self._quantities())} over "
-                f"widths {list(self.widths)}, {self.samples} networks each{worst})")
+        return (f"FiniteWidthCheck({name}{verdict(self.passed)}; {len(self.rows)} fits of "
+                f"{', '.join(self._quantities())} over widths {list(self.widths)}, {self.samples} networks each"
+                f"{worst_z(self.worst)})")
 
     def _repr_markdown_(self) -> str:
-        verdict = "passed" if self.passed else "**failed**"
         w = self.worst
         worst = "" if w is None else (f"; worst $z$ = {rounded(w['z'], 3)} ({markdown_text(w['quantity'])}, {markdown_text(w['layer'])}, "
                                       f"entry {tuple(w['entry'])})")
         head = (f"**Finite-width maps of {markdown_text(self.name) or 'an architecture'}** against {self.samples} sampled networks "
-                f"at each of the widths {list(self.widths)} (seed {self.seed}): {verdict}, every "
+                f"at each of the widths {list(self.widths)} (seed {self.seed}): {verdict(self.passed, markdown=True)}, every "
                 f"$\\lvert z\\rvert < {self.z_max:g}${worst}")
         legend = ("Each entry $(s, t)$ of the empirical kernel is fitted as $a + b/n$ over the widths: $K$ is compared "
                   "with the intercept of its mean, $G^{\\{1\\}}$ with the slope, $V$ with the intercept of "
@@ -117,15 +114,11 @@ class FiniteWidthCheck:
         if {"Theta", "Theta_var"} & set(self._quantities()):
             legend += (" $\\Theta$: the intercept of the output NTK's mean; $n\\,\\mathrm{Var}\\,\\hat\\Theta$: the "
                        "intercept of n times its variance, against $A + 2B$.")
-        rows = [[_quantity(r["quantity"]), markdown_text(r["layer"]),
+        rows = [[quantity_cell(r["quantity"]), markdown_text(r["layer"]),
                  ", ".join(map(str, r["entry"])), r["theory"], r["estimate"], rounded(r["stderr"]),
                  rounded(r["z"], 3), rounded(r["detectable"]), "weak" if r.get("weak") else ""] for r in self.rows]
         return "\n".join([head, "", legend, "", markdown_table(
             ["quantity", "output", "entry", "theory", "fitted", "±", "z", "detectable", ""], rows)])
-
-
-def _quantity(name: str) -> str:
-    return f"${QUANTITY_LATEX[name]}$" if name in QUANTITY_LATEX else markdown_text(name)
 
 
 def _seed(seed: int, width: int) -> int:

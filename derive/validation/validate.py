@@ -34,7 +34,15 @@ import numpy as np
 from derive.backends.codegen import jax_activation
 from derive.backends.precision import float64
 from derive.core import budget
-from derive.core.display import QUANTITY_LATEX, markdown_table, markdown_text, number, rounded
+from derive.core.display import (
+    markdown_table,
+    markdown_text,
+    number,
+    quantity_cell,
+    rounded,
+    verdict,
+    worst_z,
+)
 from derive.core.errors import DeriveError
 from derive.core.inputs import check_hyperparameters, check_inputs
 from derive.rules.activations import as_activation
@@ -144,21 +152,19 @@ class ValidationReport:
         return f"width {self.widths[0]}" if len(self.widths) == 1 else f"widths {list(self.widths)}"
 
     def __repr__(self) -> str:
-        verdict = "passed" if self.passed else "FAILED"
-        w = self.worst
-        worst = "" if w is None else f"; worst |z| = {abs(w['z']):.2f}"
-        return (f"ValidationReport({self.activation}, depth {self.depth}: {verdict}; {len(self.results)} rows of "
-                f"{', '.join(self.quantities)}, {self.samples} networks at {self._widths()}{worst})")
+        return (f"ValidationReport({self.activation}, depth {self.depth}: {verdict(self.passed)}; "
+                f"{len(self.results)} rows of {', '.join(self.quantities)}, {self.samples} networks at "
+                f"{self._widths()}{worst_z(self.worst)})")
 
     def _repr_markdown_(self) -> str:
-        verdict = "passed" if self.passed else "**failed**"
         w = self.worst
         fits = any(r["width"] == EXTRAPOLATED for r in self.results)
         worst = "" if w is None else (f"; worst $z$ = {rounded(w['z'], 3)} ({markdown_text(w['quantity'])}, layer {w['layer']}, "
                                       f"inputs {tuple(w['inputs'])}, width {_width_text(w['width'])})")
         head = (f"**Validation of {markdown_text(self.activation)}** against {self.samples} sampled networks at {self._widths()} "
                 f"(depth {self.depth}, $C_W$ = {self.C_W}, $C_b$ = {self.C_b}, $\\lambda_W$ = {self.lambda_W}, "
-                f"$\\lambda_b$ = {self.lambda_b}; {self.method} sampler, seed {self.seed}): {verdict}, every checked "
+                f"$\\lambda_b$ = {self.lambda_b}; {self.method} sampler, seed {self.seed}): "
+                f"{verdict(self.passed, markdown=True)}, every checked "
                 f"$\\lvert z\\rvert < {self.z_max:g}$ with $z = (\\text{{estimate}} - \\text{{theory}})/"
                 f"\\text{{stderr}}${worst}")
         legend = ("Rows at width n→∞ are the intercepts of weighted fits $a + b/n$ over the widths (they decide the "
@@ -171,8 +177,7 @@ class ValidationReport:
         rows = []
         for r in self.results:
             note = "not checked" if not r["checked"] else ("weak" if r.get("weak") else "")
-            row = [f"${QUANTITY_LATEX[r['quantity']]}$" if r["quantity"] in QUANTITY_LATEX
-                   else markdown_text(r["quantity"]), r["layer"], ", ".join(map(str, r["inputs"])),
+            row = [quantity_cell(r["quantity"]), r["layer"], ", ".join(map(str, r["inputs"])),
                    _width_text(r["width"]), r["theory"], r["estimate"],
                    rounded(r["stderr"]), rounded(r["z"], 3), note]
             if fits:
