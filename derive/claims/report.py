@@ -82,7 +82,7 @@ class CheckReport:
         return "\n".join(lines)
 
     def _params(self) -> str:
-        return f" ({', '.join(f'{k} = {v}' for k, v in self.params.items())})" if self.params else ""
+        return _params_text(self.params)
 
     def __repr__(self) -> str:
         short = f"CheckReport({self.quantity} of {self.activation}: {self.verdict}"
@@ -145,7 +145,7 @@ class CheckSet:
         return f"CheckSet({self.activation}: {self.verdict}; {len(self.reports)} claims: {self._counts()})"
 
     def _repr_markdown_(self) -> str:
-        params = f" ({', '.join(f'{k} = {v}' for k, v in self.params.items())})" if self.params else ""
+        params = _params_text(self.params)
         rows = [[code(rep.quantity), math_cell(sp.latex(rep.claim_expr)), math_cell(sp.latex(rep.derivation)),
                  f"**{rep.verdict}**" if rep.verdict != "equal" else rep.verdict,
                  markdown_text(rep.hint or "")] for rep in self.reports]
@@ -153,6 +153,11 @@ class CheckSet:
             f"**{len(self.reports)} claims about {markdown_text(self.activation)}**{markdown_text(params)}: "
             f"overall **{self.verdict}** ({self._counts()})", "",
             markdown_table(["quantity", "claim", "derivation", "verdict", "hint"], rows)])
+
+
+def _params_text(params: dict) -> str:
+    """" (a = 1, b = 2)" for the activation's parameters, "" without any."""
+    return f" ({', '.join(f'{k} = {v}' for k, v in params.items())})" if params else ""
 
 
 def _cell(v) -> str:

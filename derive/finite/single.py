@@ -419,5 +419,6 @@ def iterate_jax(maps: FiniteWidthMaps, depth: int, C_W, C_b, lambda_W=None, lamb
     return {q: np.concatenate([np.asarray(hist[i]), [float(last[i])]]) for i, q in enumerate(QUANTITIES)}
 
 
-__all__ = ["FiniteWidthMaps", "single_expectations", "FiniteWidthProfile", "QUANTITIES", "STATE", "TRUST_LIMIT", "closed_forms_in_depth",
-           "depth_to_width", "finite_width_maps", "finite_width_report", "iterate", "iterate_jax", "r"]
+__all__ = ["FiniteWidthMaps", "FiniteWidthProfile", "QUANTITIES", "STATE", "TRUST_LIMIT", "closed_forms_in_depth",
+           "depth_to_width", "finite_width_maps", "finite_width_report", "iterate", "iterate_jax", "r",
+           "single_expectations"]

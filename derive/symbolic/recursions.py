@@ -105,12 +105,15 @@ class KernelDerivation:
         which = f"order {orders[0]}" if len(orders) == 1 else f"orders {', '.join(map(str, orders))}"
         return f"quadrature {which}"
 
+    def _latex_lines(self) -> list[str]:
+        """``label &= formula``, one per quantity of :meth:`items`."""
+        return [rf"{LATEX_LABELS[k]} &= {sp.latex(v)}" for k, v in self.items().items()]
+
     def to_latex(self) -> str:
         """Paste-ready LaTeX: a comment naming sigma, then an ``align`` block (amsmath) with one line per
         quantity of :meth:`items` (what ``derive kernel --format latex`` prints)."""
-        lines = [rf"{LATEX_LABELS[k]} &= {sp.latex(v)}" for k, v in self.items().items()]
         return (rf"% {self.activation.name}: \sigma(z) = {sp.latex(self.activation.expression)}"
-                + "\n\\begin{align}\n" + " \\\\\n".join(lines) + "\n\\end{align}")
+                + "\n\\begin{align}\n" + " \\\\\n".join(self._latex_lines()) + "\n\\end{align}")
 
     def __repr__(self) -> str:
         return f"KernelDerivation({self.activation.name}: NNGP and NTK recursions, {self._how()})"
@@ -120,7 +123,7 @@ class KernelDerivation:
         how = self._how() if self.closed_form else f"{self._how()} points per dimension, tolerance {self.tol:g}"
         head = (rf"\sigma(z) &= {sp.latex(self.activation.expression)} \quad "
                 rf"\left({latex_text(self.activation.name)}{params};\ \text{{{how}}}\right)")
-        return aligned([head] + [rf"{LATEX_LABELS[k]} &= {sp.latex(v)}" for k, v in self.items().items()])
+        return aligned([head, *self._latex_lines()])
 
 
 def derive_kernel(activation: Activation, tol: float = DEFAULT_TOL) -> KernelDerivation:
