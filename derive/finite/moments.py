@@ -270,9 +270,10 @@ def distinct_moment(xp, rule: MomentRule, sigma, smoothed, cov, powers: tuple, r
     powers = tuple(powers[i] for i in order)
     L = root(cov)
     last = smoothed if rule.smoothed is not None else None
+    factors = [(lambda z, p=p: sigma(z) ** p) for p in powers]
     if rule.kind == "trapezoid":
-        return _trapezoid_moment(xp, sigma, last, L, powers, rule.order)
-    return _panel_moment(xp, sigma, last, L, powers, rule.order)
+        return _trapezoid_moment(xp, factors, last, L, rule.order)
+    return _panel_moment(xp, factors, last, L, rule.order)
 
 
 # ----- exact rule
@@ -399,12 +400,17 @@ def _lift(xp, cov):
 def exact_moment(xp, pieces: tuple, cov, powers: tuple):
     """E[prod_i sigma(z_i)^p_i] for sigma^p = A_p + B_p H (``pieces``), z ~ N(0, cov), cov of shape
     (..., d, d): the expansion into E[prod z_i^k_i prod_{i in S} H(z_i)], each reduced exactly."""
+    return exact_product(xp, [pieces[p - 1] for p in powers], cov)
+
+
+def exact_product(xp, factors: list, cov):
+    """E[prod_i f_i(z_i)] for f_i = A_i + B_i H with polynomials (A_i, B_i) = ``factors[i]`` (ascending
+    coefficients), z ~ N(0, cov): the same exact reduction as :func:`exact_moment`, one factor per input."""
     from itertools import product
 
     moments = _SteppedMoments(xp, _lift(xp, cov))
     choices = []
-    for p in powers:
-        below, step = pieces[p - 1]
+    for below, step in factors:
         choices.append([(k, c, False) for k, c in enumerate(below) if c != 0]
                        + [(k, c, True) for k, c in enumerate(step) if c != 0])
     total = 0.0
@@ -460,22 +466,23 @@ def _tabulated_last_factor(xp, sigma, m, s, spread, x, w):
     return out
 
 
-def _trapezoid_moment(xp, sigma, smoothed, L, powers: tuple, order: int):
+def _trapezoid_moment(xp, factors: list, smoothed, L, order: int):
     """The nested tensor trapezoid rule (section comment): coordinates u_0 .. u_(d-2) on the grid,
-    sigma(z_k) on the first k + 1 of them, z_(d-1) integrated beforehand."""
+    ``factors[k]`` (the factor of z_k) on the first k + 1 of them, z_(d-1) integrated beforehand
+    (``smoothed``: the last factor's closed-form smoothing, else tabulated)."""
     x, w = trapezoid_rule(order)
-    d = len(powers)
+    d = len(factors)
     outer = d - 1
     m = sum(L[outer, j] * _along(x, j, outer) for j in range(outer))
     s2 = L[outer, outer] ** 2
     if smoothed is not None:
-        G = _last_factor(xp, sigma, smoothed, m, s2, s2 + sum(L[outer, j] ** 2 for j in range(outer)))
+        G = _last_factor(xp, factors[-1], smoothed, m, s2, s2 + sum(L[outer, j] ** 2 for j in range(outer)))
     else:
         spread = xp.sqrt(sum(L[outer, j] ** 2 for j in range(outer)))
-        G = _tabulated_last_factor(xp, sigma, m, L[outer, outer], spread, x, w)
+        G = _tabulated_last_factor(xp, factors[-1], m, L[outer, outer], spread, x, w)
     for k in reversed(range(outer)):
         z = sum(L[k, j] * _along(x, j, k + 1) for j in range(k + 1))
-        G = xp.sum(_along(w, k, k + 1) * sigma(z) ** powers[k] * G, axis=-1)
+        G = xp.sum(_along(w, k, k + 1) * factors[k](z) * G, axis=-1)
     return G
 
 
@@ -499,13 +506,13 @@ def _safe_ratio(xp, num, den, fallback):
     return xp.where(ok, num / xp.where(ok, den, 1.0), fallback)
 
 
-def _panel_moment(xp, sigma, smoothed, L, powers: tuple, order: int):
-    """The nested kink-aware rule (section comment); the last coordinate in closed form when
-    ``smoothed`` is given, else as one more level."""
+def _panel_moment(xp, factors: list, smoothed, L, order: int):
+    """The nested kink-aware rule (section comment), ``factors[k]`` the factor of z_k (kinked at 0);
+    the last coordinate in closed form when ``smoothed`` is given, else as one more level."""
     R = MOMENT_HALF_WIDTH
-    d = len(powers)
+    d = len(factors)
     levels = d - 1 if smoothed is not None else d
-    coords, factors = [], []
+    coords, weighted = [], []
     for k in range(levels):
         m = sum(L[k, j] * coords[j] for j in range(k)) if k else xp.zeros(())
         if k == 0:
@@ -518,15 +525,15 @@ def _panel_moment(xp, sigma, smoothed, L, powers: tuple, order: int):
             breaks = [_safe_ratio(xp, -m, L[k, k], 0.0), xp.zeros(m.shape)]
         u, wk = _panels(xp, [xp.broadcast_to(b, m.shape) for b in breaks], order)
         coords = [c[..., None] for c in coords] + [u]
-        factors.append(wk * sigma(m[..., None] + L[k, k] * u) ** powers[k])
+        weighted.append(wk * factors[k](m[..., None] + L[k, k] * u))
     G = 1.0
     if smoothed is not None:
         last = d - 1
         m = sum(L[last, j] * coords[j] for j in range(last))
         s2 = L[last, last] ** 2
-        G = _last_factor(xp, sigma, smoothed, m, s2, s2 + sum(L[last, j] ** 2 for j in range(last)))
+        G = _last_factor(xp, factors[-1], smoothed, m, s2, s2 + sum(L[last, j] ** 2 for j in range(last)))
     for k in reversed(range(levels)):
-        G = xp.sum(factors[k] * G, axis=-1)
+        G = xp.sum(weighted[k] * G, axis=-1)
     return G
 
 
