@@ -229,18 +229,24 @@ def _arch_finite_width_tensor(net, path: Path, inputs: Optional[Path], width: Op
 
     console = Console()
     console.print(f"[bold]{net.name or path.name}[/bold]: {x.shape[0]} input(s) of shape {tuple(x.shape[1:])}; "
-                  "means over the sites (input, position) s of K_ss, V_(ss)(ss), G1_ss"
-                  + (f", width {width}" if width else " (V and G1 per 1/n)") + "; --format json for every entry")
-    columns = ["output", "sites", "K", "V", "G1"] + (["max V/(n K^2)"] if width else [])
+                  "means over the sites (input, position) s of K_ss, V_(ss)(ss), G1_ss and the NTK's "
+                  "fluctuation Theta_var = n Var(Theta_ss) = A + 2B"
+                  + (f", width {width}" if width else " (V, G1 and Theta_var per 1/n)")
+                  + "; --format json for every entry")
+    columns = ["output", "sites", "K", "V", "G1", "Theta_var"] + (["max V/(n K^2)"] if width else [])
     table = folded_table(*columns)
-    for label, K, V, G in zip(result.labels, result.values["K"], result.values["V"], result.values["G1"]):
+    for label, K, V, G, var in zip(result.labels, result.values["K"], result.values["V"], result.values["G1"],
+                                   result.theta_var()):
         if K is None:
-            table.add_row(label, "-", "-", "-", "-", *(["-"] if width else []))
+            table.add_row(label, "-", "-", "-", "-", "-", *(["-"] if width else []))
             continue
         diag_v = np.einsum("ssss->s", V)
-        row = [label, str(K.shape[0]), f"{np.mean(np.diag(K)):.6g}", f"{np.mean(diag_v):.6g}", f"{np.mean(np.diag(G)):.6g}"]
+        row = [label, str(K.shape[0]), f"{np.mean(np.diag(K)):.6g}", f"{np.mean(diag_v):.6g}",
+               f"{np.mean(np.diag(G)):.6g}", "-" if var is None else f"{np.mean(np.diag(var)):.6g}"]
         if width:
             row.append(f"{np.max(diag_v / np.diag(K) ** 2) / width:.4g}")
         table.add_row(*row)
     console.print(table)
-    console.print("'-': the output of an activation or pooling of one is not a Gaussian point")
+    console.print("'-': the output of an activation or pooling of one is not a Gaussian point, or the NTK's "
+                  "fluctuations are not derived there (LayerNorm, residual blocks and attention with positions "
+                  "or several inputs)")

@@ -103,21 +103,37 @@ def _coefficients(poly: sp.Poly) -> tuple:
     return tuple(float(c) for c in reversed(poly.all_coeffs()))
 
 
+def _sides(expr: sp.Expr) -> tuple | None:
+    """(below, above): ``expr`` as a polynomial in z on each side of 0, or None."""
+    sides = []
+    for side in (sp.Symbol("z_below", negative=True), sp.Symbol("z_above", positive=True)):
+        e = sp.expand(expr.xreplace({S.z: side}).doit()).xreplace({side: S.z})
+        if e.free_symbols - {S.z} or not e.is_polynomial(S.z):
+            return None
+        sides.append(sp.Poly(e, S.z))
+    return tuple(sides)
+
+
 @lru_cache(maxsize=64)
 def piecewise_polynomial(sigma: sp.Expr) -> tuple | None:
     """((A_1, B_1), (A_2, B_2)) with sigma^p = A_p(z) + B_p(z) H(z), A_p and B_p polynomials (ascending
     coefficients), when sigma is a polynomial on each side of 0 of degree <= MAX_EXACT_DEGREE; else None."""
-    sides = []
-    for side in (sp.Symbol("z_below", negative=True), sp.Symbol("z_above", positive=True)):
-        expr = sp.expand(sigma.xreplace({S.z: side}).doit()).xreplace({side: S.z})
-        if expr.free_symbols - {S.z} or not expr.is_polynomial(S.z):
-            return None
-        poly = sp.Poly(expr, S.z)
-        if poly.degree() > MAX_EXACT_DEGREE:
-            return None
-        sides.append(poly)
+    sides = _sides(sigma)
+    if sides is None or max(side.degree() for side in sides) > MAX_EXACT_DEGREE:
+        return None
     below, above = sides
     return tuple((_coefficients(below**p), _coefficients(above**p - below**p)) for p in (1, 2))
+
+
+@lru_cache(maxsize=256)
+def product_pieces(expr: sp.Expr) -> tuple | None:
+    """(A, B) with ``expr`` = A(z) + B(z) H(z), ascending coefficients (a product of powers of a
+    piecewise-polynomial activation and of its derivative), or None."""
+    sides = _sides(expr)
+    if sides is None:
+        return None
+    below, above = sides
+    return _coefficients(below), _coefficients(above - below)
 
 
 def _kinked_line_expectation(sigma_np, m: float, s: float) -> float:
@@ -274,6 +290,38 @@ def distinct_moment(xp, rule: MomentRule, sigma, smoothed, cov, powers: tuple, r
     if rule.kind == "trapezoid":
         return _trapezoid_moment(xp, factors, last, L, rule.order)
     return _panel_moment(xp, factors, last, L, rule.order)
+
+
+@lru_cache(maxsize=256)
+def _numeric_factor(expr: sp.Expr):
+    def f(z):
+        with np.errstate(all="ignore"):
+            return np.asarray(evaluate(expr, {S.z: z}), dtype=float)
+
+    return f
+
+
+def product_moment(rule: MomentRule, factors: tuple, cov: np.ndarray) -> float:
+    """E[prod_i f_i(z_i)], z ~ N(0, cov) on d <= 4 distinct inputs, each f_i a SymPy expression in z
+    (products of powers of the activation and of its derivative, as the NTK's fluctuations need them):
+    by ``rule``'s kind, one factor per coordinate (exact reduction of piecewise polynomials; the
+    trapezoid rule with the last factor tabulated; Gauss-Legendre panels split at 0)."""
+    cov = np.asarray(cov, dtype=float)
+    if rule.kind == "exact":
+        pieces = [product_pieces(f) for f in factors]
+        if all(p is not None for p in pieces):
+            return float(exact_product(np, pieces, cov))
+    fns = [_numeric_factor(f) for f in factors]
+    if len(factors) == 1:
+        x, w = trapezoid_rule(4 * max(rule.order, AUTO_ORDERS[-1]) + 1)
+        if rule.kind != "trapezoid":  # kinked at 0: Gauss-Legendre panels on each side
+            u, w = _panels(np, [np.zeros(())], 4 * PANEL_ORDER)
+            x = u
+        return float(np.sum(w * fns[0](np.sqrt(max(cov[0, 0], 0.0)) * x)))
+    L = _root(cov)
+    if rule.kind == "trapezoid":
+        return float(_trapezoid_moment(np, fns, None, L, rule.order))
+    return float(_panel_moment(np, fns, None, L, max(rule.order, PANEL_ORDER)))
 
 
 # ----- exact rule

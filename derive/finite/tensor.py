@@ -75,6 +75,15 @@ from derive.core.errors import DeriveError
 from derive.core.inputs import check_arch_inputs
 from derive.finite.batch import batch_terms, channel_means
 from derive.finite.moments import NumpyMoments, moment_rule
+from derive.finite.tensor_ntk import (
+    NTKState,
+    activation_tables,
+    first_state,
+    identity_tables,
+    ntk_constants,
+    ntk_variance,
+    weighted_state,
+)
 from derive.kernels.arch import _attend, _logits, _patch, _pool, _spatial_mean, arch_kernels
 from derive.rules.layers import FW_INPUT, StructuralOperator, act, combine_weights, mean
 
@@ -148,6 +157,14 @@ class _Point:
     activation: object = None
     layernorm: Layer | None = None
     after: list = field(default_factory=list)  # (operator name, layer) in order
+    ntk: NTKState | None = None  # the NTK's statistics (derive.finite.tensor_ntk), where derived
+    ntk_reason: str = ""  # why not, where not
+
+    def run(self, **changes) -> _Point:
+        """The same point with a longer run (``changes``), carrying the NTK statistics."""
+        fields = dict(K=self.K, V=self.V, G=self.G, spatial=self.spatial, activation=self.activation,
+                      layernorm=self.layernorm, after=list(self.after), ntk=self.ntk, ntk_reason=self.ntk_reason)
+        return _Point(**{**fields, **changes})
 
     @property
     def gaussian(self) -> bool:
@@ -359,6 +376,7 @@ class TensorFiniteWidth:
     N: int
     spatial: list[tuple]
     values: dict
+    ntk_reasons: list = field(default_factory=list)  # why an output has no A, B, D, F
 
     def as_dict(self) -> dict:
         def listed(x):
@@ -366,7 +384,14 @@ class TensorFiniteWidth:
 
         return {"architecture": self.name, "labels": self.labels, "inputs": self.N,
                 "spatial": [list(s) for s in self.spatial],
-                **{q: [listed(x) for x in v] for q, v in self.values.items()}}
+                **{q: [listed(x) for x in v] for q, v in self.values.items()},
+                "Theta_var": [listed(x) for x in self.theta_var()], "ntk_reasons": list(self.ntk_reasons)}
+
+    def theta_var(self) -> list:
+        """n Var(H_ii(s, t)) of one channel's NTK per output, (M, M), None where A, B are not derived
+        (:func:`derive.finite.tensor_ntk.ntk_variance`)."""
+        return [None if A is None else ntk_variance(np.asarray(A), np.asarray(B))
+                for A, B in zip(self.values.get("A", []), self.values.get("B", []))]
 
     def _sites(self, i: int) -> int:
         return self.N * math.prod(self.spatial[i])
@@ -376,28 +401,34 @@ class TensorFiniteWidth:
         positions = self.spatial[-1] if self.spatial else ()
         shape = f" x {' x '.join(map(str, positions))} positions" if positions else ""
         M = self._sites(-1) if self.labels else 0
+        ntk = ", A, B, D, F" if self.values.get("A") and self.values["A"][-1] is not None else ""
         return (f"TensorFiniteWidth({name}{len(self.labels)} outputs, {self.N} inputs{shape}: K, G1 "
-                f"({M}, {M}) and V ({M}, {M}, {M}, {M}) at the output)")
+                f"({M}, {M}) and V{ntk} ({M}, {M}, {M}, {M}) at the output)")
 
     def _repr_markdown_(self) -> str:
         rows = []
+        variances = self.theta_var()
         for i, label in enumerate(self.labels):
             K, V, G = (self.values[q][i] for q in ("K", "V", "G1"))
             Th = np.asarray(self.values["Theta"][i])
             theta = float(np.mean(np.diag(Th)))
+            var = MISSING if i >= len(variances) or variances[i] is None else float(np.mean(np.diag(variances[i])))
             if K is None:
-                rows.append([markdown_text(label), self._sites(i), MISSING, MISSING, MISSING, theta])
+                rows.append([markdown_text(label), self._sites(i), MISSING, MISSING, MISSING, theta, MISSING])
                 continue
             rows.append([markdown_text(label), self._sites(i), float(np.mean(np.diag(K))),
-                         float(np.mean(np.einsum("ssss->s", np.asarray(V)))), float(np.mean(np.diag(G))), theta])
+                         float(np.mean(np.einsum("ssss->s", np.asarray(V)))), float(np.mean(np.diag(G))), theta,
+                         var])
         positions = self.spatial[-1] if self.spatial else ()
         where = f"positions {' x '.join(map(str, positions))}" if positions else "no positions"
         lines = [f"**Finite-width corrections over sites** of {markdown_text(self.name) or 'an architecture'}: {self.N} inputs, "
                  f"{where} at the output; a site $s$ is an (input, position) pair. Means over the sites of $K_{{ss}}$, "
-                 "$V_{(ss)(ss)}$, $G^{\\{1\\}}_{ss}$ (coefficients of 1/n) and the infinite-width $\\Theta_{ss}$:", "",
+                 "$V_{(ss)(ss)}$, $G^{\\{1\\}}_{ss}$ (coefficients of 1/n), the infinite-width $\\Theta_{ss}$ and "
+                 "the NTK's fluctuation $n\\,\\mathrm{Var}\\,\\hat\\Theta_{ss} = A_{(ss)(ss)} + 2B_{(ss)(ss)}$:", "",
                  markdown_table(["output", "sites", "$K_{ss}$", "$V_{(ss)(ss)}$", "$G^{\\{1\\}}_{ss}$",
-                                 "$\\Theta_{ss}$"], rows),
-                 "", f"{MISSING}: the output of an activation or a pooling of one is not a Gaussian point."]
+                                 "$\\Theta_{ss}$", "$n\\,\\mathrm{Var}\\,\\hat\\Theta_{ss}$"], rows),
+                 "", f"{MISSING}: the output of an activation or a pooling of one is not a Gaussian point, or the "
+                 "NTK's fluctuations are not derived there (``ntk_reasons`` says why)."]
         if self.labels and self.values["K"][-1] is not None:
             lines += ["", "At the output, $K_{st}$:", "", matrix_table(self.values["K"][-1], corner="$s$"), "",
                       "$G^{\\{1\\}}_{st}$:", "", matrix_table(self.values["G1"][-1], corner="$s$")]
@@ -416,8 +447,8 @@ def _flat(net: Serial):
 class _Walker:
     """Carries a Gaussian point over sites through layers (module docstring)."""
 
-    def __init__(self, N: int, tol: float):
-        self.N, self.tol, self.r = N, tol, 1.0
+    def __init__(self, N: int, tol: float, ntk: bool = True):
+        self.N, self.tol, self.r, self.with_ntk = N, tol, 1.0, ntk
 
     def means(self, p: _Point, need_cross: bool) -> _Means:
         if p.layernorm is not None:
@@ -441,10 +472,10 @@ class _Walker:
                                       "derived; one input without positions is derived in any order)")
                 if not p.gaussian:
                     raise DeriveError(f"{here}: an activation of non-Gaussian features")
-                return _Point(p.K, p.V, p.G, p.spatial, activation=layer.resolved_activation()), X
+                return p.run(activation=layer.resolved_activation()), X
             if layer.rule.sampler != "layernorm" or not p.gaussian:
                 raise DeriveError(f"{here}: no tensor finite-width map for this elementwise layer here")
-            return _Point(p.K, p.V, p.G, p.spatial, layernorm=layer), X
+            return p.run(layernorm=layer, ntk=None, ntk_reason=_NO_NTK["layernorm"]), X
         if kind == "means":
             if p.gaussian and op != "diagonal_mean":  # pooling a Gaussian point: linear in each channel
                 M = p.K.shape[0]
@@ -458,14 +489,16 @@ class _Walker:
                     raise DeriveError(f"{here}: a residual branch that pools the skip before its first weighted "
                                       "layer has no finite-width maps")
                 X1 = None if X is None else X @ L.T
-                return _Point(K1, V1, G1, _positions_after(op, layer, self.N, p.spatial)), X1
-            q = _Point(p.K, p.V, p.G, p.spatial, p.activation, p.layernorm, [*p.after, (op, layer)])
-            return q, X
+                ntk = None if p.ntk is None else p.ntk.mapped(L)
+                return _Point(K1, V1, G1, _positions_after(op, layer, self.N, p.spatial), ntk=ntk,
+                              ntk_reason=p.ntk_reason), X1
+            return p.run(after=[*p.after, (op, layer)]), X
         first = isinstance(X, str)
         means = self.means(p, first)
         K1, V1, G1, spatial, J = _weighted(layer, p, means, self.N)
         if X is None:
-            return _Point(K1, V1, G1, spatial), None
+            ntk, reason = self.ntk(p, layer, means, J)
+            return _Point(K1, V1, G1, spatial, ntk=ntk, ntk_reason=reason), None
         if first:
             if means.cross is None:
                 raise DeriveError(f"{here}: a residual branch that reads the skip through an activation first "
@@ -494,7 +527,40 @@ class _Walker:
         a2, c2 = combine_weights(layer.rule.finite_width["combine"].xreplace(layer.values()))
         M = p.K.shape[0]
         V1 = _residual_vertex(a2, c2, p.V, np.asarray(X).reshape(M, M, M, M), b.V)
-        return _Point(a2 * p.K + c2 * b.K, V1, a2 * p.G + c2 * b.G, p.spatial)
+        return _Point(a2 * p.K + c2 * b.K, V1, a2 * p.G + c2 * b.G, p.spatial, ntk_reason=_NO_NTK["residual"])
+
+    def ntk(self, p: _Point, layer: Layer, means: _Means, J: np.ndarray) -> tuple[NTKState | None, str]:
+        """The NTK's statistics after a weighted layer (:mod:`derive.finite.tensor_ntk`), or None and why."""
+        if p.ntk is None:
+            return None, p.ntk_reason
+        _, op, expr = _statement(layer)
+        if op == "attend":
+            return None, _NO_NTK["attention"]
+        try:
+            constants = ntk_constants(layer, op)
+        except DeriveError as e:
+            return None, str(e)
+        c1 = _constants(expr)[1]
+        if c1 == 0 or not math.isclose(constants[2], c1, rel_tol=1e-12):
+            return None, (f"layer '{layer.type}': its NTK map's Theta coefficient {constants[2]} is not its "
+                          f"weight variance {c1}")
+        if p.activation is None:
+            run, Es, JP = identity_tables(p.K), p.K, np.eye(p.K.size)
+        else:
+            run = activation_tables(p.activation, p.K, self.tol)
+            Es, JP = means.value.reshape(p.K.shape), means.jacobian_in_K
+        return weighted_state(p.ntk, p.K, p.V, Es, JP, means.cov, run, J / c1, constants, c1, self.r), ""
+
+
+#: Why the tensor form has no NTK fluctuations after a layer.
+_NO_NTK = {
+    "layernorm": "the NTK's fluctuations over sites are not derived through LayerNorm yet (one input "
+                 "without positions is: derive.finite.arch)",
+    "residual": "the NTK's fluctuations over sites are not derived through residual blocks yet (one input "
+                "without positions is: derive.finite.arch)",
+    "attention": "the NTK's fluctuations are not derived through attention (its query and key gradients "
+                 "enter the NTK at order 1/n)",
+}
 
 
 def _residual_vertex(a2: float, c2: float, V: np.ndarray, X: np.ndarray, Vb: np.ndarray) -> np.ndarray:
@@ -505,8 +571,9 @@ def _residual_vertex(a2: float, c2: float, V: np.ndarray, X: np.ndarray, Vb: np.
 @float64
 
 
-def arch_finite_width_tensor(net: Serial, inputs, *, tol: float = 1e-11) -> TensorFiniteWidth:
-    """K, V and G1 over every site of ``inputs`` (N, *positions, d) through ``net`` (module docstring)."""
+def arch_finite_width_tensor(net: Serial, inputs, *, tol: float = 1e-11, ntk: bool = True) -> TensorFiniteWidth:
+    """K, V and G1 over every site of ``inputs`` (N, *positions, d) through ``net`` (module docstring),
+    and with ``ntk`` the NTK's fluctuations A, B, D, F where derived (:mod:`derive.finite.tensor_ntk`)."""
     if not isinstance(net, Serial):
         raise DeriveError(f"expected an architecture (derive.arch.Serial), got {type(net).__name__}")
     check_derivable(net)
@@ -522,20 +589,28 @@ def arch_finite_width_tensor(net: Serial, inputs, *, tol: float = 1e-11) -> Tens
             top.extend((f"layer {i}[{k + 1}]", item.body) for k in range(item.times))
         else:
             top.append((f"layer {i}", item))
-    values = {"K": [], "V": [], "G1": []}
-    walker = _Walker(N, tol)
+    values = {"K": [], "V": [], "G1": [], "A": [], "B": [], "D": [], "F": []}
+    reasons = []
+    walker = _Walker(N, tol, ntk)
     p: _Point | None = None
     for where, item in top:
         for layer in (list(_flat(item)) if isinstance(item, Serial) else [item]):
             here = f"{where} ({layer.type})"
             if p is None:
                 p = _first(layer, x, N, here)
+                if not ntk:
+                    p.ntk, p.ntk_reason = None, "not asked for (ntk=False)"
                 continue
             p, _ = walker.step(p, layer, here)
         for q, v in (("K", p.K), ("V", p.V), ("G1", p.G)):
             values[q].append(v if p.gaussian else None)
+        held = p.gaussian and p.ntk is not None
+        for q in "ABDF":
+            values[q].append(getattr(p.ntk, q) if held else None)
+        reasons.append("" if held else (p.ntk_reason or "not a Gaussian point"))
     values["Theta"] = [np.asarray(t).reshape(int(np.sqrt(np.size(t))), -1) for t in theory.ntk]
-    return TensorFiniteWidth(net.name, [label for label, _ in net.top_level()], N, list(theory.spatial), values)
+    return TensorFiniteWidth(net.name, [label for label, _ in net.top_level()], N, list(theory.spatial), values,
+                             reasons)
 
 
 def _first(layer: Layer, x: np.ndarray, N: int, here: str) -> _Point:
@@ -550,7 +625,12 @@ def _first(layer: Layer, x: np.ndarray, N: int, here: str) -> _Point:
     flat = x.reshape(N * math.prod(spatial), -1)
     two, spatial = _op(op, layer, jnp.asarray(flat @ flat.T / x.shape[-1]), N, spatial)
     K = c0 + c1 * np.asarray(two)
-    return _Point(K, np.zeros(K.shape * 2), np.zeros_like(K), spatial)
+    try:
+        t0, t1, _ = ntk_constants(layer, op)
+        ntk, reason = first_state(t0 + t1 * np.asarray(two)), ""
+    except DeriveError as e:
+        ntk, reason = None, str(e)
+    return _Point(K, np.zeros(K.shape * 2), np.zeros_like(K), spatial, ntk=ntk, ntk_reason=reason)
 
 
 __all__ = ["TensorFiniteWidth", "arch_finite_width_tensor"]

@@ -220,14 +220,20 @@ def compare_finite_width(theory, estimates: dict, *, quantities=("K", "V", "G1")
     return FiniteWidthCheck(theory.name, ws, int(samples), int(seed), float(z_max), rows, per_width)
 
 
-def _ntk_variance(theory, i: int) -> float:
-    """A + 2B at output ``i``: n Var(H_ii) of one output channel's NTK (PDLT ch. 8), for one input."""
+def _ntk_variance(theory, i: int):
+    """n Var(H_ii) of one output channel's NTK at output ``i`` (PDLT ch. 8): A + 2B for one input, and
+    A_(st)(st) + B_(ss)(tt) + B_(st)(ts) over sites (:func:`derive.finite.tensor_ntk.ntk_variance`)."""
     values = theory.values
     if "A" not in values or values["A"][i] is None:
-        raise DeriveError("Theta_var: the NTK fluctuations (A, B) are derived for one input through dense layers "
-                          "after activations or LayerNorm and residual blocks of them; this architecture's output "
-                          "has none")
-    return values["A"][i] + 2 * values["B"][i]
+        reasons = getattr(theory, "ntk_reasons", None)
+        why = f": {reasons[i]}" if reasons and reasons[i] else ""
+        raise DeriveError("Theta_var: this architecture's output has no derived NTK fluctuations (A, B)" + why)
+    A, B = values["A"][i], values["B"][i]
+    if np.ndim(A) == 4:
+        from derive.finite.tensor_ntk import ntk_variance
+
+        return ntk_variance(np.asarray(A), np.asarray(B))
+    return A + 2 * B
 
 
 @float64
@@ -246,15 +252,12 @@ def check_finite_width(net: Serial, widths, *, samples: int = 4000, seed: int = 
                     budget.Estimate("", 0.0))
         budget.check(budget.Estimate(f"{samples} sampled networks at each of the widths "
                                      f"{', '.join(map(str, widths))}", total.ops, total.bytes))
-    if "Theta_var" in quantities and inputs is not None:  # refused before the (long) tensor form
-        raise DeriveError("Theta_var: the NTK fluctuations (A, B) are derived for one input without positions; "
-                          "this check has several inputs or positions")
     if inputs is None:
         theory = arch_finite_width(net)
     else:
         from derive.finite.tensor import arch_finite_width_tensor
 
-        theory = arch_finite_width_tensor(net, inputs)
+        theory = arch_finite_width_tensor(net, inputs, ntk="Theta_var" in quantities)
     ntk = bool({"Theta", "Theta_var"} & set(quantities))
     if theory.values["V"][-1] is None and ntk:
         raise DeriveError("Theta and Theta_var are checked at the output, which here is not a dense or residual "

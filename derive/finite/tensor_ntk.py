@@ -1,0 +1,241 @@
+"""The NTK's fluctuations over sites (inputs and positions): A, B, D, F in tensor form, from the rules.
+
+A Gaussian point over M sites (:mod:`derive.finite.tensor`) carries, besides K, V and G1, the
+infinite-width NTK Theta_st and the order-1/n statistics of the NTK H_ij(s, t) of its channels
+(PDLT §8.2, eqs. 8.63 and 8.65, with sites for samples):
+
+    n E[dH_i1i2(s,t) dH_i3i4(u,v)] = d_i1i2 d_i3i4 A_(st)(uv) + d_i1i3 d_i2i4 B_(su)(tv)
+                                     + d_i1i4 d_i2i3 B_(sv)(tu)
+    n E[dH_i1i2(s,t) z_i3(u) z_i4(v)] = d_i1i2 d_i3i4 D_(st)(uv) + d_i1i3 d_i2i4 F_(su)(tv)
+                                        + d_i1i4 d_i2i3 F_(sv)(tu)
+
+(the first pair of B's and F's indices belongs to one channel). A weighted layer whose rule states
+``variance = "c0 + C_W*op(mean(h1*h2))"`` and ``ntk = "t0 + t1*op(K12) + C_W*op(Theta12)"`` (dense:
+no operator; conv: ``patch``) reads the run s = sigma(z) since the point (the identity without an
+activation), pooled by the run's ``means`` operators: with L the linear map of a matrix of
+products (the pooling, then op), its output channels have, given the layer below,
+
+    G = c0 + C_W L(P),   E_W H = T = t0 + t1 L(P) + C_W L(N),
+    P_st = mean_j s_j(s) s_j(t),   N_st = mean_j s'_j(s) s'_j(t) H_jj(s, t),
+
+and the weights' own Wick pairings. With Q_st = mean_j s'_j(s) s'_j(t), <.> over z ~ N(0, K),
+J_f the K-derivatives of <f> (J[(st), (cd)] = d<f_st>/dK_cd, each ordered pair half of a symmetric
+change) and r = 1 (one width):
+
+    n Cov(P, P) = <ssss> - <ss><ss> + r J_P V J_P^T           (as for G1, :mod:`derive.finite.batch`)
+    n Cov(Q, P) = <s's'ss> - <s's'><ss> + r J_Q V J_P^T
+    n Cov(N, P) = Theta (x) 1 . n Cov(Q, P) + r <s's'> (x) 1 . (D J_P^T)
+    n Cov(N, N) = Theta (x) Theta . n Cov(Q, Q) + r <s's'> (x) <s's'> . A
+                  + r Theta (x) <s's'> . (J_Q D^T) + r <s's'> (x) Theta . (D J_Q^T)
+
+(X (x) Y . Z the entrywise product with X_st Y_uv). Then
+
+    A' = L [t1^2 C_PP + t1 C_W (C_PN + C_NP) + C_W^2 C_NN] L^T,   D' = L [C_W t1 C_PP + C_W^2 C_NP] L^T,
+    B' = C_W^2 L [<s'_x1 s'_x2 s'_y1 s'_y2> Theta_x1y1 Theta_x2y2 + r <s'_x1 s'_x2> <s'_y1 s'_y2> B_(x1x2)(y1y2)] L^T,
+    F' = C_W^2 L [<s'_x1 s_x2 s'_y1 s_y2> Theta_x1y1
+                  + r sum_pq <d_p (s'_x1 s_x2)> <d_q (s'_y1 s_y2)> F_(x1p)(y1q)] L^T,
+    Theta' = t0 + t1 L <ss> + C_W L (Theta . <s's'>),
+
+L acting on each index pair (in B and F the pairs of one channel, which share the weight and, for
+a convolution, its filter offset). For one input without positions these are PDLT's eqs. 8.89
+term by term, the rule ``rules/layers/dense.toml`` states (the tests check the diagonal against
+:func:`derive.finite.arch.arch_finite_width`). A pooling of a Gaussian point maps every index by
+its linear map. <d_p f> and J are K-derivatives of two-input expectations (Price's theorem:
+<s'_1 s'_2> = d<s_1 s_2>/dK12, <s''_1 s_2> = 2 d<s_1 s_2>/dK11); the four-point expectations of
+s and s' come from :func:`derive.finite.moments.product_moment`. Not derived here: LayerNorm,
+residual blocks and attention in the tensor form (:mod:`derive.finite.arch` has the first two for
+one input).
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import numpy as np
+import sympy as sp
+
+from derive.core import symbols as S
+from derive.core.errors import DeriveError
+from derive.finite.batch import _pair_values, batch_terms
+from derive.finite.moments import moment_rule, product_moment
+from derive.finite.single import single_expectations
+from derive.rules.layers import StructuralOperator
+
+
+@dataclass
+class NTKState:
+    """Theta (M, M) and A, B, D, F (M, M, M, M) at a Gaussian point (module docstring)."""
+
+    Theta: np.ndarray
+    A: np.ndarray
+    B: np.ndarray
+    D: np.ndarray
+    F: np.ndarray
+
+    def mapped(self, L: np.ndarray) -> NTKState:
+        """Every index pair through the linear map L (M'^2, M^2) of a pooling."""
+        M2 = int(round(np.sqrt(L.shape[0])))
+
+        def four(X):
+            M = X.shape[0]
+            return (L @ X.reshape(M * M, M * M) @ L.T).reshape((M2,) * 4)
+
+        return NTKState((L @ self.Theta.reshape(-1)).reshape(M2, M2), four(self.A), four(self.B), four(self.D),
+                        four(self.F))
+
+
+def ntk_variance(A: np.ndarray, B: np.ndarray) -> np.ndarray:
+    """n Var(H_ii(s, t)) = A_(st)(st) + B_(ss)(tt) + B_(st)(ts), shape (M, M)."""
+    return np.einsum("stst->st", A) + np.einsum("sstt->st", B) + np.einsum("stts->st", B)
+
+
+def ntk_constants(layer, op: str) -> tuple[float, float, float]:
+    """(t0, t1, t2) of the rule's NTK map t0 + t1 op(K12) + t2 op(Theta12)."""
+    expr = layer.rule.ntk.xreplace(layer.values())
+    x, y = sp.Dummy("x"), sp.Dummy("y")
+    rep = {}
+    for node in expr.atoms(StructuralOperator):
+        if type(node).__name__ != op or node.args[0] not in (S.K12, S.Theta12):
+            raise DeriveError(f"layer '{layer.type}': its NTK map {layer.rule.ntk} is not affine in {op}(K12) and "
+                              f"{op}(Theta12); the NTK's fluctuations over sites are not derived for it")
+        rep[node] = x if node.args[0] == S.K12 else y
+    linear = expr.xreplace(rep).xreplace({S.K12: x, S.Theta12: y})
+    if linear.free_symbols - {x, y} or any(sp.diff(linear, a, b) != 0 for a in (x, y) for b in (x, y)):
+        raise DeriveError(f"layer '{layer.type}': its NTK map {layer.rule.ntk} is not affine in K12 and Theta12")
+    zero = {x: 0, y: 0}
+    return float(linear.xreplace(zero)), float(sp.diff(linear, x)), float(sp.diff(linear, y))
+
+
+def first_state(theta: np.ndarray) -> NTKState:
+    """The first weighted layer on the inputs: its NTK is deterministic."""
+    M = theta.shape[0]
+    zero = np.zeros((M,) * 4)
+    return NTKState(theta, zero, zero.copy(), zero.copy(), zero.copy())
+
+
+# ------------------------------------------------------------------------------------------------
+# The run's expectations over sites
+
+
+@dataclass
+class RunTables:
+    """Expectations of the run s (and s') at a Gaussian point over M sites (module docstring):
+    ``Ed`` <s's'>, ``JQ`` d<s's'>/dK (M^2, M^2), ``g`` [x1, x2, p] = <d_p (s'_x1 s_x2)>,
+    ``D4`` <s's's's'>, ``X4`` [a, b, c, d] = <s'_a s'_b s_c s_d>."""
+
+    Ed: np.ndarray
+    JQ: np.ndarray
+    g: np.ndarray
+    D4: np.ndarray
+    X4: np.ndarray
+
+
+def identity_tables(K: np.ndarray) -> RunTables:
+    """s = z: s' = 1."""
+    M = K.shape[0]
+    g = np.zeros((M, M, M))
+    for x1, x2 in np.ndindex(M, M):
+        g[x1, x2, x2] = 1.0
+    ones = np.ones((M, M))
+    return RunTables(ones, np.zeros((M * M, M * M)), g, np.ones((M,) * 4), np.einsum("ab,cd->abcd", ones, K))
+
+
+def activation_tables(activation, K: np.ndarray, tol: float) -> RunTables:
+    """:class:`RunTables` of s = sigma(z) (module docstring)."""
+    M = K.shape[0]
+    sigma, ds = activation.sigma_numeric, activation.derivative(numeric=True)
+    terms = batch_terms(activation, tol)
+    dE, d2E = terms.pairs.dE, terms.pairs.d2E
+    e = single_expectations(sigma, ds, tol)
+    d2, dd2 = e["d2"], sp.diff(e["d2"], S.K)
+
+    def one(expr, k):
+        with np.errstate(all="ignore"):
+            return float(_single_value(expr, k))
+
+    Ed = np.empty((M, M))
+    JQ = np.zeros((M * M, M * M))
+    g = np.zeros((M, M, M))
+    for a, b in np.ndindex(M, M):
+        row = a * M + b
+        if a == b:
+            k = K[a, a]
+            Ed[a, a] = one(d2, k)
+            JQ[row, a * M + a] = one(dd2, k)
+            g[a, a, a] = one(terms.g1, k)
+            continue
+        v = (K[a, a], K[a, b], K[b, b])
+        Ed[a, b] = _pair_values(dE["12"], *v)
+        JQ[row, a * M + a] = _pair_values(d2E["11,12"], *v)
+        JQ[row, b * M + b] = _pair_values(d2E["12,22"], *v)
+        JQ[row, a * M + b] = JQ[row, b * M + a] = _pair_values(d2E["12,12"], *v) / 2
+        g[a, b, a] = 2 * _pair_values(dE["11"], *v)
+        g[a, b, b] = Ed[a, b]
+    rule = moment_rule(activation, "auto", float(np.max(np.diag(K))), tol)
+    memo: dict = {}
+
+    def moment(sites: tuple, derivs: tuple) -> float:
+        """<prod_k f_k(z_sites[k])>, f = s' where derivs[k] else s."""
+        powers: dict = {}
+        for site, d in zip(sites, derivs):
+            i, j = powers.get(site, (0, 0))
+            powers[site] = (i, j + 1) if d else (i + 1, j)
+        key = tuple(sorted(powers.items()))
+        if key not in memo:
+            idx = [site for site, _ in key]
+            factors = tuple(sigma**i * ds**j for _, (i, j) in key)
+            memo[key] = product_moment(rule, factors, K[np.ix_(idx, idx)])
+        return memo[key]
+
+    D4 = np.empty((M,) * 4)
+    X4 = np.empty((M,) * 4)
+    for q in itertools.product(range(M), repeat=4):
+        D4[q] = moment(q, (True,) * 4)
+        X4[q] = moment(q, (True, True, False, False))
+    return RunTables(Ed, JQ, g, D4, X4)
+
+
+def _single_value(expr: sp.Expr, k: float):
+    from derive.symbolic.numeric import evaluate
+
+    return evaluate(expr, {S.K: k})
+
+
+# ------------------------------------------------------------------------------------------------
+# A weighted layer
+
+
+def weighted_state(state: NTKState, K: np.ndarray, V: np.ndarray, Es: np.ndarray, JP: np.ndarray, CPP: np.ndarray,
+                   run: RunTables, L: np.ndarray, constants: tuple, C_W: float, r: float = 1.0) -> NTKState:
+    """The next point's NTK statistics (module docstring): ``Es`` <ss>, ``JP`` d<ss>/dK and ``CPP``
+    n Cov(P, P) of the layer's channel means, L (M'^2, M^2) the linear map of its products."""
+    M = K.shape[0]
+    M2 = M * M
+    t0, t1, t2 = constants
+    Th, Ed = state.Theta.reshape(-1), run.Ed.reshape(-1)
+    Vm, Am, Dm = (X.reshape(M2, M2) for X in (V, state.A, state.D))
+    CQQ = run.D4.reshape(M2, M2) - np.outer(Ed, Ed) + r * run.JQ @ Vm @ run.JQ.T
+    CQP = run.X4.reshape(M2, M2) - np.outer(Ed, Es.reshape(-1)) + r * run.JQ @ Vm @ JP.T
+    DJQ = Dm @ run.JQ.T  # [(st), (uv)] = sum_cd D_(st)(cd) J_Q[(uv), (cd)]
+    CNP = Th[:, None] * CQP + r * Ed[:, None] * (Dm @ JP.T)
+    CNN = (np.outer(Th, Th) * CQQ + r * np.outer(Ed, Ed) * Am
+           + r * np.outer(Th, Ed) * DJQ.T + r * np.outer(Ed, Th) * DJQ)
+    inner_A = t1 * t1 * CPP + t1 * t2 * (CNP + CNP.T) + t2 * t2 * CNN
+    inner_D = C_W * (t1 * CPP + t2 * CNP)
+    YB = (np.einsum("abcd,ac,bd->abcd", run.D4, state.Theta, state.Theta)
+          + r * np.einsum("ab,cd,abcd->abcd", run.Ed, run.Ed, state.B))
+    YF = (np.einsum("acbd,ac->abcd", run.X4, state.Theta)
+          + r * np.einsum("abp,cdq,apcq->abcd", run.g, run.g, state.F))
+    M1 = int(round(np.sqrt(L.shape[0])))
+
+    def four(X):
+        return (L @ X.reshape(M2, M2) @ L.T).reshape((M1,) * 4)
+
+    theta = t0 + t1 * (L @ Es.reshape(-1)) + t2 * (L @ (Th * Ed))
+    return NTKState(theta.reshape(M1, M1), four(inner_A), four(C_W * C_W * YB), four(inner_D),
+                    four(C_W * C_W * YF))
+
+
+__all__ = ["NTKState", "RunTables", "activation_tables", "first_state", "identity_tables", "ntk_constants",
+           "ntk_variance", "weighted_state"]

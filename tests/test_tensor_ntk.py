@@ -1,0 +1,237 @@
+"""The NTK's fluctuations A, B, D, F over sites (several inputs, positions): derive.finite.tensor_ntk.
+
+Checked against: the single-input walker (derive.finite.arch, itself checked against PDLT's eqs.
+8.89) on the diagonal, to 1e-12; the maps after one hidden layer written out by hand for two inputs
+and evaluated with mpmath; the infinite-width NTK of derive.kernels.arch; the mixed four-point
+expectations against mpmath and against a second quadrature; and sampled networks (dense, CNNs with
+positions at the output, pooling and flattening) at three widths after a 1/n fit, where a map that
+treats the positions' fluctuations as independent is rejected with the same samples.
+"""
+
+import mpmath as mp
+import numpy as np
+import pytest
+
+import derive.finite.tensor as tensor
+import derive.finite.tensor_ntk as tensor_ntk
+from derive import arch
+from derive.core.errors import DeriveError
+from derive.finite.arch import arch_finite_width
+from derive.finite.moments import MomentRule, moment_rule, product_moment
+from derive.finite.tensor import arch_finite_width_tensor
+from derive.kernels.arch import arch_kernels
+from derive.rules.activations import resolve
+from derive.validation.arch import check_finite_width, compare_finite_width, sample_kernel_estimates
+
+MP_FUNCTIONS = {
+    "tanh": (mp.tanh, lambda t: 1 / mp.cosh(t) ** 2),
+    "relu": (lambda t: max(t, 0), lambda t: mp.mpf(1) if t > 0 else mp.mpf(0)),
+    "gelu": (lambda t: t * (1 + mp.erf(t / mp.sqrt(2))) / 2,
+             lambda t: (1 + mp.erf(t / mp.sqrt(2))) / 2 + t * mp.exp(-t * t / 2) / mp.sqrt(2 * mp.pi)),
+    "elu": (lambda t: t if t > 0 else mp.exp(t) - 1, lambda t: mp.mpf(1) if t > 0 else mp.exp(t)),
+}
+
+
+def _mp_expect2(f, K) -> float:
+    """E[f(z0, z1)], z ~ N(0, K), by nested mpmath quadrature in whitened coordinates, each level split
+    where its own coordinate crosses 0 (the kinks)."""
+    mp.mp.dps = 20
+    L = np.linalg.cholesky(np.asarray(K, float))
+    phi = lambda u: mp.exp(-u * u / 2) / mp.sqrt(2 * mp.pi)  # noqa: E731
+
+    def inner(u0):
+        z0 = L[0, 0] * u0
+        kink = -L[1, 0] * u0 / L[1, 1]
+        return mp.quad(lambda u1: f(z0, L[1, 0] * u0 + L[1, 1] * u1) * phi(u1), [-12, kink, 12] if abs(kink) < 12
+                       else [-12, 12])
+
+    return float(mp.quad(lambda u0: inner(u0) * phi(u0), [-12, 0, 12]))
+
+
+# ------------------------------------------------------------------------------------------------
+# Mixed four-point expectations of the activation and its derivative
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n != "relu" else n
+                                  for n in sorted(MP_FUNCTIONS)])
+def test_mixed_expectations_of_two_inputs_against_mpmath(name):
+    a = resolve(name)
+    s, ds = a.sigma_numeric, a.derivative(numeric=True)
+    ms, mds = MP_FUNCTIONS[name]
+    K = np.array([[1.3, 0.55], [0.55, 0.8]])
+    rule = moment_rule(a, "auto", 1.3)
+    cases = [((ds**2, s**2), lambda x, y: mds(x) ** 2 * ms(y) ** 2),
+             ((ds * s, ds * s), lambda x, y: mds(x) * ms(x) * mds(y) * ms(y)),
+             ((ds**3, ds), lambda x, y: mds(x) ** 3 * mds(y))]
+    for factors, f in cases:
+        want = _mp_expect2(f, K)
+        assert product_moment(rule, factors, K) == pytest.approx(want, rel=1e-9, abs=1e-12), factors
+
+
+@pytest.mark.parametrize("name,order", [("relu", 16), pytest.param("tanh", 20, marks=pytest.mark.slow)])
+def test_mixed_expectations_of_four_inputs_by_two_rules(name, order):
+    """Three and four distinct inputs: the rule the activation gets (exact for relu, trapezoid for
+    tanh) against Gauss-Legendre panels split at every kink, a different algorithm (``order`` points
+    per panel: its own error for tanh is about 3e-8 relative, the trapezoid rule's 1e-13)."""
+    a = resolve(name)
+    s, ds = a.sigma_numeric, a.derivative(numeric=True)
+    X = np.random.default_rng(4).standard_normal((4, 5))
+    K = X @ X.T / 5
+    rule = moment_rule(a, "auto", float(np.max(np.diag(K))))
+    panels = MomentRule("panels", order)
+    for factors in [(ds, s, ds, s), (ds, ds, ds, ds), (ds * s, ds, s)]:
+        sub = K[: len(factors), : len(factors)]
+        got, want = product_moment(rule, factors, sub), product_moment(panels, factors, sub)
+        assert got == pytest.approx(want, rel=1e-7, abs=1e-10), factors
+
+
+# ------------------------------------------------------------------------------------------------
+# The maps
+
+
+@pytest.mark.parametrize("name", ["tanh", "relu", "gelu"])
+def test_one_input_is_the_single_input_form(name):
+    net = arch.mlp(3, name, 1.5, 0.1)
+    tf = arch_finite_width_tensor(net, np.ones((1, 8)))
+    single = arch_finite_width(net)
+    for q in "ABDF":
+        for a, b in zip(tf.values[q], single.values[q]):
+            assert (a is None) == (b is None)
+            if a is not None:
+                assert float(np.ravel(a)[0]) == pytest.approx(float(b), rel=1e-12, abs=1e-14), q
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["relu", "tanh"])
+def test_two_inputs_after_one_hidden_layer_by_hand(name):
+    """dense -> sigma -> dense on two inputs: the first layer's output is exactly Gaussian with a
+    deterministic NTK Theta1 = lambda_b + lambda_W x.x/d, so the second layer's are plain covariances
+    over one channel z ~ N(0, K1): with w_ab = lambda_W s_a s_b + C_W Theta1_ab s'_a s'_b,
+    A_(ab)(cd) = Cov(w_ab, w_cd), D_(ab)(cd) = Cov(w_ab, C_W s_c s_d),
+    B_(ac)(bd) = C_W^2 <s'_a s'_c s'_b s'_d> Theta1_ab Theta1_cd, F_(ac)(bd) = C_W^2 <s'_a s_c s'_b s_d> Theta1_ab."""
+    x = np.array([[1.0, 0.3, -0.5], [0.2, -1.1, 0.7]])
+    c1, b1, c2, b2 = 1.7, 0.2, 1.5, 0.1
+    net = arch.serial(arch.dense(c1, b1), arch.activation(name), arch.dense(c2, b2))
+    tf = arch_finite_width_tensor(net, x)
+    A, B, D, F = (tf.values[q][-1] for q in "ABDF")
+    gram = x @ x.T / x.shape[1]
+    K1, T1 = b1 + c1 * gram, b1 + c1 * gram  # lambda_W = C_W, lambda_b = C_b by default
+    s, ds = MP_FUNCTIONS[name]
+
+    def z(i, u, v):
+        return u if i == 0 else v
+
+    def w(a, b):
+        return lambda u, v: c2 * s(z(a, u, v)) * s(z(b, u, v)) + c2 * T1[a, b] * ds(z(a, u, v)) * ds(z(b, u, v))
+
+    def E(f):
+        return _mp_expect2(f, K1)
+
+    for (a, b), (c, d) in [((0, 1), (0, 1)), ((0, 0), (1, 1)), ((0, 1), (1, 1))]:
+        wab, wcd = w(a, b), w(c, d)
+        cov = E(lambda u, v: wab(u, v) * wcd(u, v)) - E(wab) * E(wcd)
+        assert A[a, b, c, d] == pytest.approx(cov, rel=1e-8, abs=1e-12)
+        g = lambda u, v, c=c, d=d: c2 * s(z(c, u, v)) * s(z(d, u, v))  # noqa: E731
+        assert D[a, b, c, d] == pytest.approx(E(lambda u, v: wab(u, v) * g(u, v)) - E(wab) * E(g), rel=1e-8, abs=1e-12)
+    for a, c, b, d in [(0, 1, 0, 1), (0, 0, 1, 1), (0, 1, 1, 0), (1, 1, 1, 0)]:
+        quad = E(lambda u, v: ds(z(a, u, v)) * ds(z(c, u, v)) * ds(z(b, u, v)) * ds(z(d, u, v)))
+        assert B[a, c, b, d] == pytest.approx(c2**2 * quad * T1[a, b] * T1[c, d], rel=1e-8, abs=1e-12)
+        mixed = E(lambda u, v: ds(z(a, u, v)) * s(z(c, u, v)) * ds(z(b, u, v)) * s(z(d, u, v)))
+        assert F[a, c, b, d] == pytest.approx(c2**2 * mixed * T1[a, b], rel=1e-8, abs=1e-12)
+
+
+def test_the_ntk_recursion_gives_the_infinite_width_ntk(monkeypatch):
+    """Theta' = t0 + t1 L<ss> + C_W L(Theta <s's'>), carried with A..F, equals the generated kernels'."""
+    seen = []
+    original = tensor.weighted_state
+
+    def record(*args, **kwargs):
+        seen.append(original(*args, **kwargs))
+        return seen[-1]
+
+    monkeypatch.setattr(tensor, "weighted_state", record)
+    x = np.random.default_rng(1).standard_normal((2, 4, 3))
+    for net in (arch.load_arch("examples/architectures/cnn.toml"), CNNS["pooling before tanh, global pooling"]()):
+        seen.clear()
+        arch_finite_width_tensor(net, x)
+        want = np.asarray(arch_kernels(net, x).ntk[-1])
+        np.testing.assert_allclose(seen[-1].Theta, want.reshape(seen[-1].Theta.shape), rtol=1e-10)
+
+
+@pytest.mark.parametrize("net,match", [
+    (arch.serial(arch.conv(filter=(2,)), arch.layer_norm(), arch.conv(filter=(2,))), "through LayerNorm"),
+    (arch.serial(arch.conv(filter=(2,)), arch.residual(arch.conv(filter=(2,)))), "through residual blocks"),
+    (arch.serial(arch.conv(filter=(2,)), arch.attention(), arch.dense()), "query and key gradients"),
+])
+def test_where_not_derived_the_reason_reaches_the_user(net, match):
+    x = np.random.default_rng(0).standard_normal((1, 4, 3))
+    tf = arch_finite_width_tensor(net, x)
+    assert tf.values["A"][-1] is None and tf.theta_var()[-1] is None
+    assert match in tf.ntk_reasons[-1]
+    assert tf.values["V"][-1] is not None  # K, V, G1 still derived
+    with pytest.raises(DeriveError, match=match):
+        check_finite_width(net, (8, 16, 32), samples=10, inputs=x, quantities=("K", "Theta_var"))
+
+
+def test_without_ntk_the_tensor_form_skips_it():
+    x = np.random.default_rng(0).standard_normal((2, 3))
+    tf = arch_finite_width_tensor(arch.mlp(2, "tanh", 1.5, 0.1), x, ntk=False)
+    assert tf.values["A"][-1] is None and "not asked" in tf.ntk_reasons[-1]
+
+
+# ------------------------------------------------------------------------------------------------
+# Against sampled networks
+
+CNNS = {
+    "1-d CNN (examples/architectures/cnn.toml)": lambda: arch.load_arch("examples/architectures/cnn.toml"),
+    "pooling before tanh, global pooling": lambda: arch.serial(
+        arch.conv(filter=(3,), C_W=1.5, C_b=0.1), arch.avg_pool(window=(2,)), arch.activation("tanh"),
+        arch.conv(filter=(2,), C_W=1.6), arch.activation("relu"), arch.global_avg_pool(), arch.dense(2.0)),
+    "conv output with positions": lambda: arch.serial(
+        arch.conv(filter=(3,), C_W=1.5, C_b=0.1), arch.activation("tanh"), arch.conv(filter=(2,), C_W=1.6)),
+}
+POSITIONS = {"1-d CNN (examples/architectures/cnn.toml)": 6, "pooling before tanh, global pooling": 6,
+             "conv output with positions": 3}
+WIDTHS, SAMPLES = (32, 64, 128), 3000
+
+
+def _independent_positions(monkeypatch):
+    """The wrong map: B's four-point expectation <s's's's'> kept only where the four sites coincide,
+    as if the positions' derivatives fluctuated independently."""
+    original = tensor.weighted_state
+
+    def wrong(state, K, V, Es, JP, CPP, run, *args, **kwargs):
+        M = K.shape[0]
+        D4 = np.zeros_like(run.D4)
+        s = np.arange(M)
+        D4[s, s, s, s] = run.D4[s, s, s, s]
+        run = tensor_ntk.RunTables(run.Ed, run.JQ, run.g, D4, run.X4)
+        return original(state, K, V, Es, JP, CPP, run, *args, **kwargs)
+
+    monkeypatch.setattr(tensor, "weighted_state", wrong)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(CNNS))
+def test_sampled_cnns_agree_and_independent_positions_are_rejected(name, monkeypatch):
+    net = CNNS[name]()
+    x = np.random.default_rng(1).standard_normal((1, POSITIONS[name], 4))
+    quantities = ("K", "Theta", "Theta_var")
+    theory = arch_finite_width_tensor(net, x)
+    estimates = sample_kernel_estimates(net, WIDTHS, samples=SAMPLES, seed=3, inputs=x, ntk=True)
+    check = compare_finite_width(theory, estimates, quantities=quantities)
+    assert check.passed, check.worst
+    rows = [r for r in check.rows if r["quantity"] == "Theta_var"]
+    assert rows and not any(r["weak"] for r in rows)
+    _independent_positions(monkeypatch)
+    wrong = arch_finite_width_tensor(net, x)
+    assert not compare_finite_width(wrong, estimates, quantities=("Theta_var",)).passed
+
+
+@pytest.mark.slow
+def test_sampled_dense_network_on_two_inputs_agrees():
+    x = np.random.default_rng(1).standard_normal((2, 5))
+    check = check_finite_width(arch.mlp(3, "relu", 2.0, 0.1), WIDTHS, samples=SAMPLES, seed=3, inputs=x,
+                               quantities=("K", "Theta", "Theta_var"))
+    assert check.passed, check.worst
+    assert len([r for r in check.rows if r["quantity"] == "Theta_var"]) == 3
