@@ -249,7 +249,9 @@ def finite_width(spec, depth: int | None = None, C_W=None, C_b=0.0, lambda_W=Non
     (``derive.arch.serial(...)`` or the path of an architecture file): one input without positions
     gives an :class:`~derive.finite.arch.ArchFiniteWidth` (``width`` the uniform width of its
     normalised columns); ``inputs`` (N, *positions, d), or an architecture with positions, the tensor
-    form over every site (:class:`~derive.finite.tensor.TensorFiniteWidth`). ``max_work``,
+    form over every site (:class:`~derive.finite.tensor.TensorFiniteWidth`, with the NTK's
+    fluctuations A, B, D, F over the sites through dense, conv, activation and pooling layers, and
+    ``theta_var()``, n Var of one channel's NTK). ``max_work``,
     ``max_memory`` as for :func:`gram` (the walk costs about 2 ms a layer, the tensor form S^6 over S
     sites).
 

@@ -51,8 +51,10 @@ goes through the infinite-width Jacobian of the expected means, d<s_u s_v>/dK_cd
 A pooling layer on a Gaussian point (before an activation) is a linear map of each channel, so the
 point stays one: K' = L K, V' = (L x L) V, G1' = L G1. All widths are one n (the sampler's), so
 r = 1. One input without positions is the single-input form (:mod:`derive.finite.arch`), which the
-tests check, as they check a batch through a dense network against ``iterate_batch``. Not derived
-here: an activation after LayerNorm (its channel statistics inside a nonlinear mean), and a branch
+tests check, as they check a batch through a dense network against ``iterate_batch``. The NTK's
+fluctuations A, B, D, F are carried beside (:mod:`derive.finite.tensor_ntk`) through dense, conv,
+activation and pooling layers; after LayerNorm, a residual block or attention the point holds the
+reason they are not. Not derived here: an activation after LayerNorm (its channel statistics inside a nonlinear mean), and a branch
 that reads the skip through an activation first (a self-interaction, as in the single-input form).
 """
 
