@@ -132,7 +132,8 @@ def test_one_input_is_the_single_input_form(name):
 def test_two_inputs_after_one_hidden_layer_by_hand(name):
     """dense -> sigma -> dense on two inputs: the first layer's output is exactly Gaussian with a
     deterministic NTK Theta1 = lambda_b + lambda_W x.x/d, so the second layer's are plain covariances
-    over one channel z ~ N(0, K1) (evaluated by :func:`_gl_expect2`): with w_ab = lambda_W s_a s_b + C_W Theta1_ab s'_a s'_b,
+    over one channel z ~ N(0, K1) (evaluated by :func:`_gl_expect2`): with
+    w_ab = lambda_W s_a s_b + C_W Theta1_ab s'_a s'_b,
     A_(ab)(cd) = Cov(w_ab, w_cd), D_(ab)(cd) = Cov(w_ab, C_W s_c s_d),
     B_(ac)(bd) = C_W^2 <s'_a s'_c s'_b s'_d> Theta1_ab Theta1_cd, F_(ac)(bd) = C_W^2 <s'_a s_c s'_b s_d> Theta1_ab."""
     x = np.array([[1.0, 0.3, -0.5], [0.2, -1.1, 0.7]])

@@ -54,8 +54,9 @@ r = 1. One input without positions is the single-input form (:mod:`derive.finite
 tests check, as they check a batch through a dense network against ``iterate_batch``. The NTK's
 fluctuations A, B, D, F are carried beside (:mod:`derive.finite.tensor_ntk`) through dense, conv,
 activation and pooling layers; after LayerNorm, a residual block or attention the point holds the
-reason they are not. Not derived here: an activation after LayerNorm (its channel statistics inside a nonlinear mean), and a branch
-that reads the skip through an activation first (a self-interaction, as in the single-input form).
+reason they are not. Not derived here: an activation after LayerNorm (its channel statistics inside
+a nonlinear mean), and a branch that reads the skip through an activation first (a self-interaction,
+as in the single-input form).
 """
 
 from __future__ import annotations
