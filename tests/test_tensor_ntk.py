@@ -262,3 +262,16 @@ def test_sampled_dense_network_on_two_inputs_agrees():
                                quantities=("K", "Theta", "Theta_var"))
     assert check.passed, check.worst
     assert len([r for r in check.rows if r["quantity"] == "Theta_var"]) == 3
+
+
+def test_the_result_reports_theta_var_in_json_and_markdown():
+    x = np.random.default_rng(0).standard_normal((2, 3))
+    tf = arch_finite_width_tensor(arch.mlp(2, "relu", 2.0, 0.0), x)
+    out = tf.as_dict()
+    var = np.asarray(out["Theta_var"][-1])
+    assert var.shape == (2, 2) and np.all(np.diag(var) > 0)
+    np.testing.assert_allclose(var, tensor_ntk.ntk_variance(tf.values["A"][-1], tf.values["B"][-1]))
+    assert out["ntk_reasons"] == [""] * len(tf.labels)
+    text = tf._repr_markdown_()
+    assert "Var" in text and "of one output channel" in text
+    assert "A, B, D, F" in repr(tf)

@@ -435,6 +435,9 @@ class TensorFiniteWidth:
         if self.labels and self.values["K"][-1] is not None:
             lines += ["", "At the output, $K_{st}$:", "", matrix_table(self.values["K"][-1], corner="$s$"), "",
                       "$G^{\\{1\\}}_{st}$:", "", matrix_table(self.values["G1"][-1], corner="$s$")]
+            if variances and variances[-1] is not None:
+                lines += ["", "$n\\,\\mathrm{Var}\\,\\hat\\Theta_{st}$ of one output channel:", "",
+                          matrix_table(variances[-1], corner="$s$")]
         return "\n".join(lines)
 
 
