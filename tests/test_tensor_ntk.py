@@ -275,3 +275,13 @@ def test_the_result_reports_theta_var_in_json_and_markdown():
     text = tf._repr_markdown_()
     assert "Var" in text and "of one output channel" in text
     assert "A, B, D, F" in repr(tf)
+
+
+def test_parallel_sites_through_a_kink_are_a_clear_error():
+    """relu's <s'_a s'_b> has an infinite K-derivative at correlation 1: one line instead of NaN."""
+    x = np.array([[1.0, 0.5, -0.3], [1.0, 0.5, -0.3], [0.2, -1.0, 0.4]])
+    with pytest.raises(DeriveError, match="not parallel or antiparallel"):
+        arch_finite_width_tensor(arch.mlp(3, "relu", 2.0, 0.1), x)
+    tf = arch_finite_width_tensor(arch.mlp(3, "tanh", 1.5, 0.1), x)  # smooth: the duplicate is the same input
+    var = tf.theta_var()[-1]
+    assert var[0, 0] == pytest.approx(var[1, 1], rel=1e-12) == pytest.approx(var[0, 1], rel=1e-12)

@@ -607,7 +607,9 @@ def arch_finite_width_tensor(net: Serial, inputs, *, tol: float = 1e-11, ntk: bo
                 if not ntk:
                     p.ntk, p.ntk_reason = None, "not asked for (ntk=False)"
                 continue
-            p, _ = walker.step(p, layer, here)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                p, _ = walker.step(p, layer, here)
+            _check_finite(p, here)
         for q, v in (("K", p.K), ("V", p.V), ("G1", p.G)):
             values[q].append(v if p.gaussian else None)
         held = p.gaussian and p.ntk is not None
@@ -617,6 +619,16 @@ def arch_finite_width_tensor(net: Serial, inputs, *, tol: float = 1e-11, ntk: bo
     values["Theta"] = [np.asarray(t).reshape(int(np.sqrt(np.size(t))), -1) for t in theory.ntk]
     return TensorFiniteWidth(net.name, [label for label, _ in net.top_level()], N, list(theory.spatial), values,
                              reasons)
+
+
+def _check_finite(p: _Point, here: str) -> None:
+    """A clear error where the walk met a divergent derivative (instead of NaN in the results)."""
+    state = [p.K, p.V, p.G] + ([] if p.ntk is None else [p.ntk.Theta, p.ntk.A, p.ntk.B, p.ntk.D, p.ntk.F])
+    if not all(np.all(np.isfinite(v)) for v in state):
+        raise DeriveError(f"{here}: the finite-width maps are not finite here: two sites (inputs or positions) "
+                          "with correlation +-1 meet a kink of the activation, where the K-derivatives of its "
+                          "Gaussian expectations diverge; give inputs that are not parallel or antiparallel "
+                          "(remove duplicate inputs)")
 
 
 def _first(layer: Layer, x: np.ndarray, N: int, here: str) -> _Point:
