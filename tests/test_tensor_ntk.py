@@ -284,4 +284,5 @@ def test_parallel_sites_through_a_kink_are_a_clear_error():
         arch_finite_width_tensor(arch.mlp(3, "relu", 2.0, 0.1), x)
     tf = arch_finite_width_tensor(arch.mlp(3, "tanh", 1.5, 0.1), x)  # smooth: the duplicate is the same input
     var = tf.theta_var()[-1]
-    assert var[0, 0] == pytest.approx(var[1, 1], rel=1e-12) == pytest.approx(var[0, 1], rel=1e-12)
+    assert var[0, 0] == pytest.approx(var[1, 1], rel=1e-12)
+    assert var[0, 1] == pytest.approx(var[0, 0], rel=1e-8)  # two-site quadrature of a singular covariance
