@@ -216,9 +216,12 @@ CNNS = {
         arch.conv(filter=(2,), C_W=1.6), arch.activation("relu"), arch.global_avg_pool(), arch.dense(2.0)),
     "conv output with positions": lambda: arch.serial(
         arch.conv(filter=(3,), C_W=1.5, C_b=0.1), arch.activation("tanh"), arch.conv(filter=(2,), C_W=1.6)),
+    "2-d CNN, 2 x 2 positions at the output": lambda: arch.serial(
+        arch.conv(filter=(2, 2), C_W=2.0, C_b=0.05), arch.activation("relu"),
+        arch.conv(filter=(2, 2), padding="VALID", C_W=1.8), arch.activation("tanh"), arch.conv(filter=(1, 1), C_W=1.5)),
 }
-POSITIONS = {"1-d CNN (examples/architectures/cnn.toml)": 6, "pooling before tanh, global pooling": 6,
-             "conv output with positions": 3}
+SHAPES = {"1-d CNN (examples/architectures/cnn.toml)": (1, 6, 4), "pooling before tanh, global pooling": (1, 6, 4),
+          "conv output with positions": (1, 3, 4), "2-d CNN, 2 x 2 positions at the output": (1, 3, 3, 2)}
 WIDTHS, SAMPLES = (32, 64, 128), 3000
 
 
@@ -242,7 +245,7 @@ def _independent_positions(monkeypatch):
 @pytest.mark.parametrize("name", sorted(CNNS))
 def test_sampled_cnns_agree_and_independent_positions_are_rejected(name, monkeypatch):
     net = CNNS[name]()
-    x = np.random.default_rng(1).standard_normal((1, POSITIONS[name], 4))
+    x = np.random.default_rng(1).standard_normal(SHAPES[name])
     quantities = ("K", "Theta", "Theta_var")
     theory = arch_finite_width_tensor(net, x)
     estimates = sample_kernel_estimates(net, WIDTHS, samples=SAMPLES, seed=3, inputs=x, ntk=True)
