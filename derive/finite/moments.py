@@ -4,7 +4,10 @@ The batch recursions of V and G1 (:mod:`derive.finite.batch`, :mod:`derive.finit
 Gaussian four-point functions of the activation at every quadruple of inputs. With one or two
 distinct inputs they are closed forms or two-dimensional nodes of the expectation engine; this
 module computes the others, by the rules described in the section comment below, each written once
-against an array namespace so that NumPy and the generated JAX evaluate the same arithmetic.
+against an array namespace so that NumPy and the generated JAX evaluate the same arithmetic. The
+same rules take one factor per input: :func:`product_moment` gives the mixed expectations of the
+activation and its derivative (<s'_a s'_b s_c s_d> and the like) the NTK's fluctuations over sites
+need (:mod:`derive.finite.tensor_ntk`).
 """
 
 from __future__ import annotations
