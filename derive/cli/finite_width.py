@@ -241,8 +241,9 @@ def _arch_finite_width_tensor(net, path: Path, inputs: Optional[Path], width: Op
             table.add_row(label, "-", "-", "-", "-", "-", *(["-"] if width else []))
             continue
         diag_v = np.einsum("ssss->s", V)
-        row = [label, str(K.shape[0]), f"{np.mean(np.diag(K)):.6g}", f"{np.mean(diag_v):.6g}",
-               f"{np.mean(np.diag(G)):.6g}", "-" if var is None else f"{np.mean(np.diag(var)):.6g}"]
+        digits = 4 if width else 6  # seven columns fit 80 characters with four digits
+        row = [label, str(K.shape[0]), f"{np.mean(np.diag(K)):.{digits}g}", f"{np.mean(diag_v):.{digits}g}",
+               f"{np.mean(np.diag(G)):.{digits}g}", "-" if var is None else f"{np.mean(np.diag(var)):.{digits}g}"]
         if width:
             row.append(f"{np.max(diag_v / np.diag(K) ** 2) / width:.4g}")
         table.add_row(*row)
