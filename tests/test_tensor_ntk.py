@@ -97,16 +97,18 @@ def test_mixed_expectations_of_two_inputs_against_mpmath(name):
 
 @pytest.mark.parametrize("name,order", [("relu", 16), pytest.param("tanh", 20, marks=pytest.mark.slow)])
 def test_mixed_expectations_of_four_inputs_by_two_rules(name, order):
-    """Three and four distinct inputs: the rule the activation gets (exact for relu, trapezoid for
-    tanh) against Gauss-Legendre panels split at every kink, a different algorithm (``order`` points
-    per panel: its own error for tanh is about 3e-8 relative, the trapezoid rule's 1e-13)."""
+    """Three and four distinct inputs (three for tanh): the rule the activation gets (exact for relu,
+    trapezoid for tanh) against Gauss-Legendre panels split at every kink, a different algorithm
+    (``order`` points per panel: its own error for tanh is about 3e-8 relative, the trapezoid rule's
+    1e-13)."""
     a = resolve(name)
     s, ds = a.sigma_numeric, a.derivative(numeric=True)
     X = np.random.default_rng(4).standard_normal((4, 5))
     K = X @ X.T / 5
     rule = moment_rule(a, "auto", float(np.max(np.diag(K))))
     panels = MomentRule("panels", order)
-    for factors in [(ds, s, ds, s), (ds, ds, ds, ds), (ds * s, ds, s)]:
+    cases = [(ds, s, ds, s), (ds, ds, ds, ds), (ds * s, ds, s)] if name == "relu" else [(ds * s, ds, s), (ds, s, ds)]
+    for factors in cases:  # tanh: three inputs (20-point panels on four take about 2 GB)
         sub = K[: len(factors), : len(factors)]
         got, want = product_moment(rule, factors, sub), product_moment(panels, factors, sub)
         assert got == pytest.approx(want, rel=1e-7, abs=1e-10), factors
