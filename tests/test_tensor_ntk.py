@@ -118,9 +118,10 @@ def test_mixed_expectations_of_four_inputs_by_two_rules(name, order):
 # The maps
 
 
-@pytest.mark.parametrize("name", ["tanh", "relu", "gelu"])
+@pytest.mark.parametrize("name", ["tanh", "relu", "gelu", "dense on dense"])
 def test_one_input_is_the_single_input_form(name):
-    net = arch.mlp(3, name, 1.5, 0.1)
+    net = (arch.serial(arch.dense(1.3, 0.1), arch.dense(1.2, 0.05), arch.activation("tanh"), arch.dense(1.5, 0.1))
+           if name == "dense on dense" else arch.mlp(3, name, 1.5, 0.1))  # the first: the identity run
     tf = arch_finite_width_tensor(net, np.ones((1, 8)))
     single = arch_finite_width(net)
     for q in "ABDF":

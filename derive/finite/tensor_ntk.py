@@ -61,6 +61,7 @@ from derive.finite.batch import _pair_values, batch_terms
 from derive.finite.moments import moment_rule, product_moment
 from derive.finite.single import single_expectations
 from derive.rules.layers import StructuralOperator
+from derive.symbolic.numeric import evaluate
 
 
 @dataclass
@@ -152,7 +153,7 @@ def activation_tables(activation, K: np.ndarray, tol: float) -> RunTables:
 
     def one(expr, k):
         with np.errstate(all="ignore"):
-            return float(_single_value(expr, k))
+            return float(evaluate(expr, {S.K: k}))
 
     Ed = np.empty((M, M))
     JQ = np.zeros((M * M, M * M))
@@ -194,12 +195,6 @@ def activation_tables(activation, K: np.ndarray, tol: float) -> RunTables:
         D4[q] = moment(q, (True,) * 4)
         X4[q] = moment(q, (True, True, False, False))
     return RunTables(Ed, JQ, g, D4, X4)
-
-
-def _single_value(expr: sp.Expr, k: float):
-    from derive.symbolic.numeric import evaluate
-
-    return evaluate(expr, {S.K: k})
 
 
 # ------------------------------------------------------------------------------------------------
