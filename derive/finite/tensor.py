@@ -53,8 +53,9 @@ point stays one: K' = L K, V' = (L x L) V, G1' = L G1. All widths are one n (the
 r = 1. One input without positions is the single-input form (:mod:`derive.finite.arch`), which the
 tests check, as they check a batch through a dense network against ``iterate_batch``. The NTK's
 fluctuations A, B, D, F are carried beside (:mod:`derive.finite.tensor_ntk`) through dense, conv,
-activation and pooling layers; after LayerNorm, a residual block or attention the point holds the
-reason they are not. Not derived here: an activation after LayerNorm (its channel statistics inside
+activation and pooling layers and residual blocks (a branch carries the Jacobians of its
+infinite-width maps in the skip's kernel and NTK, :class:`~derive.finite.tensor_ntk.BranchJacobians`);
+after LayerNorm or attention the point holds the reason they are not. Not derived here: an activation after LayerNorm (its channel statistics inside
 a nonlinear mean), and a branch that reads the skip through an activation first (a self-interaction,
 as in the single-input form).
 """
@@ -79,12 +80,14 @@ from derive.core.inputs import check_arch_inputs
 from derive.finite.batch import batch_terms, channel_means
 from derive.finite.moments import NumpyMoments, moment_rule
 from derive.finite.tensor_ntk import (
+    BranchJacobians,
     NTKState,
     activation_tables,
     first_state,
     identity_tables,
     ntk_constants,
     ntk_variance,
+    residual_state,
     weighted_state,
 )
 from derive.kernels.arch import _attend, _logits, _patch, _pool, _spatial_mean, arch_kernels
@@ -162,11 +165,13 @@ class _Point:
     after: list = field(default_factory=list)  # (operator name, layer) in order
     ntk: NTKState | None = None  # the NTK's statistics (derive.finite.tensor_ntk), where derived
     ntk_reason: str = ""  # why not, where not
+    branch: BranchJacobians | None = None  # inside a residual branch: what it carries of the skip
 
     def run(self, **changes) -> _Point:
         """The same point with a longer run (``changes``), carrying the NTK statistics."""
         fields = dict(K=self.K, V=self.V, G=self.G, spatial=self.spatial, activation=self.activation,
-                      layernorm=self.layernorm, after=list(self.after), ntk=self.ntk, ntk_reason=self.ntk_reason)
+                      layernorm=self.layernorm, after=list(self.after), ntk=self.ntk, ntk_reason=self.ntk_reason,
+                      branch=self.branch)
         return _Point(**{**fields, **changes})
 
     @property
@@ -496,27 +501,29 @@ class _Walker:
                                       "layer has no finite-width maps")
                 X1 = None if X is None else X @ L.T
                 ntk = None if p.ntk is None else p.ntk.mapped(L)
+                branch = None if p.branch is None else p.branch.mapped(L)
                 return _Point(K1, V1, G1, _positions_after(op, layer, self.N, p.spatial), ntk=ntk,
-                              ntk_reason=p.ntk_reason), X1
+                              ntk_reason=p.ntk_reason, branch=branch), X1
             return p.run(after=[*p.after, (op, layer)]), X
         first = isinstance(X, str)
         means = self.means(p, first)
         K1, V1, G1, spatial, J = _weighted(layer, p, means, self.N)
+        ntk, reason, branch = self.ntk(p, layer, means, J)
+        q = _Point(K1, V1, G1, spatial, ntk=ntk, ntk_reason=reason, branch=branch)
         if X is None:
-            ntk, reason = self.ntk(p, layer, means, J)
-            return _Point(K1, V1, G1, spatial, ntk=ntk, ntk_reason=reason), None
+            return q, None
         if first:
             if means.cross is None:
                 raise DeriveError(f"{here}: a residual branch that reads the skip through an activation first "
                                   "has a per-channel self-interaction at O(1/n) that K, V, G1 do not carry")
-            return _Point(K1, V1, G1, spatial), means.cross @ J.T
-        return _Point(K1, V1, G1, spatial), X @ means.jacobian_in_K.T @ J.T
+            return q, means.cross @ J.T
+        return q, X @ means.jacobian_in_K.T @ J.T
 
     def residual(self, p: _Point, layer: Layer, where: str) -> _Point:
         if not p.gaussian:
             raise DeriveError(f"{where}: the skip carries the output of an activation or layernorm; finite-width "
                               "maps are derived for a residual block whose input is a Gaussian point")
-        b, X = p, "start"
+        b, X = p.run(branch=None if p.ntk is None else BranchJacobians.start(p.K.shape[0])), "start"
         items = list(_flat(layer.branch))
         if items and items[0].type == "activation":
             raise DeriveError(f"{where}: a residual branch that reads the skip through an activation first has a "
@@ -533,37 +540,43 @@ class _Walker:
         a2, c2 = combine_weights(layer.rule.finite_width["combine"].xreplace(layer.values()))
         M = p.K.shape[0]
         V1 = _residual_vertex(a2, c2, p.V, np.asarray(X).reshape(M, M, M, M), b.V)
-        return _Point(a2 * p.K + c2 * b.K, V1, a2 * p.G + c2 * b.G, p.spatial, ntk_reason=_NO_NTK["residual"])
+        if b.ntk is None:
+            ntk, reason = None, b.ntk_reason
+        else:
+            ntk, reason = residual_state(a2, c2, p.ntk, p.K, p.V, b.ntk, b.branch), ""
+        return _Point(a2 * p.K + c2 * b.K, V1, a2 * p.G + c2 * b.G, p.spatial, ntk=ntk, ntk_reason=reason)
 
-    def ntk(self, p: _Point, layer: Layer, means: _Means, J: np.ndarray) -> tuple[NTKState | None, str]:
-        """The NTK's statistics after a weighted layer (:mod:`derive.finite.tensor_ntk`), or None and why."""
+    def ntk(self, p: _Point, layer: Layer, means: _Means, J: np.ndarray) -> tuple:
+        """The NTK's statistics after a weighted layer (:mod:`derive.finite.tensor_ntk`), or None and why;
+        inside a residual branch also its :class:`BranchJacobians`."""
         if p.ntk is None:
-            return None, p.ntk_reason
+            return None, p.ntk_reason, None
         _, op, expr = _statement(layer)
         if op == "attend":
-            return None, _NO_NTK["attention"]
+            return None, _NO_NTK["attention"], None
         try:
             constants = ntk_constants(layer, op)
         except DeriveError as e:
-            return None, str(e)
+            return None, str(e), None
         c1 = _constants(expr)[1]
         if c1 == 0 or not math.isclose(constants[2], c1, rel_tol=1e-12):
             return None, (f"layer '{layer.type}': its NTK map's Theta coefficient {constants[2]} is not its "
-                          f"weight variance {c1}")
+                          f"weight variance {c1}"), None
         if p.activation is None:
             run, Es, JP = identity_tables(p.K), p.K, np.eye(p.K.size)
         else:
             run = activation_tables(p.activation, p.K, self.tol)
             Es, JP = means.value.reshape(p.K.shape), means.jacobian_in_K
-        return weighted_state(p.ntk, p.K, p.V, Es, JP, means.cov, run, J / c1, constants, c1, self.r), ""
+        L = J / c1
+        state = weighted_state(p.ntk, p.K, p.V, Es, JP, means.cov, run, L, constants, c1, self.r)
+        branch = None if p.branch is None else p.branch.weighted(p.ntk.Theta, JP, run, L, constants, c1)
+        return state, "", branch
 
 
 #: Why the tensor form has no NTK fluctuations after a layer.
 _NO_NTK = {
     "layernorm": "the NTK's fluctuations over sites are not derived through LayerNorm yet (one input "
                  "without positions is: derive.finite.arch)",
-    "residual": "the NTK's fluctuations over sites are not derived through residual blocks yet (one input "
-                "without positions is: derive.finite.arch)",
     "attention": "the NTK's fluctuations are not derived through attention (its query and key gradients "
                  "enter the NTK at order 1/n)",
 }

@@ -42,9 +42,10 @@ term by term, the rule ``rules/layers/dense.toml`` states (the tests check the d
 :func:`derive.finite.arch.arch_finite_width`). A pooling of a Gaussian point maps every index by
 its linear map. <d_p f> and J are K-derivatives of two-input expectations (Price's theorem:
 <s'_1 s'_2> = d<s_1 s_2>/dK12, <s''_1 s_2> = 2 d<s_1 s_2>/dK11); the four-point expectations of
-s and s' come from :func:`derive.finite.moments.product_moment`. Not derived here: LayerNorm,
-residual blocks and attention in the tensor form (:mod:`derive.finite.arch` has the first two for
-one input).
+s and s' come from :func:`derive.finite.moments.product_moment`. A residual block combines the
+skip's statistics with its branch's through the branch's Jacobian (:func:`residual_state`). Not
+derived here: LayerNorm and attention in the tensor form (:mod:`derive.finite.arch` has LayerNorm
+for one input).
 """
 
 from __future__ import annotations
@@ -232,5 +233,92 @@ def weighted_state(state: NTKState, K: np.ndarray, V: np.ndarray, Es: np.ndarray
                     four(C_W * C_W * YF))
 
 
-__all__ = ["NTKState", "RunTables", "activation_tables", "first_state", "identity_tables", "ntk_constants",
-           "ntk_variance", "weighted_state"]
+# ------------------------------------------------------------------------------------------------
+# A residual block
+
+
+@dataclass
+class BranchJacobians:
+    """What a residual branch's output carries of the skip z it reads (flattened pairs of sites):
+    ``kk`` dK_b/dK, ``tk`` dTheta_b/dK, ``tt`` dTheta_b/dTheta of its infinite-width maps (K-derivatives
+    each ordered pair half of a symmetric change, Theta-derivatives entry by entry), and ``R12``,
+    ``R22`` the one-sided derivatives of :func:`residual_state`: with z~ a copy of z that only the
+    second argument of K_b(v, s) reads, R12 = dK_b(v, s)/dK(z, z~)_ax and R22 = dK_b(v, s)/dK(z~, z~)_ax
+(entry by entry; the block K_b(z~, z~) follows kk)."""
+
+    kk: np.ndarray
+    tk: np.ndarray
+    tt: np.ndarray
+    R12: np.ndarray
+    R22: np.ndarray
+
+    @classmethod
+    def start(cls, M: int) -> BranchJacobians:
+        eye, zero = np.eye(M * M), np.zeros((M * M, M * M))
+        return cls(eye, zero, eye.copy(), eye.copy(), zero.copy())
+
+    def mapped(self, L: np.ndarray) -> BranchJacobians:
+        """After the linear map L of a pooling of the point."""
+        return BranchJacobians(*(L @ X for X in (self.kk, self.tk, self.tt, self.R12, self.R22)))
+
+    def weighted(self, Theta: np.ndarray, JP: np.ndarray, run: RunTables, L: np.ndarray, constants: tuple,
+                 C_W: float) -> BranchJacobians:
+        """After a weighted layer K' = c0 + C_W L<ss>, Theta' = t0 + t1 L<ss> + t2 L(Theta . <s's'>) that
+        reads the run s at a point with NTK ``Theta`` (``JP`` = d<ss>/dK). On the copy z~, the pair
+        (z(c), z~(d)) has <s s>' = <s's'> dK(z, z~)_cd + w_cd dK(z~, z~)_dd with w_cd = d<s_c s_d>/dK_dd
+        (c != d) and <s s''>/2 = (d<s^2>/dK - <s'^2>)/2 (c = d)."""
+        M = Theta.shape[0]
+        _, t1, t2 = constants
+        Ed = run.Ed.reshape(-1)
+        w = np.zeros((M * M, M * M))
+        for c, d in np.ndindex(M, M):
+            row, col = c * M + d, d * M + d
+            w[row, col] = JP[row, col] if c != d else (JP[row, row] - Ed[row]) / 2
+        LE = L * Ed[None, :]
+        kk = C_W * L @ JP @ self.kk
+        tk = (t1 * L @ JP + t2 * (L * Theta.reshape(-1)[None, :]) @ run.JQ) @ self.kk + t2 * LE @ self.tk
+        R12 = C_W * L @ (Ed[:, None] * self.R12)
+        R22 = C_W * L @ (Ed[:, None] * self.R22 + w @ self.kk)
+        return BranchJacobians(kk, tk, t2 * LE @ self.tt, R12, R22)
+
+
+def residual_state(a2: float, c2: float, skip: NTKState, K: np.ndarray, V: np.ndarray, branch: NTKState,
+                   jac: BranchJacobians) -> NTKState:
+    """The NTK statistics of z' = a z + c b (a2 = a^2, c2 = c^2) from the skip z's (``skip``, its K and
+    V), the branch output's (``branch``: every parameter, the skip's through the branch's Jacobian) and
+    ``jac``. With H' = a^2 H + c^2 H_b + a c (J H + H J^T), J_ik(s, x) = d b_i(s)/d z_k(x), the terms odd
+    in the branch's last (fresh, zero-mean) weights drop out of every second moment, and to order 1/n
+    (flattened pairs; m = a^2 c^2; the tensor form of :func:`derive.finite.arch._combine_ntk`)
+
+        A' = a^4 A + c^4 A_b + m (D tk^T + A tt^T + tk D^T + tt A^T)
+        D' = a^4 D + c^4 D_b + m (D kk^T + tk W + tt D),   W = n Cov(z z, z z) = V + K (x) K + K (x) K
+        B'_(su)(tv) = a^4 B + c^4 B_b + m sum_xy [tt_(su)(xy) Y_(xy)(tv) + tt_(tv)(xy) Y_(su)(xy)]
+        F'_(su)(tv) = a^4 F + c^4 F_b + m sum_xa [rho_(us)(ax) Z_(xa)(tv) + rho_(vt)(ax) Z'_(su)(xa)]
+        Theta' = a^2 Theta + c^2 Theta_b
+
+    with Y_(xy)(tv) = Theta_xt Theta_yv + B_(xy)(tv), Z_(xa)(tv) = Theta_xt K_av + F_(xa)(tv),
+    Z'_(su)(xa) = Theta_sx K_au + F_(su)(xa). Why: the branch reads the skip through the channel means
+    mean_k z_k z_k and mean_k H_kk, whose n-covariances with H_ii(s, t) are D and A and with z_i z_i are
+    W and D; n E[J_ik(s, x) J_jl(u, y)] = delta_ij delta_kl tt_(su)(xy); and Stein's lemma on the last
+    weights gives n E[b_j(v) J_ik(s, x)] = delta_ij sum_a rho_(vs)(ax) z_k(a), the derivative of
+    E[b_j(v) b_i(s)] in the second argument's z only: rho_(vs)(ax) = R12 + R22_(vs)(ax) + R22_(vs)(xa)."""
+    M = K.shape[0]
+    M2 = M * M
+    m = a2 * c2
+    A, D = skip.A.reshape(M2, M2), skip.D.reshape(M2, M2)
+    W = V.reshape(M2, M2) + (np.einsum("au,bv->abuv", K, K) + np.einsum("av,bu->abuv", K, K)).reshape(M2, M2)
+    cross_A = D @ jac.tk.T + A @ jac.tt.T
+    A1 = a2 * a2 * A + c2 * c2 * branch.A.reshape(M2, M2) + m * (cross_A + cross_A.T)
+    D1 = a2 * a2 * D + c2 * c2 * branch.D.reshape(M2, M2) + m * (D @ jac.kk.T + jac.tk @ W + jac.tt @ D)
+    Y = (np.einsum("xt,yv->xytv", skip.Theta, skip.Theta) + skip.B).reshape(M2, M2)
+    B1 = a2 * a2 * skip.B + c2 * c2 * branch.B + m * (jac.tt @ Y + Y @ jac.tt.T).reshape((M,) * 4)
+    rho = (jac.R12 + jac.R22 + jac.R22.reshape(M2, M, M).transpose(0, 2, 1).reshape(M2, M2)).reshape((M,) * 4)
+    Z = np.einsum("xt,av->xatv", skip.Theta, K) + skip.F
+    Z2 = np.einsum("sx,au->suxa", skip.Theta, K) + skip.F
+    F1 = (a2 * a2 * skip.F + c2 * c2 * branch.F
+          + m * (np.einsum("usax,xatv->sutv", rho, Z) + np.einsum("vtax,suxa->sutv", rho, Z2)))
+    return NTKState(a2 * skip.Theta + c2 * branch.Theta, A1.reshape((M,) * 4), B1, D1.reshape((M,) * 4), F1)
+
+
+__all__ = ["BranchJacobians", "NTKState", "RunTables", "activation_tables", "first_state", "identity_tables",
+           "ntk_constants", "ntk_variance", "residual_state", "weighted_state"]
