@@ -201,3 +201,20 @@ def test_finite_width_numbers_do_not_depend_on_the_hash_seed(args):
         assert res.returncode == 0, res.stderr
         outs.append(res.stdout)
     assert outs[0] == outs[1] == outs[2]
+
+
+def test_validate_theta_var_of_a_residual_network_on_two_inputs(tmp_path):
+    """The NTK's fluctuations over two inputs through residual blocks reach the table; its header says
+    how many inputs (the tensor form's sites) were checked."""
+    spec = tmp_path / "res.toml"
+    spec.write_text('name = "two blocks"\n[[layers]]\ntype = "dense"\n[[layers]]\ntype = "repeat"\ntimes = 2\n'
+                    '  [[layers.body]]\n  type = "residual"\n  xi = "4/5"\n  gamma = "3/5"\n'
+                    '    [[layers.body.branch]]\n    type = "dense"\n    C_W = 2\n'
+                    '    [[layers.body.branch]]\n    type = "activation"\n    activation = "relu"\n'
+                    '    [[layers.body.branch]]\n    type = "dense"\n    C_W = 2\n')
+    x = tmp_path / "x.npy"
+    np.save(x, np.random.default_rng(0).standard_normal((2, 5)))
+    res = run("validate", "--arch", str(spec), "--inputs", str(x), "--widths", "8,16", "--samples", "20",
+              "-q", "K,Theta,Theta_var")
+    assert "2 inputs, fits" in res.stdout, res.stderr
+    assert res.stdout.count("Theta_var") == 3, res.stdout  # three pairs of inputs at the output

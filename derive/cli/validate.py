@@ -182,10 +182,16 @@ def _arch_validate_widths(path: Path, widths: str, samples: int, seed: int, z_ma
     from rich.console import Console
 
     console = Console()
+    if x is None:
+        sites = "one input"
+    else:
+        sites = f"{x.shape[0]} input{'s' if x.shape[0] > 1 else ''}"
+        if x.ndim > 2:
+            sites += f" x {' x '.join(map(str, x.shape[1:-1]))} positions"
     console.print(f"[bold]{net.name or path.name}[/bold]: widths {', '.join(map(str, ws))}, {samples} networks "
-                  f"each, seed {seed}; one input, fits a + b/n (K: a, G1: b; V: a of n Var(K_hat) - 2 E[K_hat]^2)")
+                  f"each, seed {seed}; {sites}, fits a + b/n (K: a, G1: b; V: a of n Var(K_hat) - 2 E[K_hat]^2)")
     table = folded_table("quantity", "output", "entry", "theory", "fit", "+- error", "z", "detects", box=box.SIMPLE,
-                  pad_edge=False)
+                         pad_edge=False)
     for r in report.rows:
         z = r["z"]
         z_text = "-" if z is None else f"{z:.2f}"
