@@ -249,5 +249,5 @@ def _arch_finite_width_tensor(net, path: Path, inputs: Optional[Path], width: Op
         table.add_row(*row)
     console.print(table)
     console.print("'-': the output of an activation or pooling of one is not a Gaussian point, or the NTK's "
-                  "fluctuations are not derived there (LayerNorm and attention with positions "
+                  "fluctuations are not derived there (attention with positions "
                   "or several inputs)")

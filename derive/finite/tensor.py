@@ -53,9 +53,10 @@ point stays one: K' = L K, V' = (L x L) V, G1' = L G1. All widths are one n (the
 r = 1. One input without positions is the single-input form (:mod:`derive.finite.arch`), which the
 tests check, as they check a batch through a dense network against ``iterate_batch``. The NTK's
 fluctuations A, B, D, F are carried beside (:mod:`derive.finite.tensor_ntk`) through dense, conv,
-activation and pooling layers and residual blocks (a branch carries the Jacobians of its
-infinite-width maps in the skip's kernel and NTK, :class:`~derive.finite.tensor_ntk.BranchJacobians`);
-after LayerNorm or attention the point holds the reason they are not. Not derived here: an activation after LayerNorm (its channel statistics inside
+activation and pooling layers, LayerNorm followed by a weighted layer, and residual blocks (a branch
+carries the Jacobians of its infinite-width maps in the skip's kernel and NTK,
+:class:`~derive.finite.tensor_ntk.BranchJacobians`); after attention the point holds the reason they
+are not. Not derived here: an activation after LayerNorm (its channel statistics inside
 a nonlinear mean), and a branch that reads the skip through an activation first (a self-interaction,
 as in the single-input form).
 """
@@ -85,6 +86,8 @@ from derive.finite.tensor_ntk import (
     activation_tables,
     first_state,
     identity_tables,
+    layernorm_state,
+    layernorm_tables,
     ntk_constants,
     ntk_variance,
     residual_state,
@@ -302,6 +305,23 @@ def _statement_map(layer: Layer, after: tuple, kind: tuple, N: int, spatial: tup
     return jax.jit(F), jax.jit(jax.jacfwd(F)), jax.jit(jax.hessian(F)), jax.jit(pooled)
 
 
+@lru_cache(maxsize=64)
+def _product_map(layer: Layer, after: tuple, N: int, spatial: tuple) -> np.ndarray:
+    """The linear map L (M'^2, M^2) of a matrix of products through the run's pooling ``after`` and the
+    weighted layer's operator (no operator: dense)."""
+    _, op, _ = _statement(layer)
+    M = N * math.prod(spatial)
+
+    def f(X):
+        sp_ = spatial
+        for name, lay in after:
+            X, sp_ = _op(name, lay, X, N, sp_)
+        return _op(op, layer, X, N, sp_)[0]
+
+    L = np.asarray(jax.jacfwd(f)(jnp.zeros((M, M))))
+    return L.reshape(-1, M * M)
+
+
 def _weighted(layer: Layer, p: _Point, means: _Means, N: int):
     """The next Gaussian point (K, V, G1, positions) and the Jacobian J of its kernel in the means."""
     kind, op, expr = _statement(layer)
@@ -486,7 +506,7 @@ class _Walker:
                 return p.run(activation=layer.resolved_activation()), X
             if layer.rule.sampler != "layernorm" or not p.gaussian:
                 raise DeriveError(f"{here}: no tensor finite-width map for this elementwise layer here")
-            return p.run(layernorm=layer, ntk=None, ntk_reason=_NO_NTK["layernorm"]), X
+            return p.run(layernorm=layer), X
         if kind == "means":
             if p.gaussian and op != "diagonal_mean":  # pooling a Gaussian point: linear in each channel
                 M = p.K.shape[0]
@@ -562,6 +582,13 @@ class _Walker:
         if c1 == 0 or not math.isclose(constants[2], c1, rel_tol=1e-12):
             return None, (f"layer '{layer.type}': its NTK map's Theta coefficient {constants[2]} is not its "
                           f"weight variance {c1}"), None
+        if p.layernorm is not None:
+            tables = layernorm_tables(p.K, float(p.layernorm.value("eps")))
+            L = _product_map(layer, tuple(p.after), self.N, p.spatial)
+            state = layernorm_state(p.ntk, p.K, p.V, tables, L, constants, c1, self.r)
+            branch = None if p.branch is None else p.branch.weighted(p.ntk.Theta, tables.JX, tables.run, L,
+                                                                     constants, c1)
+            return state, "", branch
         if p.activation is None:
             run, Es, JP = identity_tables(p.K), p.K, np.eye(p.K.size)
         else:
@@ -575,8 +602,6 @@ class _Walker:
 
 #: Why the tensor form has no NTK fluctuations after a layer.
 _NO_NTK = {
-    "layernorm": "the NTK's fluctuations over sites are not derived through LayerNorm yet (one input "
-                 "without positions is: derive.finite.arch)",
     "attention": "the NTK's fluctuations are not derived through attention (its query and key gradients "
                  "enter the NTK at order 1/n)",
 }

@@ -43,9 +43,9 @@ term by term, the rule ``rules/layers/dense.toml`` states (the tests check the d
 its linear map. <d_p f> and J are K-derivatives of two-input expectations (Price's theorem:
 <s'_1 s'_2> = d<s_1 s_2>/dK12, <s''_1 s_2> = 2 d<s_1 s_2>/dK11); the four-point expectations of
 s and s' come from :func:`derive.finite.moments.product_moment`. A residual block combines the
-skip's statistics with its branch's through the branch's Jacobian (:func:`residual_state`). Not
-derived here: LayerNorm and attention in the tensor form (:mod:`derive.finite.arch` has LayerNorm
-for one input).
+skip's statistics with its branch's through the branch's Jacobian (:func:`residual_state`); a
+weighted layer after LayerNorm reads the normalised products and LayerNorm's Jacobian
+(:func:`layernorm_state`). Not derived here: attention (its query and key gradients).
 """
 
 from __future__ import annotations
@@ -208,15 +208,31 @@ def weighted_state(state: NTKState, K: np.ndarray, V: np.ndarray, Es: np.ndarray
     n Cov(P, P) of the layer's channel means, L (M'^2, M^2) the linear map of its products."""
     M = K.shape[0]
     M2 = M * M
-    t0, t1, t2 = constants
     Th, Ed = state.Theta.reshape(-1), run.Ed.reshape(-1)
     Vm, Am, Dm = (X.reshape(M2, M2) for X in (V, state.A, state.D))
     CQQ = run.D4.reshape(M2, M2) - np.outer(Ed, Ed) + r * run.JQ @ Vm @ run.JQ.T
     CQP = run.X4.reshape(M2, M2) - np.outer(Ed, Es.reshape(-1)) + r * run.JQ @ Vm @ JP.T
-    DJQ = Dm @ run.JQ.T  # [(st), (uv)] = sum_cd D_(st)(cd) J_Q[(uv), (cd)]
-    CNP = Th[:, None] * CQP + r * Ed[:, None] * (Dm @ JP.T)
+    CNP, CNN = _ntk_means_covariances(Th, Ed, Am, Dm, CQP, CQQ, r * Dm @ JP.T, run.JQ, r)
+    return _assemble(state, Es, CPP, CNP, CNN, run, L, constants, C_W, r)
+
+
+def _ntk_means_covariances(Th, Ed, Am, Dm, CQP, CQQ, DJP, JQ, r):
+    """n Cov(N, P) and n Cov(N, N) of N = mean_j s'_j s'_j H_jj (module docstring), flattened pairs."""
+    DJQ = Dm @ JQ.T  # [(st), (uv)] = sum_cd D_(st)(cd) J_Q[(uv), (cd)]
+    CNP = Th[:, None] * CQP + Ed[:, None] * DJP
     CNN = (np.outer(Th, Th) * CQQ + r * np.outer(Ed, Ed) * Am
            + r * np.outer(Th, Ed) * DJQ.T + r * np.outer(Ed, Th) * DJQ)
+    return CNP, CNN
+
+
+def _assemble(state: NTKState, Es, CPP, CNP, CNN, run: RunTables, L: np.ndarray, constants: tuple, C_W: float,
+              r: float) -> NTKState:
+    """A', B', D', F' and Theta' from the channel means' covariances and the run's tables (module
+    docstring), every index pair through L."""
+    M = state.Theta.shape[0]
+    M2 = M * M
+    t0, t1, t2 = constants
+    Th, Ed = state.Theta.reshape(-1), run.Ed.reshape(-1)
     inner_A = t1 * t1 * CPP + t1 * t2 * (CNP + CNP.T) + t2 * t2 * CNN
     inner_D = C_W * (t1 * CPP + t2 * CNP)
     YB = (np.einsum("abcd,ac,bd->abcd", run.D4, state.Theta, state.Theta)
@@ -231,6 +247,75 @@ def weighted_state(state: NTKState, K: np.ndarray, V: np.ndarray, Es: np.ndarray
     theta = t0 + t1 * (L @ Es.reshape(-1)) + t2 * (L @ (Th * Ed))
     return NTKState(theta.reshape(M1, M1), four(inner_A), four(C_W * C_W * YB), four(inner_D),
                     four(C_W * C_W * YF))
+
+
+# ------------------------------------------------------------------------------------------------
+# A weighted layer after LayerNorm
+
+
+@dataclass
+class LayerNormTables:
+    """LayerNorm phi_j(s) = (z_j(s) - mu_s) / sigma_s at a Gaussian point, to the order the NTK's
+    statistics need (:func:`layernorm_state`): ``X`` <phi phi> = K_st / (sigma_s sigma_t) with
+    sigma_s^2 = K_ss + eps, ``JX`` dX/dK and ``Jq`` dq/dK (entry by entry) of X and of
+    q_st = 1 / (sigma_s sigma_t), and the run's tables with s' -> q (``run``)."""
+
+    X: np.ndarray
+    JX: np.ndarray
+    Jq: np.ndarray
+    run: RunTables
+
+
+def layernorm_tables(K: np.ndarray, eps: float) -> LayerNormTables:
+    """:class:`LayerNormTables`: ``run.Ed`` = q, ``run.JQ`` = dq/dK, ``run.D4`` = q_ab q_cd,
+    ``run.X4[s, t, u, v]`` = q_st (R_uv - R_su R_sv - R_tv R_tu + R_su R_tv R_st) with R = X, and
+    ``run.g[s, u, p]`` = (d_pu / sigma_u - d_ps R_su / sigma_s) / sigma_s (:func:`layernorm_state`)."""
+    M = K.shape[0]
+    sig = np.sqrt(np.diag(K) + eps)
+    q = 1 / np.outer(sig, sig)
+    R = K * q
+    JX = np.zeros((M * M, M * M))
+    Jq = np.zeros((M * M, M * M))
+    for s, t in np.ndindex(M, M):
+        row = s * M + t
+        JX[row, row] += q[s, t]
+        for d in (s, t):  # through sigma_s and sigma_t: d sigma_d^{-1} / dK_dd = -1 / (2 sigma_d^3)
+            JX[row, d * M + d] -= R[s, t] / (2 * sig[d] ** 2)
+            Jq[row, d * M + d] -= q[s, t] / (2 * sig[d] ** 2)
+    X4 = q[:, :, None, None] * (R[None, None, :, :] - R[:, None, :, None] * R[:, None, None, :]
+                                - R[None, :, None, :] * R[None, :, :, None] + np.einsum("su,tv,st->stuv", R, R, R))
+    g = np.zeros((M, M, M))
+    for s, u in np.ndindex(M, M):
+        g[s, u, u] += 1 / (sig[u] * sig[s])
+        g[s, u, s] -= R[s, u] / sig[s] ** 2
+    run = RunTables(q, Jq, g, np.einsum("ab,cd->abcd", q, q), X4)
+    return LayerNormTables(R, JX, Jq, run)
+
+
+def layernorm_state(state: NTKState, K: np.ndarray, V: np.ndarray, tables: LayerNormTables, L: np.ndarray,
+                    constants: tuple, C_W: float, r: float = 1.0) -> NTKState:
+    """The NTK statistics after LayerNorm (pooled by the run) and a weighted layer with the linear map
+    L of its products. The layer reads X_st = mean_j phi_j(s) phi_j(t) = a_st q_st (a = mean z z, the
+    mean over channels mu enters at second order only) and N_st = mean_j (J_s H J_t^T)_jj with
+    LayerNorm's Jacobian J_s = P_s / sigma_s, P_s = 1 - 1 1^T / n - phi(s) phi(s)^T / n. To the order
+    of A, B and D the projection P drops out (its terms are 1/n in the mean and n^-3/2 in the
+    fluctuations), so N = h q with h_st = mean_j H_jj(s, t), and the delta method on (a, h), with
+    n Cov(a, a) = K (x) K + K (x) K + r V, n Cov(h, a) = D, n Cov(h, h) = A, gives A' and D'; B' is
+    the identity run's with s' -> 1 / sigma. F' keeps the projection: the channel pair (s, u) of F
+    reads (1/n) psi(u)^T H(s, t) psi(v) / (sigma_s sigma_t), psi(u) = P_s phi(u) = phi(u) - R_su phi(s),
+    whose mean is Theta_st q_st (R_uv - R_su R_sv - R_tv R_tu + R_su R_tv R_st) plus the input's F
+    through psi's coefficients (``g``). For one input without positions F's terms cancel up to eps
+    (the single-input form's `dz(G)/2`, the projected vector)."""
+    M2 = K.size
+    Th = state.Theta.reshape(-1)
+    q = tables.run.Ed.reshape(-1)
+    Am, Dm = state.A.reshape(M2, M2), state.D.reshape(M2, M2)
+    W = (np.einsum("su,tv->stuv", K, K) + np.einsum("sv,tu->stuv", K, K)).reshape(M2, M2) + r * V.reshape(M2, M2)
+    CPP = tables.JX @ W @ tables.JX.T
+    CQP = tables.Jq @ W @ tables.JX.T
+    CQQ = tables.Jq @ W @ tables.Jq.T
+    CNP, CNN = _ntk_means_covariances(Th, q, Am, Dm, CQP, CQQ, r * Dm @ tables.JX.T, tables.Jq, r)
+    return _assemble(state, tables.X, CPP, CNP, CNN, tables.run, L, constants, C_W, r)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -320,5 +405,6 @@ def residual_state(a2: float, c2: float, skip: NTKState, K: np.ndarray, V: np.nd
     return NTKState(a2 * skip.Theta + c2 * branch.Theta, A1.reshape((M,) * 4), B1, D1.reshape((M,) * 4), F1)
 
 
-__all__ = ["BranchJacobians", "NTKState", "RunTables", "activation_tables", "first_state", "identity_tables",
-           "ntk_constants", "ntk_variance", "residual_state", "weighted_state"]
+__all__ = ["BranchJacobians", "LayerNormTables", "NTKState", "RunTables", "activation_tables", "first_state",
+           "identity_tables", "layernorm_state", "layernorm_tables", "ntk_constants", "ntk_variance", "residual_state",
+           "weighted_state"]
