@@ -93,8 +93,8 @@ def test_validate_arch_json_and_exit_code(tmp_path):
     (["validate", "--arch", "examples/architectures/residual_mlp.toml", "--widths", "32,64", "-q", "dNTK_P"],
      "checks K, V, G1, Theta"),
     (["validate", "--arch", "examples/architectures/pre_ln_transformer.toml", "--widths", "32,64", "-q",
-      "Theta_var"], "no derived NTK fluctuations (A, B): the NTK's fluctuations over sites are not derived through "
-     "residual blocks"),
+      "Theta_var"], "no derived NTK fluctuations (A, B): the NTK's fluctuations are not derived through "
+     "attention"),
     (["validate", "--arch", "examples/architectures/cnn.toml"], "--width"),
     (["criticality", "--arch", "examples/architectures/cnn.toml"], "spatial"),
 ])

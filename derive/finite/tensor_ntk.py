@@ -329,7 +329,8 @@ class BranchJacobians:
     each ordered pair half of a symmetric change, Theta-derivatives entry by entry), and ``R12``,
     ``R22`` the one-sided derivatives of :func:`residual_state`: with z~ a copy of z that only the
     second argument of K_b(v, s) reads, R12 = dK_b(v, s)/dK(z, z~)_ax and R22 = dK_b(v, s)/dK(z~, z~)_ax
-(entry by entry; the block K_b(z~, z~) follows kk)."""
+    (entry by entry; the block K_b(z~, z~) follows kk). After LayerNorm the same chain holds with
+    <s s> -> X, <s's'> -> q (:class:`LayerNormTables`)."""
 
     kk: np.ndarray
     tk: np.ndarray
