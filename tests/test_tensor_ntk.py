@@ -365,28 +365,41 @@ def test_sampled_residual_cnn_agrees_and_a_dropped_term_is_rejected(monkeypatch)
 
 
 def _network_samples(x, n: int, networks: int, seed: int, forward, shapes):
-    """Outputs z (networks, M, n) and the NTK between output channels H (networks, M, M, n, n) of a
-    network written out in a test: ``forward(eps, p, n)`` returns its output and, for every
-    preactivation h_l (each shifted by eps[l]), G_l, the products of that layer's input (+ C_b) that
-    its weight and bias gradients contribute; ``shapes`` the parameters' shapes (standard normal; the
-    forward scales them). H = sum_l J_l G_l J_l^T, J_l = dz/dh_l by autodiff through eps, is the NTK
+    """Per network, the outputs z (M, n), the NTK's diagonal H_ii(s, t) (M, M, n) and the means over
+    pairs of distinct output channels i != j of n H_ij(s,t) H_ij(u,v) and n H_ij(s,t) z_i(u) z_j(v)
+    (M, M, M, M each) of a network written out in a test, over the M sites of ``x`` (its leading axes;
+    the channels last). ``forward(eps, p, n)`` returns the output and, for every preactivation h_l
+    (each shifted by eps[l]), G_l (M, M), the products of that layer's input (+ C_b) that its weight
+    and bias gradients contribute between flattened sites (a convolution's summed over its filter
+    offsets); ``shapes`` the parameters' shapes (standard normal; the forward scales them). H = sum_l J_l G_l J_l^T, J_l = dz/dh_l by autodiff through eps, is the NTK
     independently of the project's sampler."""
     import jax
     import jax.numpy as jnp
 
     from derive.backends.precision import x64
 
+    sites = x.shape[:-1]
+    off = 1 - jnp.eye(n)
+
     def one(key):
         keys = jax.random.split(key, len(shapes))
         p = [jax.random.normal(k, shape) for k, shape in zip(keys, shapes)]
-        eps = [jnp.zeros((x.shape[0], n))] * len(forward(None, p, n)[1])
+        eps = [jnp.zeros((*sites, n))] * len(forward(None, p, n)[1])
         z, G = forward(eps, p, n)
         J = jax.jacrev(lambda e: forward(e, p, n)[0])(eps)
-        return z, sum(jnp.einsum("siun,tjvn,uv->stij", Jl, Jl, Gl) for Jl, Gl in zip(J, G))
+        M = z.size // n
+        H = 0
+        for Jl, Gl in zip(J, G):
+            Jl = Jl.reshape(M, n, M, n)  # (output site, i, site, k)
+            H = H + jnp.einsum("siun,tjvn,uv->stij", Jl, Jl, Gl)
+        z = z.reshape(M, n)
+        B = n * jnp.einsum("stij,uvij,ij->sutv", H, H, off) / (n * (n - 1))
+        F = n * jnp.einsum("stij,ui,vj,ij->sutv", H, z, z, off) / (n * (n - 1))
+        return z, jnp.einsum("stii->sti", H), B, F
 
     with x64():
-        z, H = jax.lax.map(jax.jit(one), jax.random.split(jax.random.PRNGKey(seed), networks))
-        return np.asarray(z), np.asarray(H)
+        out = jax.lax.map(jax.jit(one), jax.random.split(jax.random.PRNGKey(seed), networks))
+        return tuple(np.asarray(o) for o in out)
 
 
 def _shifted(eps, k, h):
@@ -415,22 +428,66 @@ def _residual_forward(x, blocks: int, xi: float, gamma: float):
     return forward, lambda n: [(n, d)] + [(n, n), (n, n), (n,)] * blocks
 
 
-def _site_pair_statistics(z: np.ndarray, H: np.ndarray) -> dict:
-    """Per network, the means over pairs of distinct output channels i != j whose expectations times n
-    are A_(st)(uv) = n Cov(H_ii(s,t), H_jj(u,v)), B_(su)(tv) = n E[H_ij(s,t) H_ij(u,v)],
-    D_(st)(uv) = n Cov(H_ii(s,t), z_j(u) z_j(v)) and F_(su)(tv) = n E[H_ij(s,t) z_i(u) z_j(v)]
-    (the module docstring's definitions; centred at the means over every network and channel)."""
+def _conv1d(h, W, C_W: float):
+    """A 1-d 'SAME' convolution written out: h (N, P, c), W (k, c, c') standard normal, zero padding
+    (k - 1) // 2 before and the rest after; returns the output (without bias) and the products sum over
+    offsets of the shifted inputs (M, M) times C_W / (c k) that its weights contribute to the NTK."""
+    import jax.numpy as jnp
+
+    k, c = W.shape[0], W.shape[1]
+    N, P = h.shape[:2]
+    low = (k - 1) // 2
+    hp = jnp.pad(h, ((0, 0), (low, k - 1 - low), (0, 0)))
+    shifted = [hp[:, a:a + P] for a in range(k)]
+    scale = C_W / (c * k)
+    out = np.sqrt(scale) * sum(S @ W[a] for a, S in enumerate(shifted))
+    G = scale * sum(S.reshape(N * P, c) @ S.reshape(N * P, c).T for S in shifted)
+    return out, G
+
+
+def _residual_conv_forward(x, blocks: int, xi: float, gamma: float):
+    """conv(3; 1.5, 0.1) -> blocks x [xi z + gamma (conv(2; 1.6, 0.1) tanh(pool(conv(3; 1.5) z)))], pool the
+    stride-1 'SAME' window-2 average: (forward, shapes) for :func:`_network_samples`."""
+    import jax.numpy as jnp
+
+    d = x.shape[-1]
+
+    def pool(h):
+        hp = jnp.pad(h, ((0, 0), (0, 1), (0, 0)))
+        return (hp[:, :-1] + hp[:, 1:]) / 2
+
+    def forward(eps, p, n):
+        out, G0 = _conv1d(x, p[0], 1.5)
+        z = _shifted(eps, 0, out + np.sqrt(0.1) * p[1])
+        G = [G0 + 0.1]
+        for k in range(blocks):
+            W2, W3, b3 = p[3 * k + 2: 3 * k + 5]
+            h, G2 = _conv1d(z, W2, 1.5)
+            s = jnp.tanh(pool(_shifted(eps, 2 * k + 1, h)))
+            out, G3 = _conv1d(s, W3, 1.6)
+            b = _shifted(eps, 2 * k + 2, out + np.sqrt(0.1) * b3)
+            G += [G2, G3 + 0.1]
+            z = xi * z + gamma * b
+        return z, G
+
+    return forward, lambda n: [(3, d, n), (n,)] + [(3, n, n), (2, n, n), (n,)] * blocks
+
+
+def _site_pair_statistics(z: np.ndarray, diag: np.ndarray, B: np.ndarray, F: np.ndarray) -> dict:
+    """Per network (:func:`_network_samples`), the means over pairs of distinct output channels i != j
+    whose expectations times n are A_(st)(uv) = n Cov(H_ii(s,t), H_jj(u,v)), B_(su)(tv) =
+    n E[H_ij(s,t) H_ij(u,v)], D_(st)(uv) = n Cov(H_ii(s,t), z_j(u) z_j(v)) and F_(su)(tv) =
+    n E[H_ij(s,t) z_i(u) z_j(v)] (the module docstring's definitions; A and D centred at the means over
+    every network and channel)."""
     n = z.shape[2]
     pairs = n * (n - 1)
-    diag = np.einsum("kstii->ksti", H)
     d = diag - diag.mean(axis=(0, 3), keepdims=True)
     zz = np.einsum("kui,kvi->kuvi", z, z)
     e = zz - zz.mean(axis=(0, 3), keepdims=True)
-    off = 1 - np.eye(n)
     return {"A": n * (np.einsum("ksti,kuvj->kstuv", d, d) - np.einsum("ksti,kuvi->kstuv", d, d)) / pairs,
-            "B": n * np.einsum("kstij,kuvij,ij->ksutv", H, H, off) / pairs,
+            "B": B,
             "D": n * (np.einsum("ksti,kuvj->kstuv", d, e) - np.einsum("ksti,kuvi->kstuv", d, e)) / pairs,
-            "F": n * np.einsum("kstij,kui,kvj,ij->ksutv", H, z, z, off) / pairs}
+            "F": F}
 
 
 def _fitted(per_width: list, widths) -> dict:
@@ -479,6 +536,40 @@ def test_sampled_residual_ntk_statistics_over_two_inputs_one_by_one(monkeypatch)
         assert all(off[q] > 5 for q in shows), (term, off)
 
 
+@pytest.mark.slow
+def test_sampled_residual_conv_ntk_statistics_over_positions_one_by_one(monkeypatch):
+    """A, B, D, F over three positions after two blocks z' = 0.8 z + 0.6 conv(tanh(pool(conv(z)))), the
+    pooling a stride-1 window-2 average of the branch's Gaussian point (the branch's Jacobians through
+    a pooling, :meth:`BranchJacobians.mapped`), every entry against its own estimate from networks
+    written out in this test (3000 at widths 32, 64, 128, fitted in 1/n): all within 5 standard errors
+    (worst |z| 2.4). Rejected by the same samples: the pooling skipped in the branch's Jacobians
+    (|z| 129 and more), F with the branch's derivative taken in both arguments of E[b(v) b(s)] (halved;
+    55), B without its own term in the cross term (131) and A without the skip-branch covariance (12.7)."""
+    blocks, xi, gamma = 2, 0.8, 0.6
+    net = arch.serial(arch.conv(filter=(3,), C_W=1.5, C_b=0.1), arch.repeat(blocks, arch.residual(
+        arch.conv(filter=(3,), C_W=1.5), arch.avg_pool(window=(2,), stride=(1,), padding="SAME"),
+        arch.activation("tanh"), arch.conv(filter=(2,), C_W=1.6, C_b=0.1), xi=xi, gamma=gamma)))
+    x = np.random.default_rng(1).standard_normal((1, 3, 2))
+    widths = (32, 64, 128)
+    forward, shapes = _residual_conv_forward(x, blocks, xi, gamma)
+    fits = _fitted([_site_pair_statistics(*_network_samples(x, n, 3000, n, forward, shapes(n))) for n in widths],
+                   widths)
+    theory = arch_finite_width_tensor(net, x)
+    assert max(_worst_z(fits, theory).values()) < 5, _worst_z(fits, theory)
+    for q in "ABDF":  # power: each diagonal entry's error is under a fifth of its value
+        value, stderr = theory.values[q][-1][0, 0, 0, 0], fits[q, (0, 0, 0, 0)][1]
+        assert stderr < 0.2 * abs(value), (q, value, stderr)
+    with monkeypatch.context() as m:
+        m.setattr(tensor_ntk.BranchJacobians, "mapped", lambda self, L: self)
+        off = _worst_z(fits, arch_finite_width_tensor(net, x))
+        assert all(off[q] > 5 for q in "ABDF"), ("pooling skipped", off)
+    for term, shows in (("skip-branch covariance", "A"), ("one-sided derivative as half the two-sided one", "F"),
+                        ("B in the cross term", "B")):
+        monkeypatch.setattr(tensor, "residual_state", _residual_dropping(term))
+        off = _worst_z(fits, arch_finite_width_tensor(net, x))
+        assert all(off[q] > 5 for q in shows), (term, off)
+
+
 def _layernorm_forward(x):
     """dense(1) -> tanh -> dense(1.5, 0.1) -> LayerNorm -> dense(2, 0.1): (forward, shapes) for
     :func:`_network_samples`; LayerNorm over the channels of each input, eps = 1e-12 (the rule's)."""
@@ -514,9 +605,9 @@ def _layernorm_changed(change):
             X4 = run.Ed[:, :, None, None] * t.X[None, None, :, :]
             run = tensor_ntk.RunTables(run.Ed, run.JQ, g, run.D4, X4)
         elif change == "LayerNorm's variance held in the NTK term":
-            return tensor_ntk.LayerNormTables(t.X, t.JX, np.zeros_like(t.Jq), tensor_ntk.RunTables(
+            return tensor_ntk.LayerNormTables(t.X, t.JX, tensor_ntk.RunTables(
                 run.Ed, np.zeros_like(run.JQ), run.g, run.D4, run.X4))
-        return tensor_ntk.LayerNormTables(t.X, t.JX, t.Jq, run)
+        return tensor_ntk.LayerNormTables(t.X, t.JX, run)
 
     return wrong
 

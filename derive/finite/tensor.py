@@ -150,6 +150,22 @@ def _positions_after(name: str, layer: Layer, N: int, spatial: tuple) -> tuple:
     return _op(name, layer, jnp.zeros((N * math.prod(spatial),) * 2), N, spatial)[1]
 
 
+def _run_ops(ops, X, N: int, spatial: tuple):
+    """X through the operators ``ops`` ((name, layer) pairs) in turn; returns it and the positions."""
+    for name, lay in ops:
+        X, spatial = _op(name, lay, X, N, spatial)
+    return X, spatial
+
+
+@lru_cache(maxsize=64)
+def _linear_map(ops: tuple, N: int, spatial: tuple) -> np.ndarray:
+    """The linear map L (M'^2, M^2) of an (M, M) matrix of sites through the operators ``ops`` (pooling,
+    a weighted layer's patches), by one Jacobian compiled once per operators and shape."""
+    M = N * math.prod(spatial)
+    L = np.asarray(jax.jacfwd(lambda X: _run_ops(ops, X, N, spatial)[0])(jnp.zeros((M, M))))
+    return L.reshape(-1, M * M)
+
+
 # ------------------------------------------------------------------------------------------------
 # Gaussian points and the means a layer reads
 
@@ -290,11 +306,7 @@ def _statement_map(layer: Layer, after: tuple, kind: tuple, N: int, spatial: tup
         f = _attention_parts(layer, N, _spatial_after(after, N, spatial))
 
     def pooled(m):
-        X = to_matrix(m)
-        sp_ = spatial
-        for name, lay in after:
-            X, sp_ = _op(name, lay, X, N, sp_)
-        return X
+        return _run_ops(after, to_matrix(m), N, spatial)[0]
 
     def F(m):
         X = pooled(m)
@@ -303,23 +315,6 @@ def _statement_map(layer: Layer, after: tuple, kind: tuple, N: int, spatial: tup
         return c0 + c1 * _op(op, layer, X, N, _spatial_after(after, N, spatial))[0]
 
     return jax.jit(F), jax.jit(jax.jacfwd(F)), jax.jit(jax.hessian(F)), jax.jit(pooled)
-
-
-@lru_cache(maxsize=64)
-def _product_map(layer: Layer, after: tuple, N: int, spatial: tuple) -> np.ndarray:
-    """The linear map L (M'^2, M^2) of a matrix of products through the run's pooling ``after`` and the
-    weighted layer's operator (no operator: dense)."""
-    _, op, _ = _statement(layer)
-    M = N * math.prod(spatial)
-
-    def f(X):
-        sp_ = spatial
-        for name, lay in after:
-            X, sp_ = _op(name, lay, X, N, sp_)
-        return _op(op, layer, X, N, sp_)[0]
-
-    L = np.asarray(jax.jacfwd(f)(jnp.zeros((M, M))))
-    return L.reshape(-1, M * M)
 
 
 def _weighted(layer: Layer, p: _Point, means: _Means, N: int):
@@ -510,9 +505,8 @@ class _Walker:
         if kind == "means":
             if p.gaussian and op != "diagonal_mean":  # pooling a Gaussian point: linear in each channel
                 M = p.K.shape[0]
-                L = np.asarray(jax.jacfwd(lambda A: _op(op, layer, A, self.N, p.spatial)[0])(jnp.asarray(p.K)))
-                M2 = L.shape[0]
-                L = L.reshape(M2 * M2, M * M)
+                L = _linear_map(((op, layer),), self.N, p.spatial)
+                M2 = int(round(math.sqrt(L.shape[0])))
                 K1 = (L @ p.K.reshape(-1)).reshape(M2, M2)
                 G1 = (L @ p.G.reshape(-1)).reshape(M2, M2)
                 V1 = (L @ p.V.reshape(M * M, M * M) @ L.T).reshape((M2,) * 4)
@@ -584,7 +578,7 @@ class _Walker:
                           f"weight variance {c1}"), None
         if p.layernorm is not None:
             tables = layernorm_tables(p.K, float(p.layernorm.value("eps")))
-            L = _product_map(layer, tuple(p.after), self.N, p.spatial)
+            L = _linear_map((*p.after, (_statement(layer)[1], layer)), self.N, p.spatial)
             state = layernorm_state(p.ntk, p.K, p.V, tables, L, constants, c1, self.r)
             branch = None if p.branch is None else p.branch.weighted(p.ntk.Theta, tables.JX, tables.run, L,
                                                                      constants, c1)

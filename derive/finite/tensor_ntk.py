@@ -212,14 +212,15 @@ def weighted_state(state: NTKState, K: np.ndarray, V: np.ndarray, Es: np.ndarray
     Vm, Am, Dm = (X.reshape(M2, M2) for X in (V, state.A, state.D))
     CQQ = run.D4.reshape(M2, M2) - np.outer(Ed, Ed) + r * run.JQ @ Vm @ run.JQ.T
     CQP = run.X4.reshape(M2, M2) - np.outer(Ed, Es.reshape(-1)) + r * run.JQ @ Vm @ JP.T
-    CNP, CNN = _ntk_means_covariances(Th, Ed, Am, Dm, CQP, CQQ, r * Dm @ JP.T, run.JQ, r)
+    CNP, CNN = _ntk_means_covariances(Th, Ed, Am, Dm, CQP, CQQ, JP, run.JQ, r)
     return _assemble(state, Es, CPP, CNP, CNN, run, L, constants, C_W, r)
 
 
-def _ntk_means_covariances(Th, Ed, Am, Dm, CQP, CQQ, DJP, JQ, r):
-    """n Cov(N, P) and n Cov(N, N) of N = mean_j s'_j s'_j H_jj (module docstring), flattened pairs."""
-    DJQ = Dm @ JQ.T  # [(st), (uv)] = sum_cd D_(st)(cd) J_Q[(uv), (cd)]
-    CNP = Th[:, None] * CQP + Ed[:, None] * DJP
+def _ntk_means_covariances(Th, Ed, Am, Dm, CQP, CQQ, JP, JQ, r):
+    """n Cov(N, P) and n Cov(N, N) of N = mean_j s'_j s'_j H_jj (module docstring), flattened pairs;
+    JP and JQ the Jacobians of the means P and Q in K, r the width ratio of every 1/n term."""
+    DJP, DJQ = Dm @ JP.T, Dm @ JQ.T  # [(st), (uv)] = sum_cd D_(st)(cd) J[(uv), (cd)]
+    CNP = Th[:, None] * CQP + r * Ed[:, None] * DJP
     CNN = (np.outer(Th, Th) * CQQ + r * np.outer(Ed, Ed) * Am
            + r * np.outer(Th, Ed) * DJQ.T + r * np.outer(Ed, Th) * DJQ)
     return CNP, CNN
@@ -257,12 +258,11 @@ def _assemble(state: NTKState, Es, CPP, CNP, CNN, run: RunTables, L: np.ndarray,
 class LayerNormTables:
     """LayerNorm phi_j(s) = (z_j(s) - mu_s) / sigma_s at a Gaussian point, to the order the NTK's
     statistics need (:func:`layernorm_state`): ``X`` <phi phi> = K_st / (sigma_s sigma_t) with
-    sigma_s^2 = K_ss + eps, ``JX`` dX/dK and ``Jq`` dq/dK (entry by entry) of X and of
-    q_st = 1 / (sigma_s sigma_t), and the run's tables with s' -> q (``run``)."""
+    sigma_s^2 = K_ss + eps, ``JX`` dX/dK (entry by entry), and the run's tables with s' -> q (``run``;
+    ``run.JQ`` dq/dK of q_st = 1 / (sigma_s sigma_t))."""
 
     X: np.ndarray
     JX: np.ndarray
-    Jq: np.ndarray
     run: RunTables
 
 
@@ -289,7 +289,7 @@ def layernorm_tables(K: np.ndarray, eps: float) -> LayerNormTables:
         g[s, u, u] += 1 / (sig[u] * sig[s])
         g[s, u, s] -= R[s, u] / sig[s] ** 2
     run = RunTables(q, Jq, g, np.einsum("ab,cd->abcd", q, q), X4)
-    return LayerNormTables(R, JX, Jq, run)
+    return LayerNormTables(R, JX, run)
 
 
 def layernorm_state(state: NTKState, K: np.ndarray, V: np.ndarray, tables: LayerNormTables, L: np.ndarray,
@@ -312,9 +312,10 @@ def layernorm_state(state: NTKState, K: np.ndarray, V: np.ndarray, tables: Layer
     Am, Dm = state.A.reshape(M2, M2), state.D.reshape(M2, M2)
     W = (np.einsum("su,tv->stuv", K, K) + np.einsum("sv,tu->stuv", K, K)).reshape(M2, M2) + r * V.reshape(M2, M2)
     CPP = tables.JX @ W @ tables.JX.T
-    CQP = tables.Jq @ W @ tables.JX.T
-    CQQ = tables.Jq @ W @ tables.Jq.T
-    CNP, CNN = _ntk_means_covariances(Th, q, Am, Dm, CQP, CQQ, r * Dm @ tables.JX.T, tables.Jq, r)
+    Jq = tables.run.JQ
+    CQP = Jq @ W @ tables.JX.T
+    CQQ = Jq @ W @ Jq.T
+    CNP, CNN = _ntk_means_covariances(Th, q, Am, Dm, CQP, CQQ, tables.JX, tables.run.JQ, r)
     return _assemble(state, tables.X, CPP, CNP, CNN, tables.run, L, constants, C_W, r)
 
 
