@@ -83,6 +83,7 @@ from derive.finite.moments import NumpyMoments, moment_rule
 from derive.finite.tensor_ntk import (
     BranchJacobians,
     NTKState,
+    Sites,
     activation_tables,
     first_state,
     identity_tables,
@@ -256,19 +257,28 @@ def _layernorm_means(p: _Point, r: float) -> _Means:
 
 
 def _activation_means(p: _Point, activation, r: float, tol: float, need_cross: bool) -> _Means:
-    """P_st = mean_i sigma(z_is) sigma(z_it) (module docstring; :func:`derive.finite.batch.channel_means`)."""
+    """P_st = mean_i sigma(z_is) sigma(z_it) (module docstring; :func:`derive.finite.batch.channel_means`),
+    over the point's distinct sites and expanded (:class:`~derive.finite.tensor_ntk.Sites`)."""
     K, V = p.K, p.V
     M = K.shape[0]
+    sites = _sites(p)
     rule = moment_rule(activation, "auto", float(np.max(np.diag(K))), tol)
-    means = channel_means(batch_terms(activation, tol), K, V, p.G, r, rule,
-                          NumpyMoments(activation.sigma_numeric, rule.smoothed), second=True)
-    D = means.second.reshape(M * M, M * M)  # <d_c d_d (s_u s_v)>, the Jacobian 2 d<s_u s_v>/dK_cd
+    means = channel_means(batch_terms(activation, tol), sites.reduce(K), sites.reduce(V), sites.reduce(p.G), r,
+                          rule, NumpyMoments(activation.sigma_numeric, rule.smoothed), second=True)
+    # <d_c d_d (s_u s_v)>, the Jacobian 2 d<s_u s_v>/dK_cd
+    D = sites.pairs(means.second.reshape((means.value.size,) * 2), 1)
     cross = None
     if need_cross:  # n Cov(z_s z_t, P_uv) = sum_cd (K_sc K_td + r V_(st)(cd) / 2) <d_c d_d (s_u s_v)>
         KK = np.einsum("sc,td->stcd", K, K).reshape(M * M, M * M)
         cross = (KK + r / 2 * V.reshape(M * M, M * M)) @ D.T
-    return _Means(means.value.reshape(-1), means.bias.reshape(-1), means.cov.reshape(M * M, M * M), cross,
-                  ("products", M), True, D / 2)
+    value, bias = (sites.pairs(x.reshape(-1)) for x in (means.value, means.bias))
+    cov = sites.pairs(means.cov.reshape((means.value.size,) * 2))
+    return _Means(value, bias, cov, cross, ("products", M), True, D / 2)
+
+
+def _sites(p: _Point) -> Sites:
+    """The point's identical sites (:class:`~derive.finite.tensor_ntk.Sites`)."""
+    return Sites.of(p.K, p.V, p.G)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -586,7 +596,7 @@ class _Walker:
         if p.activation is None:
             run, Es, JP = identity_tables(p.K), p.K, np.eye(p.K.size)
         else:
-            run = activation_tables(p.activation, p.K, self.tol)
+            run = activation_tables(p.activation, p.K, self.tol, _sites(p))
             Es, JP = means.value.reshape(p.K.shape), means.jacobian_in_K
         L = J / c1
         state = weighted_state(p.ntk, p.K, p.V, Es, JP, means.cov, run, L, constants, c1, self.r)
@@ -658,9 +668,10 @@ def _check_finite(p: _Point, here: str) -> None:
     state = [p.K, p.V, p.G] + ([] if p.ntk is None else [p.ntk.Theta, p.ntk.A, p.ntk.B, p.ntk.D, p.ntk.F])
     if not all(np.all(np.isfinite(v)) for v in state):
         raise DeriveError(f"{here}: the finite-width maps are not finite here: two sites (inputs or positions) "
-                          "with correlation +-1 meet a kink of the activation, where the K-derivatives of its "
-                          "Gaussian expectations diverge; give inputs that are not parallel or antiparallel "
-                          "(remove duplicate inputs)")
+                          "with correlation +-1 that are not the same (antiparallel, or parallel with different "
+                          "variances) meet a kink of the activation, where the K-derivatives of its Gaussian "
+                          "expectations diverge; give inputs that are not parallel or antiparallel (identical "
+                          "inputs or positions are derived)")
 
 
 def _first(layer: Layer, x: np.ndarray, N: int, here: str) -> _Point:

@@ -120,17 +120,91 @@ def first_state(theta: np.ndarray) -> NTKState:
 # The run's expectations over sites
 
 
+@dataclass(frozen=True)
+class Sites:
+    """Sites of a Gaussian point grouped into classes of identical ones (z(s) = z(t): equal rows of K, V
+    and G1, as duplicate inputs or positions whose receptive fields are all padding give): ``rep[s]``
+    the class of site s, ``keep`` one site of each class. A kinked activation's K-derivatives diverge
+    at such a pair (correlation 1), while the mathematics has a value: the same expectations over the
+    distinct sites (the point's law lives on them), expanded back. Quantities indexed by sites are
+    copied to every member of a class (:meth:`values`); derivatives in K (or z) are split evenly over
+    the members (:meth:`derivatives`), so that contracting them with quantities that are copies gives
+    the derivative over the distinct sites."""
+
+    rep: np.ndarray
+    keep: np.ndarray
+
+    @classmethod
+    def of(cls, K: np.ndarray, V: np.ndarray | None = None, G: np.ndarray | None = None, rtol: float = 1e-12
+           ) -> Sites:
+        """The classes of identical sites of the point (K, V, G1); every site its own class unless the
+        rows of K, V and G1 agree to ``rtol`` of their scale."""
+        M = K.shape[0]
+        scale = max(float(np.max(np.abs(K))), 1e-300)
+        d = np.diag(K)
+        rep, keep = np.empty(M, dtype=int), []
+        for t in range(M):
+            for c, s in enumerate(keep):
+                if abs(d[s] - d[t]) <= rtol * scale and d[s] + d[t] - 2 * K[s, t] <= rtol * scale:
+                    rep[t] = c
+                    break
+            else:
+                rep[t] = len(keep)
+                keep.append(t)
+        sites = cls(rep, np.asarray(keep, dtype=int))
+        if sites.distinct:
+            return sites
+        for X in (K, G, V):
+            if X is not None and not np.allclose(sites.values(sites.reduce(X)), X, rtol=1e-9,
+                                                 atol=1e-12 * max(float(np.max(np.abs(X))), 1e-300)):
+                return cls(np.arange(M), np.arange(M))
+        return sites
+
+    @property
+    def distinct(self) -> bool:
+        return len(self.keep) == len(self.rep)
+
+    def reduce(self, X: np.ndarray) -> np.ndarray:
+        """X (every axis a site) on the distinct sites."""
+        return X[np.ix_(*[self.keep] * X.ndim)]
+
+    def values(self, X: np.ndarray) -> np.ndarray:
+        """X over the distinct sites (every axis) copied to every site."""
+        return X[np.ix_(*[self.rep] * X.ndim)]
+
+    def derivatives(self, X: np.ndarray, axes: int) -> np.ndarray:
+        """X over the distinct sites with its last ``axes`` axes derivatives (split evenly over each
+        class), the others values."""
+        size = np.bincount(self.rep)[self.rep].astype(float)
+        out = self.values(X)
+        for k in range(X.ndim - axes, X.ndim):
+            out = out / size.reshape((-1,) + (1,) * (X.ndim - 1 - k))
+        return out
+
+    def pairs(self, X: np.ndarray, derivative_pairs: int = 0) -> np.ndarray:
+        """:meth:`values` / :meth:`derivatives` of X over flattened pairs of distinct sites ((M'^2,) or
+        (M'^2, M'^2), the last ``derivative_pairs`` pairs derivatives), over flattened pairs of sites."""
+        m = len(self.keep)
+        pairs = X.ndim
+        Y = X.reshape((m,) * (2 * pairs))
+        Y = self.derivatives(Y, 2 * derivative_pairs) if derivative_pairs else self.values(Y)
+        M = len(self.rep)
+        return Y.reshape((M * M,) * pairs)
+
+
 @dataclass
 class RunTables:
     """Expectations of the run s (and s') at a Gaussian point over M sites (module docstring):
     ``Ed`` <s's'>, ``JQ`` d<s's'>/dK (M^2, M^2), ``g`` [x1, x2, p] = <d_p (s'_x1 s_x2)>,
-    ``D4`` <s's's's'>, ``X4`` [a, b, c, d] = <s'_a s'_b s_c s_d>."""
+    ``D4`` <s's's's'>, ``X4`` [a, b, c, d] = <s'_a s'_b s_c s_d>; ``sites`` the point's identical
+    sites (None: all distinct), where the tables are expanded from the distinct ones."""
 
     Ed: np.ndarray
     JQ: np.ndarray
     g: np.ndarray
     D4: np.ndarray
     X4: np.ndarray
+    sites: Sites | None = None
 
 
 def identity_tables(K: np.ndarray) -> RunTables:
@@ -143,8 +217,13 @@ def identity_tables(K: np.ndarray) -> RunTables:
     return RunTables(ones, np.zeros((M * M, M * M)), g, np.ones((M,) * 4), np.einsum("ab,cd->abcd", ones, K))
 
 
-def activation_tables(activation, K: np.ndarray, tol: float) -> RunTables:
-    """:class:`RunTables` of s = sigma(z) (module docstring)."""
+def activation_tables(activation, K: np.ndarray, tol: float, sites: Sites | None = None) -> RunTables:
+    """:class:`RunTables` of s = sigma(z) (module docstring); with ``sites``, computed over the distinct
+    sites and expanded (:class:`Sites`)."""
+    if sites is not None and not sites.distinct:
+        t = activation_tables(activation, sites.reduce(K), tol)
+        return RunTables(sites.values(t.Ed), sites.pairs(t.JQ, 1), sites.derivatives(t.g, 1), sites.values(t.D4),
+                         sites.values(t.X4), sites)
     M = K.shape[0]
     sigma, ds = activation.sigma_numeric, activation.derivative(numeric=True)
     terms = batch_terms(activation, tol)
@@ -353,14 +432,18 @@ class BranchJacobians:
         """After a weighted layer K' = c0 + C_W L<ss>, Theta' = t0 + t1 L<ss> + t2 L(Theta . <s's'>) that
         reads the run s at a point with NTK ``Theta`` (``JP`` = d<ss>/dK). On the copy z~, the pair
         (z(c), z~(d)) has <s s>' = <s's'> dK(z, z~)_cd + w_cd dK(z~, z~)_dd with w_cd = d<s_c s_d>/dK_dd
-        (c != d) and <s s''>/2 = (d<s^2>/dK - <s'^2>)/2 (c = d)."""
+        (c != d) and <s s''>/2 = (d<s^2>/dK - <s'^2>)/2 (c = d; also where c and d are identical sites,
+        :class:`Sites`)."""
         M = Theta.shape[0]
         _, t1, t2 = constants
         Ed = run.Ed.reshape(-1)
+        rep = np.arange(M) if run.sites is None else run.sites.rep
         w = np.zeros((M * M, M * M))
         for c, d in np.ndindex(M, M):
-            row, col = c * M + d, d * M + d
-            w[row, col] = JP[row, col] if c != d else (JP[row, row] - Ed[row]) / 2
+            # d's class block: its pairs together are d<.>/dK_dd over the distinct sites (Sites)
+            block = [a * M + b for a, b in np.ndindex(M, M) if rep[a] == rep[d] == rep[b]]
+            total = JP[c * M + d, block].sum()
+            w[c * M + d, d * M + d] = total if rep[c] != rep[d] else (total - Ed[c * M + d]) / 2
         LE = L * Ed[None, :]
         kk = C_W * L @ JP @ self.kk
         tk = (t1 * L @ JP + t2 * (L * Theta.reshape(-1)[None, :]) @ run.JQ) @ self.kk + t2 * LE @ self.tk
@@ -407,6 +490,6 @@ def residual_state(a2: float, c2: float, skip: NTKState, K: np.ndarray, V: np.nd
     return NTKState(a2 * skip.Theta + c2 * branch.Theta, A1.reshape((M,) * 4), B1, D1.reshape((M,) * 4), F1)
 
 
-__all__ = ["BranchJacobians", "LayerNormTables", "NTKState", "RunTables", "activation_tables", "first_state",
+__all__ = ["BranchJacobians", "LayerNormTables", "NTKState", "RunTables", "Sites", "activation_tables", "first_state",
            "identity_tables", "layernorm_state", "layernorm_tables", "ntk_constants", "ntk_variance", "residual_state",
            "weighted_state"]
