@@ -118,6 +118,45 @@ def test_mixed_expectations_of_four_inputs_by_two_rules(name, order):
 # The maps
 
 
+def test_compiled_product_moments_equal_numpy_ones():
+    """The batched JAX trapezoid rule (derive.finite.moments_jax) against product_moment's NumPy one,
+    moment by moment, on random covariances of two to four sites (one singular), mixed powers of
+    sigma and sigma': the same quadrature, so equal to rounding (1e-14 of the moment's scale)."""
+    from derive.finite.moments_jax import trapezoid_product_moments
+
+    act = resolve("tanh")
+    s, ds = act.sigma_numeric, act.derivative(numeric=True)
+    rng = np.random.default_rng(4)
+    covs, powers = [], []
+    for d in (2, 3, 4, 4):
+        A = rng.standard_normal((d, d + 1))
+        covs.append(A @ A.T / (d + 1))
+        powers.append([tuple(rng.integers(0, 3, 2)) for _ in range(d)])
+    v = rng.standard_normal(3)
+    covs.append(np.outer(v, v) + np.diag([0.0, 0.5, 0.2]))  # singular: the eigen-root's triangular factor
+    powers.append([(1, 1), (0, 2), (2, 0)])
+    rule = moment_rule(act, 40)
+    got = trapezoid_product_moments(s, ds, 40, covs, powers)
+    for value, cov, pw in zip(got, covs, powers):
+        want = product_moment(rule, tuple(s**i * ds**j for i, j in pw), cov)
+        assert value == pytest.approx(want, rel=1e-14, abs=1e-14), (pw, value, want)
+
+
+def test_compiled_tables_equal_numpy_tables(monkeypatch):
+    """activation_tables with every set of sites through the compiled batch equals the one computed moment
+    by moment in NumPy, to 1e-14."""
+    import derive.finite.moments_jax as moments_jax
+
+    K = np.array([[1.2, 0.4, -0.3, 0.1], [0.4, 0.9, 0.2, 0.0], [-0.3, 0.2, 1.1, 0.5], [0.1, 0.0, 0.5, 0.8]])
+    act = resolve("tanh")
+    monkeypatch.setattr(moments_jax, "COMPILE_POINTS", np.inf)
+    numpy_tables = tensor_ntk.activation_tables(act, K, 1e-11)
+    monkeypatch.setattr(moments_jax, "COMPILE_POINTS", 0)
+    compiled = tensor_ntk.activation_tables(act, K, 1e-11)
+    for name in ("D4", "X4"):
+        np.testing.assert_allclose(getattr(compiled, name), getattr(numpy_tables, name), rtol=1e-14, atol=1e-15)
+
+
 ONE_INPUT = {  # the first: the identity run; the residual ones: through residual blocks
     "dense on dense": lambda: arch.serial(arch.dense(1.3, 0.1), arch.dense(1.2, 0.05), arch.activation("tanh"),
                                           arch.dense(1.5, 0.1)),

@@ -60,6 +60,7 @@ from derive.core import symbols as S
 from derive.core.errors import DeriveError
 from derive.finite.batch import _pair_values, batch_terms
 from derive.finite.moments import moment_rule, product_moment
+from derive.finite.moments_jax import trapezoid_product_moments, worth_compiling
 from derive.finite.single import single_expectations
 from derive.rules.layers import StructuralOperator
 from derive.symbolic.numeric import evaluate
@@ -254,27 +255,42 @@ def activation_tables(activation, K: np.ndarray, tol: float, sites: Sites | None
         g[a, b, a] = 2 * _pair_values(dE["11"], *v)
         g[a, b, b] = Ed[a, b]
     rule = moment_rule(activation, "auto", float(np.max(np.diag(K))), tol)
-    memo: dict = {}
 
-    def moment(sites: tuple, derivs: tuple) -> float:
-        """<prod_k f_k(z_sites[k])>, f = s' where derivs[k] else s."""
+    def key(sites: tuple, derivs: tuple) -> tuple:
+        """((site, (i, j)), ...): <prod_k f_k(z_sites[k])>, f = s' where derivs[k] else s, as powers
+        sigma^i sigma'^j per distinct site."""
         powers: dict = {}
         for site, d in zip(sites, derivs):
             i, j = powers.get(site, (0, 0))
             powers[site] = (i, j + 1) if d else (i + 1, j)
-        key = tuple(sorted(powers.items()))
-        if key not in memo:
-            idx = [site for site, _ in key]
-            factors = tuple(sigma**i * ds**j for _, (i, j) in key)
-            memo[key] = product_moment(rule, factors, K[np.ix_(idx, idx)])
-        return memo[key]
+        return tuple(sorted(powers.items()))
 
+    quads = list(itertools.product(range(M), repeat=4))
+    keys = {q: (key(q, (True,) * 4), key(q, (True, True, False, False))) for q in quads}
+    memo = _moments({k for pair in keys.values() for k in pair}, rule, sigma, ds, K)
     D4 = np.empty((M,) * 4)
     X4 = np.empty((M,) * 4)
-    for q in itertools.product(range(M), repeat=4):
-        D4[q] = moment(q, (True,) * 4)
-        X4[q] = moment(q, (True, True, False, False))
+    for q in quads:
+        D4[q], X4[q] = memo[keys[q][0]], memo[keys[q][1]]
     return RunTables(Ed, JQ, g, D4, X4)
+
+
+def _moments(keys: set, rule, sigma: sp.Expr, ds: sp.Expr, K: np.ndarray) -> dict:
+    """{key: E[prod sigma(z_site)^i sigma'(z_site)^j]} for keys ((site, (i, j)), ...): under the
+    trapezoid rule, the sets of d sites all at once (:func:`trapezoid_product_moments`) where there
+    are enough of them to pay for compiling (:func:`worth_compiling`; the sets of four, from about
+    eight sites on), the others one by one (:func:`product_moment`)."""
+    keys = sorted(keys)
+    count = np.bincount([len(k) for k in keys], minlength=5)
+    batched = [k for k in keys if rule.kind == "trapezoid" and worth_compiling(len(k), rule.order, count[len(k)])]
+    covs = [K[np.ix_(idx, idx)] for idx in ([site for site, _ in k] for k in batched)]
+    values = trapezoid_product_moments(sigma, ds, rule.order, covs, [[p for _, p in k] for k in batched])
+    memo = dict(zip(batched, values))
+    for k in keys:
+        if k not in memo:
+            idx = [site for site, _ in k]
+            memo[k] = product_moment(rule, tuple(sigma**i * ds**j for _, (i, j) in k), K[np.ix_(idx, idx)])
+    return memo
 
 
 # ------------------------------------------------------------------------------------------------
