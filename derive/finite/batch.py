@@ -172,8 +172,9 @@ class ChannelMeans:
 
 
 def channel_means(terms: BatchTerms, K: np.ndarray, V: np.ndarray, G: np.ndarray, r: float, rule: MomentRule,
-                  numeric: NumpyMoments, second: bool = False) -> ChannelMeans:
-    """The statistics of the channel means of sigma sigma at a Gaussian point (:class:`ChannelMeans`)."""
+                  numeric: NumpyMoments, second: bool = False, quartic: dict | None = None) -> ChannelMeans:
+    """The statistics of the channel means of sigma sigma at a Gaussian point (:class:`ChannelMeans`);
+    ``quartic`` four-point functions computed beforehand, by sorted quadruple of sites."""
     bx, E2, s2, s4 = terms.pairs, terms.E2, terms.s2, terms.s4
     single = {"g1": terms.g1, "g2": terms.g2}
     M = K.shape[0]
@@ -183,7 +184,7 @@ def channel_means(terms: BatchTerms, K: np.ndarray, V: np.ndarray, G: np.ndarray
     for a, b in pairs:
         two[a, b] = (float(evaluate(s2, {S.K: K[a, a]})) if a == b else _pair_values(E2, K[a, a], K[a, b], K[b, b]))
     cov = np.empty((M,) * 4)
-    quartic: dict = {}
+    quartic = dict(quartic or {})
     for a1, a2, a3, a4 in np.ndindex(*cov.shape):
         key = tuple(sorted((a1, a2, a3, a4)))
         if key not in quartic:

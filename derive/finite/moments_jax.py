@@ -14,6 +14,7 @@ agree to rounding (tests/test_tensor_ntk.py).
 
 from __future__ import annotations
 
+import itertools
 from functools import lru_cache
 
 import jax
@@ -87,4 +88,25 @@ def trapezoid_product_moments(sigma: sp.Expr, derivative: sp.Expr, order: int, c
     return out
 
 
-__all__ = ["trapezoid_product_moments", "worth_compiling"]
+def four_point_table(sigma: sp.Expr, derivative: sp.Expr, order: int, K: np.ndarray) -> dict:
+    """{sorted (a1, a2, a3, a4): <sigma_a1 sigma_a2 sigma_a3 sigma_a4>_K} over the quadruples of three or
+    four distinct sites where there are enough of them to pay for compiling (:func:`worth_compiling`),
+    the distinct sites in decreasing order of their power as :func:`derive.finite.moments.distinct_moment`
+    puts them (the same quadrature, without a closed-form last factor); the others are left out."""
+    M = K.shape[0]
+    keys = [q for q in itertools.combinations_with_replacement(range(M), 4) if len(set(q)) > 2]
+    by_size: dict = {}
+    for q in keys:
+        by_size.setdefault(len(set(q)), []).append(q)
+    chosen = [q for d, qs in by_size.items() if worth_compiling(d, order, len(qs)) for q in qs]
+    covs, powers = [], []
+    for q in chosen:
+        distinct = sorted(set(q))
+        counts = [q.count(c) for c in distinct]
+        ordered = [distinct[i] for i in np.argsort([-c for c in counts], kind="stable")]
+        covs.append(K[np.ix_(ordered, ordered)])
+        powers.append([(q.count(c), 0) for c in ordered])
+    return dict(zip(chosen, trapezoid_product_moments(sigma, derivative, order, covs, powers)))
+
+
+__all__ = ["four_point_table", "trapezoid_product_moments", "worth_compiling"]
