@@ -245,13 +245,15 @@ def finite_width(spec, depth: int | None = None, C_W=None, C_b=0.0, lambda_W=Non
     With an activation (a rule name, an expression in z or an :class:`Activation`), the dense network of
     ``depth`` layers: K, V, G1, Theta, A, B, D, F, P, Q per layer (PDLT ch. 4, 8, 11), a
     :class:`~derive.finite.single.FiniteWidthProfile`; C_W, C_b, lambda_W, lambda_b and ``widths``
-    (n_1..n_L) may be per-layer sequences, ``k1`` sets K^(1). With an architecture
+    (n_1..n_L) may be per-layer sequences, ``k1`` sets K^(1); with ``inputs`` (N, d), the same network
+    as an architecture over the batch (the tensor form below). With an architecture
     (``derive.arch.serial(...)`` or the path of an architecture file): one input without positions
     gives an :class:`~derive.finite.arch.ArchFiniteWidth` (``width`` the uniform width of its
     normalised columns); ``inputs`` (N, *positions, d), or an architecture with positions, the tensor
     form over every site (:class:`~derive.finite.tensor.TensorFiniteWidth`, with the NTK's
-    fluctuations A, B, D, F over the sites through dense, conv, activation and pooling layers, and
-    ``theta_var()``, n Var of one channel's NTK). ``max_work``,
+    fluctuations A, B, D, F over the sites through dense, conv, activation and pooling layers, residual
+    blocks and LayerNorm followed by a weighted layer, and ``theta_var()``, n Var of one channel's
+    NTK). ``max_work``,
     ``max_memory`` as for :func:`gram` (the walk costs about 2 ms a layer, the tensor form S^6 over S
     sites).
 
@@ -264,8 +266,18 @@ def finite_width(spec, depth: int | None = None, C_W=None, C_b=0.0, lambda_W=Non
     if not _is_architecture(spec):
         if depth is None or C_W is None:
             raise DeriveError("finite_width of a dense network needs depth and C_W")
-        if inputs is not None or width is not None:
-            raise DeriveError("inputs and width are for architectures; a dense network takes widths and k1")
+        if width is not None:
+            raise DeriveError("width is for an architecture's normalised columns; a dense network takes widths")
+        if inputs is not None:  # a batch: the dense network as an architecture, through the tensor form
+            if widths is not None or k1 is not None:
+                raise DeriveError("with inputs the kernel comes from them (no k1) and the maps are coefficients "
+                                  "of 1/n (no widths)")
+            from derive.arch.description import dense_network
+            from derive.finite.tensor import arch_finite_width_tensor
+
+            with budget.limits(max_work, max_memory):
+                net = dense_network(activation(spec, params), depth, C_W, C_b, lambda_W, lambda_b)
+                return arch_finite_width_tensor(net, inputs, tol=tol)
         from derive.finite.single import check_depth, finite_width_maps, iterate
 
         with budget.limits(max_work, max_memory):

@@ -86,7 +86,8 @@ def test_validate_arch_json_and_exit_code(tmp_path):
     (["kernel"], "give --activation or --arch"),
     (["kernel", "--activation", "relu", "--arch", "x.toml"], "not both"),
     (["gram", "--arch", "examples/architectures/cnn.toml", "--depth", "3"], "sets the depth"),
-    (["finite-width", "--activation", "relu", "--cw", "2", "--depth", "3", "--inputs", "x.npy"], "--inputs is for --arch"),
+    (["finite-width", "--activation", "relu", "--cw", "2", "--depth", "3", "--inputs", "x.npy", "--k1", "1"],
+     "no --k1"),
     (["finite-width", "--arch", "examples/architectures/pre_ln_transformer_dot_product.toml"],
      "logits stay random at infinite width"),
     (["finite-width", "--arch", "examples/architectures/residual_mlp.toml", "--k1", "2"], "--widths and --k1"),
@@ -201,6 +202,28 @@ def test_finite_width_numbers_do_not_depend_on_the_hash_seed(args):
         assert res.returncode == 0, res.stderr
         outs.append(res.stdout)
     assert outs[0] == outs[1] == outs[2]
+
+
+def test_finite_width_of_a_dense_network_over_inputs(tmp_path):
+    """finite-width --activation with --inputs: the dense network as an architecture over the batch (the
+    tensor form), the same numbers as the API on derive.arch.mlp, in JSON; the text table at 80 columns."""
+    import derive
+
+    x = np.random.default_rng(0).standard_normal((3, 4))
+    np.save(tmp_path / "x.npy", x)
+    args = ("finite-width", "--activation", "relu", "--cw", "2", "--cb", "0.1", "--depth", "3", "--inputs",
+            str(tmp_path / "x.npy"))
+    res = run(*args, "--format", "json")
+    assert res.returncode == 0, res.stderr
+    got = json.loads(res.stdout)
+    want = derive.finite_width(A.mlp(3, "relu", 2.0, 0.1), inputs=x)
+    for q in ("K", "V", "G1", "F"):
+        np.testing.assert_allclose(np.asarray(got[q][-1], dtype=float), want.values[q][-1], rtol=1e-12)
+    assert derive.finite_width("relu", depth=3, C_W=2.0, C_b=0.1, inputs=x).values["V"][-1] == pytest.approx(
+        want.values["V"][-1], rel=1e-12)
+    text = run(*args)
+    assert text.returncode == 0 and "dense relu network, depth 3: 3 input(s)" in text.stdout
+    assert max(len(line) for line in text.stdout.splitlines()) <= 80
 
 
 def test_validate_theta_var_of_a_residual_network_on_two_inputs(tmp_path):

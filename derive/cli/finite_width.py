@@ -40,7 +40,7 @@ def finite_width(
     param: Optional[List[str]] = typer.Option(None, "--param", "-p", help=PARAM_HELP),
     fmt: Format = typer.Option(Format.text, "--format", "-f", help="Output format."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Plot the normalised fluctuations against depth (.png)."),
-    inputs: Optional[Path] = typer.Option(None, "--inputs", help="With --arch: inputs (N, d) or (N, positions..., d) as .npy for the tensor form of V and G1 over every input and position. Default: one input (of 6 positions in d = 4 when the architecture uses positions)."),
+    inputs: Optional[Path] = typer.Option(None, "--inputs", help="Inputs (N, d) as .npy (with --arch also (N, positions..., d)) for the tensor form of V, G1 and the NTK's fluctuations over every input and position. Default: one input (with --arch, of 6 positions in d = 4 when the architecture uses positions)."),
     arch: Optional[Path] = typer.Option(None, "--arch", help="Architecture file instead of --activation, --cw, --cb, --depth. A dense network (dense, then activation and dense repeated; per-layer variances allowed) gets every quantity and closed forms in depth; other architectures of dense, activation, layernorm and residual layers get K, V, G1, Theta per layer and block, the NTK fluctuations A, B, D, F through dense layers after activations or LayerNorm and through residual blocks, and the dNTK P, Q through dense layers after activations (the rules' [finite_width] tables); with conv, pooling, flatten or (tied) attention, the tensor form over positions. Dot-product attention is refused with the reason."),
 ) -> None:
     """Finite-width corrections at order 1/n: four-point vertex V, NLO kernel G1, NTK mean and
@@ -68,7 +68,7 @@ def finite_width(
                 fail("finite-width --arch: --widths and --k1 apply to dense networks; layers set their own "
                      "width in the file, --width sets the rest")
             if inputs is not None or uses_positions(net):
-                _arch_finite_width_tensor(net, arch, inputs, width, fmt)
+                _arch_finite_width_tensor(net, net.name or arch.name, inputs, width, fmt)
             else:
                 _arch_finite_width(net, arch, width, fmt, out)
             return
@@ -76,10 +76,18 @@ def finite_width(
         depth = dense.depth
         cw, cb = dense.hyperparameter("C_W"), dense.hyperparameter("C_b")
         lambda_w, lambda_b = dense.hyperparameter("lambda_W"), dense.hyperparameter("lambda_b")
-    elif inputs is not None:
-        fail("finite-width: --inputs is for --arch (dense networks take --k1)")
     if cw is None or depth is None:
         fail("finite-width: --cw and --depth are required")
+    if inputs is not None:  # a batch: the dense network as an architecture, through the tensor form
+        if widths is not None or k1 is not None:
+            fail("finite-width --inputs: the kernel comes from the inputs (no --k1) and the maps are coefficients "
+                 "of 1/n (no --widths; --width scales them)")
+        from derive.api import activation as resolve_activation
+        from derive.arch.description import dense_network
+
+        net = dense_network(resolve_activation(activation, param), depth, cw, cb, lambda_w, lambda_b)
+        _arch_finite_width_tensor(net, f"dense {activation} network, depth {depth}", inputs, width, fmt)
+        return
     from derive import api
     from derive.core.inputs import check_hyperparameters
     from derive.finite.single import finite_width_report
@@ -208,8 +216,8 @@ def _arch_finite_width(net, path: Path, width: Optional[int], fmt: Format, out: 
 
 
 
-def _arch_finite_width_tensor(net, path: Path, inputs: Optional[Path], width: Optional[int], fmt: Format) -> None:
-    """derive finite-width --arch over positions (and inputs): the tensor form."""
+def _arch_finite_width_tensor(net, title: str, inputs: Optional[Path], width: Optional[int], fmt: Format) -> None:
+    """derive finite-width --arch over positions (and inputs), or --activation with --inputs: the tensor form."""
     import numpy as np
 
     from derive.finite.tensor import arch_finite_width_tensor
@@ -228,7 +236,7 @@ def _arch_finite_width_tensor(net, path: Path, inputs: Optional[Path], width: Op
     from rich.console import Console
 
     console = Console()
-    console.print(f"[bold]{net.name or path.name}[/bold]: {x.shape[0]} input(s) of shape {tuple(x.shape[1:])}; "
+    console.print(f"[bold]{title}[/bold]: {x.shape[0]} input(s) of shape {tuple(x.shape[1:])}; "
                   "means over the sites (input, position) s of K_ss, V_(ss)(ss), G1_ss and the NTK's "
                   "fluctuation Theta_var = n Var(Theta_ss) = A + 2B"
                   + (f", width {width}" if width else " (V, G1 and Theta_var per 1/n)")
