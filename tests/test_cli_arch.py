@@ -241,3 +241,4 @@ def test_validate_theta_var_of_a_residual_network_on_two_inputs(tmp_path):
               "-q", "K,Theta,Theta_var")
     assert "2 inputs, fits" in res.stdout, res.stderr
     assert res.stdout.count("Theta_var") == 3, res.stdout  # three pairs of inputs at the output
+    assert res.stdout.count("repeat2[2]") == 9, res.stdout  # labels on one line at 80 columns (piped)

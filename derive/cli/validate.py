@@ -191,7 +191,8 @@ def _arch_validate_widths(path: Path, widths: str, samples: int, seed: int, z_ma
     console.print(f"[bold]{net.name or path.name}[/bold]: widths {', '.join(map(str, ws))}, {samples} networks "
                   f"each, seed {seed}; {sites}, fits a + b/n (K: a, G1: b; V: a of n Var(K_hat) - 2 E[K_hat]^2)")
     table = folded_table("quantity", "output", "entry", "theory", "fit", "+- error", "z", "detects", box=box.SIMPLE,
-                         pad_edge=False)
+                         pad_edge=False, collapse_padding=True)
+    table.columns[1].no_wrap = True  # a layer label stays on one line; the numbers' columns fold first
     for r in report.rows:
         z = r["z"]
         z_text = "-" if z is None else f"{z:.2f}"
@@ -232,9 +233,11 @@ def _arch_validate(path: Path, width: int, samples: int, seed: int, inputs: Opti
 
     console = Console()
     console.print(f"[bold]{net.name or path.name}[/bold]: width {width}, {samples} networks, seed {seed}; "
-                  "per output, the entry with the largest |z|")
-    table = folded_table("quantity", "output", "entries", "entry (a,p)-(b,q)", "theory", "estimate", "+- error", "z",
-                  box=box.SIMPLE, pad_edge=False)
+                  "per output, the entry (a,p)-(b,q) (inputs a, b at positions p, q) with the largest |z|")
+    table = folded_table("quantity", "output", "entries", "entry", "theory", "sampled", "stderr", "z",
+                  box=box.SIMPLE, pad_edge=False, collapse_padding=True)
+    for column in table.columns[:4]:  # names, a layer label and an entry stay on one line
+        column.no_wrap = True
     groups: dict = {}
     for r in report.results:
         groups.setdefault((r["quantity"], r["index"]), []).append(r)
