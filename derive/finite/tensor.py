@@ -56,7 +56,10 @@ fluctuations A, B, D, F are carried beside (:mod:`derive.finite.tensor_ntk`) thr
 activation and pooling layers, LayerNorm followed by a weighted layer, and residual blocks (a branch
 carries the Jacobians of its infinite-width maps in the skip's kernel and NTK,
 :class:`~derive.finite.tensor_ntk.BranchJacobians`); after attention the point holds the reason they
-are not. Not derived here: an activation after LayerNorm (its channel statistics inside
+are not. Identical sites (duplicate inputs, positions whose receptive fields are all padding) are
+one random variable: an activation's expectations are taken over the distinct sites and expanded
+(:class:`~derive.finite.tensor_ntk.Sites`), where a kink's K-derivatives would diverge between the
+copies. Not derived here: an activation after LayerNorm (its channel statistics inside
 a nonlinear mean), and a branch that reads the skip through an activation first (a self-interaction,
 as in the single-input form).
 """
