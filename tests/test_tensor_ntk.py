@@ -595,15 +595,28 @@ def test_sampled_residual_ntk_statistics_over_two_inputs_one_by_one(monkeypatch)
     net = arch.serial(arch.dense(1.0), arch.repeat(blocks, arch.residual(
         arch.dense(2.0), arch.activation("relu"), arch.dense(2.0, 0.1), xi=xi, gamma=gamma)))
     x = np.random.default_rng(1).standard_normal((2, 4))
+    fits = _agrees_one_by_one(net, x, *_residual_forward(x, blocks, xi, gamma))
+    _rejects_residual_changes(net, x, fits, monkeypatch)
+
+
+def _agrees_one_by_one(net, x, forward, shapes) -> dict:
+    """Fits of every entry of A, B, D, F from networks written out in the test (3000 at widths 32, 64,
+    128; :func:`_fitted`), checked: each derived entry within 5 standard errors, each diagonal entry's
+    error under a fifth of its value (the samples' power)."""
     widths = (32, 64, 128)
-    forward, shapes = _residual_forward(x, blocks, xi, gamma)
     fits = _fitted([_site_pair_statistics(*_network_samples(x, n, 3000, n, forward, shapes(n))) for n in widths],
                    widths)
     theory = arch_finite_width_tensor(net, x)
     assert max(_worst_z(fits, theory).values()) < 5, _worst_z(fits, theory)
-    for q in "ABDF":  # power: each diagonal entry's error is under a fifth of its value
+    for q in "ABDF":
         value, stderr = theory.values[q][-1][0, 0, 0, 0], fits[q, (0, 0, 0, 0)][1]
         assert stderr < 0.2 * abs(value), (q, value, stderr)
+    return fits
+
+
+def _rejects_residual_changes(net, x, fits: dict, monkeypatch) -> None:
+    """The residual maps with a term dropped (:func:`_residual_dropping`) miss the fits by over 5
+    standard errors in the statistic each term enters."""
     for term, shows in (("skip-branch covariance", "A"), ("one-sided derivative as half the two-sided one", "F"),
                         ("B in the cross term", "B")):
         monkeypatch.setattr(tensor, "residual_state", _residual_dropping(term))
@@ -625,24 +638,12 @@ def test_sampled_residual_conv_ntk_statistics_over_positions_one_by_one(monkeypa
         arch.conv(filter=(3,), C_W=1.5), arch.avg_pool(window=(2,), stride=(1,), padding="SAME"),
         arch.activation("tanh"), arch.conv(filter=(2,), C_W=1.6, C_b=0.1), xi=xi, gamma=gamma)))
     x = np.random.default_rng(1).standard_normal((1, 3, 2))
-    widths = (32, 64, 128)
-    forward, shapes = _residual_conv_forward(x, blocks, xi, gamma)
-    fits = _fitted([_site_pair_statistics(*_network_samples(x, n, 3000, n, forward, shapes(n))) for n in widths],
-                   widths)
-    theory = arch_finite_width_tensor(net, x)
-    assert max(_worst_z(fits, theory).values()) < 5, _worst_z(fits, theory)
-    for q in "ABDF":  # power: each diagonal entry's error is under a fifth of its value
-        value, stderr = theory.values[q][-1][0, 0, 0, 0], fits[q, (0, 0, 0, 0)][1]
-        assert stderr < 0.2 * abs(value), (q, value, stderr)
+    fits = _agrees_one_by_one(net, x, *_residual_conv_forward(x, blocks, xi, gamma))
     with monkeypatch.context() as m:
         m.setattr(tensor_ntk.BranchJacobians, "mapped", lambda self, L: self)
         off = _worst_z(fits, arch_finite_width_tensor(net, x))
         assert all(off[q] > 5 for q in "ABDF"), ("pooling skipped", off)
-    for term, shows in (("skip-branch covariance", "A"), ("one-sided derivative as half the two-sided one", "F"),
-                        ("B in the cross term", "B")):
-        monkeypatch.setattr(tensor, "residual_state", _residual_dropping(term))
-        off = _worst_z(fits, arch_finite_width_tensor(net, x))
-        assert all(off[q] > 5 for q in shows), (term, off)
+    _rejects_residual_changes(net, x, fits, monkeypatch)
 
 
 def _layernorm_forward(x):
