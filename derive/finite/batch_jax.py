@@ -57,7 +57,7 @@ import sympy as sp
 from jax import lax
 
 from derive.backends.codegen import to_jax
-from derive.backends.precision import float64
+from derive.backends.precision import float64, x64
 from derive.core import symbols as S
 from derive.core.errors import DeriveError
 from derive.finite.batch import BatchProfile, BatchTerms, batch_moment_rules, batch_terms, describe_rules
@@ -73,7 +73,7 @@ from derive.finite.moments import (
 from derive.rules.activations import Activation
 from derive.symbolic.quadrature import DEFAULT_TOL
 
-__all__ = ["Coefficients", "coefficients", "iterate_batch_jax"]
+__all__ = ["Coefficients", "coefficients", "four_point_table", "iterate_batch_jax"]
 
 #: Number of times each batch iteration was traced, by (sigma(z), N, quadrature order).
 TRACES: Counter = Counter()
@@ -229,6 +229,40 @@ def _distinct_moments(sigma: Callable, smoothed: Callable | None, rule: MomentRu
 
     per_batch = max(1, MAX_GRID_ELEMENTS // (_grid_size(rule, sets.shape[1]) * len(patterns)))
     return lax.map(moments, jnp.asarray(sets), batch_size=min(per_batch, len(sets))).ravel()
+
+
+#: The power patterns of a four-point function on three and four distinct inputs (as :func:`_moments`).
+_PATTERNS = {3: ((2, 1, 1), (1, 2, 1), (1, 1, 2)), 4: ((1, 1, 1, 1),)}
+
+
+@lru_cache(maxsize=32)
+def _table_program(sigma: sp.Expr, rule: MomentRule, d: int):
+    """The jitted (K, sets of d inputs) -> :func:`_distinct_moments` over :data:`_PATTERNS` ``[d]``."""
+    f = to_jax(sigma, (S.z,))
+    smoothed = to_jax(rule.smoothed, (SHIFT, SMOOTH_VAR)) if rule.smoothed is not None else None
+    powers = np.array(_PATTERNS[d])
+    return jax.jit(lambda K, sets: _distinct_moments(f, smoothed, rule, K, sets, powers))
+
+
+def four_point_table(sigma: sp.Expr, rule: MomentRule, K: np.ndarray) -> dict:
+    """{sorted (a1, a2, a3, a4): <sigma_a1 sigma_a2 sigma_a3 sigma_a4>_K} on three or four distinct
+    inputs by a quadrature ``rule``, where there are enough of them to pay for compiling
+    (:func:`derive.finite.moments_jax.worth_compiling` on :func:`_grid_size` points); the others are
+    left out. The values are :func:`_distinct_moments`', as in the jitted iteration, for
+    :func:`derive.finite.batch.channel_means` outside it (the tensor form's channel means)."""
+    from derive.finite.moments_jax import COMPILE_POINTS
+
+    M = K.shape[0]
+    table = {}
+    with x64():
+        for d, patterns in _PATTERNS.items():
+            sets = np.array(list(combinations(range(M), d)), dtype=np.int64).reshape(-1, d)
+            if rule.kind == "exact" or len(sets) * len(patterns) * _grid_size(rule, d) < COMPILE_POINTS:
+                continue
+            values = np.asarray(_table_program(sigma, rule, d)(jnp.asarray(K, dtype=jnp.float64), sets))
+            for (s, p), v in zip(product(sets.tolist(), patterns), values.tolist()):
+                table[tuple(sorted(c for c, k in zip(s, p) for _ in range(k)))] = v
+    return table
 
 
 @dataclass(frozen=True)

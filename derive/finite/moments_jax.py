@@ -14,18 +14,11 @@ agree to rounding (tests/test_tensor_ntk.py).
 
 from __future__ import annotations
 
-import itertools
 from functools import lru_cache
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import sympy as sp
-from jax import lax
 
-from derive.backends.codegen import to_jax
-from derive.backends.precision import x64
-from derive.core import symbols as S
 from derive.finite.moments import _root, _trapezoid_moment
 
 #: Largest power of sigma or sigma' in one factor (four factors of one site).
@@ -43,7 +36,7 @@ def worth_compiling(d: int, order: int, count: int) -> bool:
     return d > 1 and count * order ** (d - 1) >= COMPILE_POINTS
 
 
-def _power(base, k):
+def _power(jnp, base, k):
     """base^k for an integer k in 0 .. MAX_POWER given as data."""
     out = jnp.ones_like(base)
     for e in range(1, MAX_POWER + 1):
@@ -54,11 +47,18 @@ def _power(base, k):
 @lru_cache(maxsize=32)
 def _program(sigma: sp.Expr, derivative: sp.Expr, d: int, order: int):
     """The jitted map (roots (CHUNK, d, d), powers (CHUNK, d, 2)) -> moments (CHUNK,)."""
+    import jax
+    import jax.numpy as jnp
+    from jax import lax
+
+    from derive.backends.codegen import to_jax
+    from derive.core import symbols as S
+
     s, ds = to_jax(sigma, (S.z,)), to_jax(derivative, (S.z,))
 
     def one(args):
         L, p = args
-        factors = [lambda z, k=k: _power(s(z), p[k, 0]) * _power(ds(z), p[k, 1]) for k in range(d)]
+        factors = [lambda z, k=k: _power(jnp, s(z), p[k, 0]) * _power(jnp, ds(z), p[k, 1]) for k in range(d)]
         return _trapezoid_moment(jnp, factors, None, L, order)
 
     step = max(1, min(CHUNK, STEP_POINTS // order ** (d - 1)))
@@ -70,6 +70,10 @@ def trapezoid_product_moments(sigma: sp.Expr, derivative: sp.Expr, order: int, c
     """E[prod_k sigma(z_k)^i_k sigma'(z_k)^j_k], z ~ N(0, covs[b]), for every b: ``covs`` (d, d)
     matrices of d >= 2 distinct sites, ``powers`` their (i_k, j_k), by the trapezoid rule of ``order``
     points per whitened coordinate with the last factor tabulated (as :func:`product_moment`)."""
+    import jax.numpy as jnp
+
+    from derive.backends.precision import x64
+
     out = np.empty(len(covs))
     by_size: dict = {}
     for b, cov in enumerate(covs):
@@ -88,25 +92,4 @@ def trapezoid_product_moments(sigma: sp.Expr, derivative: sp.Expr, order: int, c
     return out
 
 
-def four_point_table(sigma: sp.Expr, derivative: sp.Expr, order: int, K: np.ndarray) -> dict:
-    """{sorted (a1, a2, a3, a4): <sigma_a1 sigma_a2 sigma_a3 sigma_a4>_K} over the quadruples of three or
-    four distinct sites where there are enough of them to pay for compiling (:func:`worth_compiling`),
-    the distinct sites in decreasing order of their power as :func:`derive.finite.moments.distinct_moment`
-    puts them (the same quadrature, without a closed-form last factor); the others are left out."""
-    M = K.shape[0]
-    keys = [q for q in itertools.combinations_with_replacement(range(M), 4) if len(set(q)) > 2]
-    by_size: dict = {}
-    for q in keys:
-        by_size.setdefault(len(set(q)), []).append(q)
-    chosen = [q for d, qs in by_size.items() if worth_compiling(d, order, len(qs)) for q in qs]
-    covs, powers = [], []
-    for q in chosen:
-        distinct = sorted(set(q))
-        counts = [q.count(c) for c in distinct]
-        ordered = [distinct[i] for i in np.argsort([-c for c in counts], kind="stable")]
-        covs.append(K[np.ix_(ordered, ordered)])
-        powers.append([(q.count(c), 0) for c in ordered])
-    return dict(zip(chosen, trapezoid_product_moments(sigma, derivative, order, covs, powers)))
-
-
-__all__ = ["four_point_table", "trapezoid_product_moments", "worth_compiling"]
+__all__ = ["trapezoid_product_moments", "worth_compiling"]

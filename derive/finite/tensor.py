@@ -83,7 +83,6 @@ from derive.core.errors import DeriveError
 from derive.core.inputs import check_arch_inputs
 from derive.finite.batch import batch_terms, channel_means
 from derive.finite.moments import NumpyMoments, moment_rule
-from derive.finite.moments_jax import four_point_table
 from derive.finite.tensor_ntk import (
     BranchJacobians,
     NTKState,
@@ -268,9 +267,10 @@ def _activation_means(p: _Point, activation, r: float, tol: float, need_cross: b
     sites = _sites(p)
     rule = moment_rule(activation, "auto", float(np.max(np.diag(K))), tol)
     quartic = None
-    if rule.kind == "trapezoid" and rule.smoothed is None:  # many sets of sites: compiled (moments_jax)
-        quartic = four_point_table(activation.sigma_numeric, activation.derivative(numeric=True), rule.order,
-                                   sites.reduce(K))
+    if rule.kind != "exact":  # many sets of sites: compiled where it pays (JAX, imported only here)
+        from derive.finite.batch_jax import four_point_table
+
+        quartic = four_point_table(activation.sigma_numeric, rule, sites.reduce(K))
     means = channel_means(batch_terms(activation, tol), sites.reduce(K), sites.reduce(V), sites.reduce(p.G), r,
                           rule, NumpyMoments(activation.sigma_numeric, rule.smoothed), second=True, quartic=quartic)
     # <d_c d_d (s_u s_v)>, the Jacobian 2 d<s_u s_v>/dK_cd
