@@ -68,7 +68,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cached_property, lru_cache
 
 import jax
 import jax.numpy as jnp
@@ -197,6 +197,11 @@ class _Point:
                       branch=self.branch)
         return _Point(**{**fields, **changes})
 
+    @cached_property
+    def sites(self) -> Sites:
+        """The point's identical sites (:class:`~derive.finite.tensor_ntk.Sites`), found once."""
+        return Sites.of(self.K, self.V, self.G)
+
     @property
     def gaussian(self) -> bool:
         return self.activation is None and self.layernorm is None and not self.after
@@ -264,7 +269,7 @@ def _activation_means(p: _Point, activation, r: float, tol: float, need_cross: b
     over the point's distinct sites and expanded (:class:`~derive.finite.tensor_ntk.Sites`)."""
     K, V = p.K, p.V
     M = K.shape[0]
-    sites = _sites(p)
+    sites = p.sites
     rule = moment_rule(activation, "auto", float(np.max(np.diag(K))), tol)
     quartic = None
     if rule.kind != "exact":  # many sets of sites: compiled where it pays (JAX, imported only here)
@@ -282,11 +287,6 @@ def _activation_means(p: _Point, activation, r: float, tol: float, need_cross: b
     value, bias = (sites.pairs(x.reshape(-1)) for x in (means.value, means.bias))
     cov = sites.pairs(means.cov.reshape((means.value.size,) * 2))
     return _Means(value, bias, cov, cross, ("products", M), True, D / 2)
-
-
-def _sites(p: _Point) -> Sites:
-    """The point's identical sites (:class:`~derive.finite.tensor_ntk.Sites`)."""
-    return Sites.of(p.K, p.V, p.G)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -604,7 +604,7 @@ class _Walker:
         if p.activation is None:
             run, Es, JP = identity_tables(p.K), p.K, np.eye(p.K.size)
         else:
-            run = activation_tables(p.activation, p.K, self.tol, _sites(p))
+            run = activation_tables(p.activation, p.K, self.tol, p.sites)
             Es, JP = means.value.reshape(p.K.shape), means.jacobian_in_K
         L = J / c1
         state = weighted_state(p.ntk, p.K, p.V, Es, JP, means.cov, run, L, constants, c1, self.r)
