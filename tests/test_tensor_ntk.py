@@ -142,6 +142,27 @@ def test_compiled_product_moments_equal_numpy_ones():
         assert value == pytest.approx(want, rel=1e-14, abs=1e-14), (pw, value, want)
 
 
+def test_compiled_product_moments_in_uneven_steps_equal_numpy_ones():
+    """70 sets of four sites at order 48 run as a full call of 64 and a short one of 6, each in steps of
+    18 (moments_jax.STEP_POINTS // 48^3), the last step of the full call shifted back to end at 64: every
+    moment equals NumPy's, to 1e-14."""
+    import derive.finite.moments_jax as moments_jax
+
+    assert moments_jax.CHUNK == 64 and moments_jax.STEP_POINTS // 48**3 == 18
+    act = resolve("tanh")
+    s, ds = act.sigma_numeric, act.derivative(numeric=True)
+    rng = np.random.default_rng(7)
+    covs, powers = [], []
+    for _ in range(70):
+        A = rng.standard_normal((4, 6))
+        covs.append(A @ A.T / 6)
+        powers.append([tuple(rng.integers(0, 3, 2)) for _ in range(4)])
+    got = moments_jax.trapezoid_product_moments(s, ds, 48, covs, powers)
+    rule = moment_rule(act, 48)
+    want = [product_moment(rule, tuple(s**i * ds**j for i, j in pw), cov) for cov, pw in zip(covs, powers)]
+    np.testing.assert_allclose(got, want, rtol=1e-14, atol=1e-14)
+
+
 def test_compiled_tables_equal_numpy_tables(monkeypatch):
     """activation_tables with every set of sites through the compiled batch equals the one computed moment
     by moment in NumPy, to 1e-14."""

@@ -298,8 +298,8 @@ def distinct_moment(xp, rule: MomentRule, sigma, smoothed, cov, powers: tuple, r
 @lru_cache(maxsize=256)
 def _numeric_factor(expr: sp.Expr):
     def f(z):
-        with np.errstate(all="ignore"):
-            return np.asarray(evaluate(expr, {S.z: z}), dtype=float)
+        with np.errstate(all="ignore"):  # a constant factor (sigma^0 sigma'^0) on every point too
+            return np.broadcast_to(np.asarray(evaluate(expr, {S.z: z}), dtype=float), np.shape(z))
 
     return f
 

@@ -23,7 +23,8 @@ from derive.finite.moments import _root, _trapezoid_moment
 
 #: Largest power of sigma or sigma' in one factor (four factors of one site).
 MAX_POWER = 4
-#: Covariances per compiled call (the last call is padded), and grid points per step of its map.
+#: Covariances per compiled call (the last call is padded but computes only its steps), and grid
+#: points per step.
 CHUNK, STEP_POINTS = 64, 2**21
 #: Grid points (moments times order^(d-1)) from which compiling pays: measured on CPU, NumPy takes
 #: about 70 ns a point, the compiled program about a third of that after 0.5 to 1.3 s of compilation
@@ -46,7 +47,10 @@ def _power(jnp, base, k):
 
 @lru_cache(maxsize=32)
 def _program(sigma: sp.Expr, derivative: sp.Expr, d: int, order: int):
-    """The jitted map (roots (CHUNK, d, d), powers (CHUNK, d, 2)) -> moments (CHUNK,)."""
+    """The jitted (roots (CHUNK, d, d), powers (CHUNK, d, 2), count) -> moments (CHUNK,): the first
+    ``count`` rows in steps of ``step`` at once (a loop of traced length, so that a short last call
+    computes no padding beyond its last step; a step past the end is shifted back to end at CHUNK,
+    recomputing rows it rewrites with the same values)."""
     import jax
     import jax.numpy as jnp
     from jax import lax
@@ -62,7 +66,15 @@ def _program(sigma: sp.Expr, derivative: sp.Expr, d: int, order: int):
         return _trapezoid_moment(jnp, factors, None, L, order)
 
     step = max(1, min(CHUNK, STEP_POINTS // order ** (d - 1)))
-    return jax.jit(lambda roots, powers: lax.map(one, (roots, powers), batch_size=step))
+
+    def moments(roots, powers, count):
+        def body(b, out):
+            rows = (lax.dynamic_slice_in_dim(roots, b * step, step), lax.dynamic_slice_in_dim(powers, b * step, step))
+            return lax.dynamic_update_slice_in_dim(out, jax.vmap(one)(rows), b * step, 0)
+
+        return lax.fori_loop(0, (count + step - 1) // step, body, jnp.zeros(CHUNK, dtype=roots.dtype))
+
+    return jax.jit(moments)
 
 
 def trapezoid_product_moments(sigma: sp.Expr, derivative: sp.Expr, order: int, covs: list, powers: list
@@ -88,7 +100,7 @@ def trapezoid_product_moments(sigma: sp.Expr, derivative: sp.Expr, order: int, c
                 for row, b in enumerate(part):
                     roots[row] = _root(np.asarray(covs[b], dtype=float))
                     pw[row] = powers[b]
-                out[part] = np.asarray(program(jnp.asarray(roots), jnp.asarray(pw)))[:len(part)]
+                out[part] = np.asarray(program(jnp.asarray(roots), jnp.asarray(pw), len(part)))[:len(part)]
     return out
 
 
