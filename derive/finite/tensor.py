@@ -55,8 +55,9 @@ tests check, as they check a batch through a dense network against ``iterate_bat
 fluctuations A, B, D, F are carried beside (:mod:`derive.finite.tensor_ntk`) through dense, conv,
 activation and pooling layers, LayerNorm followed by a weighted layer, and residual blocks (a branch
 carries the Jacobians of its infinite-width maps in the skip's kernel and NTK,
-:class:`~derive.finite.tensor_ntk.BranchJacobians`); after attention the point holds the reason they
-are not. Identical sites (duplicate inputs, positions whose receptive fields are all padding) are
+:class:`~derive.finite.tensor_ntk.BranchJacobians`), and tied attention outside a residual branch
+(:func:`~derive.finite.tensor_ntk.attention_state`); after attention inside a branch the point holds
+the reason they are not. Identical sites (duplicate inputs, positions whose receptive fields are all padding) are
 one random variable: an activation's expectations are taken over the distinct sites and expanded
 (:class:`~derive.finite.tensor_ntk.Sites`), where a kink's K-derivatives would diverge between the
 copies. Not derived here: an activation after LayerNorm (its channel statistics inside
@@ -88,13 +89,16 @@ from derive.finite.tensor_ntk import (
     NTKState,
     Sites,
     activation_tables,
+    attention_state,
     first_state,
     identity_tables,
+    layernorm_covariances,
     layernorm_state,
     layernorm_tables,
     ntk_constants,
     ntk_variance,
     residual_state,
+    run_covariances,
     weighted_state,
 )
 from derive.kernels.arch import _attend, _logits, _patch, _pool, _spatial_mean, arch_kernels
@@ -585,7 +589,9 @@ class _Walker:
             return None, p.ntk_reason, None
         _, op, expr = _statement(layer)
         if op == "attend":
-            return None, _NO_NTK["attention"], None
+            if p.branch is not None:
+                return None, _NO_NTK["attention"], None
+            return self.attention_ntk(p, layer, means), "", None
         try:
             constants = ntk_constants(layer, op)
         except DeriveError as e:
@@ -612,10 +618,44 @@ class _Walker:
         return state, "", branch
 
 
+    def attention_ntk(self, p: _Point, layer: Layer, means: _Means) -> NTKState:
+        """The NTK's statistics after attention (:func:`~derive.finite.tensor_ntk.attention_state`)."""
+        weights = {s.name: float(v) for s, v in layer.values().items()}
+        t0, t1, t2 = ntk_constants(layer, "attend")
+        C_O, C_V, lO, lV = (weights[k] for k in ("C_O", "C_V", "lambda_O", "lambda_V"))
+        if not all(math.isclose(a, b, rel_tol=1e-12, abs_tol=1e-15) for a, b in
+                   ((t0, weights["lambda_b"]), (t1, lO * C_V + C_O * lV), (t2, C_O * C_V))):
+            raise DeriveError(f"layer '{layer.type}': its NTK map {layer.rule.ntk} is not lambda_b + C_O*C_V*"
+                              "attend(Theta12) + (lambda_O*C_V + C_O*lambda_V)*attend(K12)")
+        if p.layernorm is not None:
+            tables = layernorm_tables(p.K, float(p.layernorm.value("eps")))
+            Es, run = tables.X, tables.run
+            CPP, CNP, CNN = layernorm_covariances(p.ntk, p.K, p.V, tables, self.r)
+        else:
+            if p.activation is None:
+                run, Es, JP = identity_tables(p.K), p.K, np.eye(p.K.size)
+            else:
+                run = activation_tables(p.activation, p.K, self.tol, p.sites)
+                Es, JP = means.value.reshape(p.K.shape), means.jacobian_in_K
+            CPP = means.cov
+            CNP, CNN = run_covariances(p.ntk, p.K, p.V, Es, JP, run, self.r)
+        L = _linear_map(tuple(p.after), self.N, p.spatial)
+        spatial = _spatial_after(p.after, self.N, p.spatial)
+        M1 = int(round(math.sqrt(L.shape[0])))
+        U0 = jnp.asarray((L @ Es.reshape(-1)).reshape(M1, M1))
+        dU, dS, _ = _attention_derivatives(layer, self.N, spatial)
+        JS = np.asarray(dS(U0, C_V * U0)).reshape(M1 * M1, -1)
+
+        def JU(X):
+            return np.asarray(dU(U0, jnp.asarray(X))).reshape(M1 * M1, -1)
+
+        return attention_state(p.ntk, Es, CPP, CNP, CNN, run, L, weights, JS, JU, self.r)
+
+
 #: Why the tensor form has no NTK fluctuations after a layer.
 _NO_NTK = {
-    "attention": "the NTK's fluctuations are not derived through attention (its query and key gradients "
-                 "enter the NTK at order 1/n)",
+    "attention": "the NTK's fluctuations are not derived through attention inside a residual branch (the "
+                 "branch's Jacobians through the attention weights)",
 }
 
 

@@ -45,7 +45,10 @@ its linear map. <d_p f> and J are K-derivatives of two-input expectations (Price
 s and s' come from :func:`derive.finite.moments.product_moment`. A residual block combines the
 skip's statistics with its branch's through the branch's Jacobian (:func:`residual_state`); a
 weighted layer after LayerNorm reads the normalised products and LayerNorm's Jacobian
-(:func:`layernorm_state`). Not derived here: attention (its query and key gradients).
+(:func:`layernorm_state`). Tied self-attention is, given its logits, a weighted layer of the values,
+a linear map of the positions and a weighted layer of the output weights, and its logits' own
+fluctuations add to A and D (:func:`attention_state`). Not derived here: attention inside a residual
+branch (the branch's Jacobians through the attention weights).
 """
 
 from __future__ import annotations
@@ -301,14 +304,20 @@ def weighted_state(state: NTKState, K: np.ndarray, V: np.ndarray, Es: np.ndarray
                    run: RunTables, L: np.ndarray, constants: tuple, C_W: float, r: float = 1.0) -> NTKState:
     """The next point's NTK statistics (module docstring): ``Es`` <ss>, ``JP`` d<ss>/dK and ``CPP``
     n Cov(P, P) of the layer's channel means, L (M'^2, M^2) the linear map of its products."""
+    CNP, CNN = run_covariances(state, K, V, Es, JP, run, r)
+    return _assemble(state, Es, CPP, CNP, CNN, run, L, constants, C_W, r)
+
+
+def run_covariances(state: NTKState, K: np.ndarray, V: np.ndarray, Es: np.ndarray, JP: np.ndarray, run: RunTables,
+                    r: float = 1.0) -> tuple:
+    """n Cov(N, P) and n Cov(N, N) of the run's channel means (module docstring), flattened pairs."""
     M = K.shape[0]
     M2 = M * M
     Th, Ed = state.Theta.reshape(-1), run.Ed.reshape(-1)
     Vm, Am, Dm = (X.reshape(M2, M2) for X in (V, state.A, state.D))
     CQQ = run.D4.reshape(M2, M2) - np.outer(Ed, Ed) + r * run.JQ @ Vm @ run.JQ.T
     CQP = run.X4.reshape(M2, M2) - np.outer(Ed, Es.reshape(-1)) + r * run.JQ @ Vm @ JP.T
-    CNP, CNN = _ntk_means_covariances(Th, Ed, Am, Dm, CQP, CQQ, JP, run.JQ, r)
-    return _assemble(state, Es, CPP, CNP, CNN, run, L, constants, C_W, r)
+    return _ntk_means_covariances(Th, Ed, Am, Dm, CQP, CQQ, JP, run.JQ, r)
 
 
 def _ntk_means_covariances(Th, Ed, Am, Dm, CQP, CQQ, JP, JQ, r):
@@ -401,17 +410,75 @@ def layernorm_state(state: NTKState, K: np.ndarray, V: np.ndarray, tables: Layer
     whose mean is Theta_st q_st (R_uv - R_su R_sv - R_tv R_tu + R_su R_tv R_st) plus the input's F
     through psi's coefficients (``g``). For one input without positions F's terms cancel up to eps
     (the single-input form's `dz(G)/2`, the projected vector)."""
+    return _assemble(state, tables.X, *layernorm_covariances(state, K, V, tables, r), tables.run, L, constants, C_W, r)
+
+
+def layernorm_covariances(state: NTKState, K: np.ndarray, V: np.ndarray, tables: LayerNormTables, r: float = 1.0
+                          ) -> tuple:
+    """n Cov(X, X), n Cov(N, X) and n Cov(N, N) of the means a layer after LayerNorm reads
+    (:func:`layernorm_state`), flattened pairs."""
     M2 = K.size
     Th = state.Theta.reshape(-1)
     q = tables.run.Ed.reshape(-1)
     Am, Dm = state.A.reshape(M2, M2), state.D.reshape(M2, M2)
-    W = (np.einsum("su,tv->stuv", K, K) + np.einsum("sv,tu->stuv", K, K)).reshape(M2, M2) + r * V.reshape(M2, M2)
+    W = _wick(K) + r * V.reshape(M2, M2)
     CPP = tables.JX @ W @ tables.JX.T
     Jq = tables.run.JQ
     CQP = Jq @ W @ tables.JX.T
     CQQ = Jq @ W @ Jq.T
-    CNP, CNN = _ntk_means_covariances(Th, q, Am, Dm, CQP, CQQ, tables.JX, tables.run.JQ, r)
-    return _assemble(state, tables.X, CPP, CNP, CNN, tables.run, L, constants, C_W, r)
+    return (CPP, *_ntk_means_covariances(Th, q, Am, Dm, CQP, CQQ, tables.JX, tables.run.JQ, r))
+
+
+def _wick(K: np.ndarray) -> np.ndarray:
+    """K_su K_tv + K_sv K_tu, flattened pairs: n Cov(mean_i z_is z_it, mean_i z_iu z_iv) of independent
+    Gaussian channels with covariance K."""
+    M = K.shape[0]
+    return (np.einsum("su,tv->stuv", K, K) + np.einsum("sv,tu->stuv", K, K)).reshape(M * M, M * M)
+
+
+# ------------------------------------------------------------------------------------------------
+# Attention
+
+
+def attention_state(state: NTKState, Es: np.ndarray, CPP: np.ndarray, CNP: np.ndarray, CNN: np.ndarray,
+                    run: RunTables, L: np.ndarray, weights: dict, JS: np.ndarray, JU, r: float = 1.0) -> NTKState:
+    """The NTK statistics after self-attention with tied query/key weights (``rules/layers/attention.toml``)
+    that reads the run's means P (``Es`` = <P>, n Cov(P, P) = ``CPP``; N, its NTK means, with
+    ``CNP``, ``CNN``), pooled by L. With the logits' means U = P + eps (pooled; eps the query weights'
+    own Wishart fluctuation, n Cov = W = M (x) M + M (x) M, M = L<P>, the same for any number of heads)
+    and f(U, S) = A(U) S A(U)^T, the layer is, given U, a weighted layer of the values v = W_V h (no
+    bias; C_V, lambda_V), the linear map JS = df/dS of every head's channels y = A v, and a weighted
+    layer of the output weights on y (C_O, C_b; lambda_O, lambda_b): its B', F' and the y-point's share
+    of A', D' are those steps' (:func:`weighted_state` on the identity run). The query and key weights'
+    own gradients enter the NTK's mean at order 1/n only and its fluctuations beyond it, and leave no
+    term here. What U adds: with T the output's NTK and G its covariance, dT/dU = JU(X_T), dG/dU =
+    JU(X_G) (JU(X) = df/dU at (U, X), X_T = lambda_O K_v + C_O Theta_v, X_G = C_O K_v, K_v = C_V M, Theta_v
+    the values' NTK), and n Cov(U, S) = C_V C_PP, n Cov(U, N_v) = lambda_V C_PP + C_V C_NP^T (S and N_v
+    the values' channel means, pooled C's), to order 1/n
+
+        A' += JU_T (C_PP + W) JU_T^T + JU_T C_UT JS^T + JS C_UT^T JU_T^T,
+        D' += JU_T (C_PP + W) JU_G^T + C_O C_V JU_T C_PP JS^T + JS C_UT^T JU_G^T,
+
+    C_UT = lambda_O n Cov(U, S) + C_O n Cov(U, N_v): the delta method on G and T as functions of (U, S,
+    N_v), the first block being the y-point's. ``weights`` holds lambda_b, lambda_O, lambda_V, C_O, C_V;
+    ``JU(X)`` returns df/dU at X, flattened."""
+    lb, lO, lV, C_O, C_V = (weights[k] for k in ("lambda_b", "lambda_O", "lambda_V", "C_O", "C_V"))
+    M1 = int(round(np.sqrt(L.shape[0])))
+    values = _assemble(state, Es, CPP, CNP, CNN, run, L, (0.0, lV, C_V), C_V, r)
+    Min = (L @ Es.reshape(-1)).reshape(M1, M1)
+    CPPp, CNPp = L @ CPP @ L.T, L @ CNP @ L.T
+    My = int(round(np.sqrt(JS.shape[0])))
+    Ky = (JS @ (C_V * Min.reshape(-1))).reshape(My, My)
+    Vy = JS @ (C_V * C_V * r * CPPp) @ JS.T
+    y = values.mapped(JS)
+    out = weighted_state(y, Ky, Vy.reshape((My,) * 4), Ky, np.eye(My * My), _wick(Ky) + Vy, identity_tables(Ky),
+                         np.eye(My * My), (lb, lO, C_O), C_O, r)
+    JT, JG = JU(lO * C_V * Min + C_O * values.Theta), JU(C_O * C_V * Min)
+    CU = r * CPPp + _wick(Min)
+    CUT = r * (lO * C_V * CPPp + C_O * (lV * CPPp + C_V * CNPp.T))
+    A = out.A.reshape(My * My, -1) + JT @ CU @ JT.T + JT @ CUT @ JS.T + JS @ CUT.T @ JT.T
+    D = out.D.reshape(My * My, -1) + JT @ CU @ JG.T + r * C_O * C_V * JT @ CPPp @ JS.T + JS @ CUT.T @ JG.T
+    return NTKState(out.Theta, A.reshape((My,) * 4), out.B, D.reshape((My,) * 4), out.F)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -506,6 +573,6 @@ def residual_state(a2: float, c2: float, skip: NTKState, K: np.ndarray, V: np.nd
     return NTKState(a2 * skip.Theta + c2 * branch.Theta, A1.reshape((M,) * 4), B1, D1.reshape((M,) * 4), F1)
 
 
-__all__ = ["BranchJacobians", "LayerNormTables", "NTKState", "RunTables", "Sites", "activation_tables", "first_state",
-           "identity_tables", "layernorm_state", "layernorm_tables", "ntk_constants", "ntk_variance", "residual_state",
-           "weighted_state"]
+__all__ = ["BranchJacobians", "LayerNormTables", "NTKState", "RunTables", "Sites", "activation_tables",
+           "attention_state", "first_state", "identity_tables", "layernorm_covariances", "layernorm_state",
+           "layernorm_tables", "ntk_constants", "ntk_variance", "residual_state", "run_covariances", "weighted_state"]
