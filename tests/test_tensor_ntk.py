@@ -299,11 +299,20 @@ def test_the_ntk_recursion_gives_the_infinite_width_ntk(monkeypatch):
         np.testing.assert_allclose(seen[-1].Theta, want.reshape(seen[-1].Theta.shape), rtol=1e-10)
 
 
-@pytest.mark.parametrize("net,match", [
-    (arch.serial(arch.conv(filter=(2,)), arch.residual(arch.layer_norm(), arch.attention()), arch.dense()),
-     "attention inside a residual branch"),
+@pytest.mark.parametrize("net", [
+    arch.serial(arch.conv(filter=(2,)), arch.residual(arch.layer_norm(), arch.attention()), arch.dense()),
+    arch.serial(arch.conv(filter=(2,)), arch.activation("tanh"), arch.conv(filter=(2,))),
 ])
-def test_where_not_derived_the_reason_reaches_the_user(net, match):
+def test_where_not_derived_the_reason_reaches_the_user(net, monkeypatch):
+    """A layer rule whose NTK map is not affine in op(K12) and op(Theta12) leaves K, V, G1 derived and
+    says why A..F are not; validating Theta_var then refuses before sampling. Every shipped rule's map
+    is affine, so the refusal is simulated for all of them."""
+    match = "not affine in K12 and Theta12"
+
+    def not_affine(layer, op):
+        raise DeriveError(f"layer '{layer.type}': its NTK map is not affine in K12 and Theta12")
+
+    monkeypatch.setattr(tensor, "ntk_constants", not_affine)
     x = np.random.default_rng(0).standard_normal((1, 4, 3))
     tf = arch_finite_width_tensor(net, x)
     assert tf.values["A"][-1] is None and tf.theta_var()[-1] is None
@@ -463,6 +472,30 @@ def test_sampled_ntk_fluctuations_through_attention_agree_and_fixed_attention_we
     monkeypatch.setattr(tensor, "attention_state", fixed_weights)
     wrong = compare_finite_width(arch_finite_width_tensor(net, x), estimates, quantities=("Theta_var",))
     assert not wrong.passed
+
+
+@pytest.mark.slow
+def test_sampled_pre_ln_transformer_theta_var_agrees_and_fixed_attention_weights_are_rejected(monkeypatch):
+    """Two pre-LN transformer blocks (LayerNorm -> tied attention, two heads, logits scaled by C_Q C_K =
+    4; LayerNorm -> dense -> GELU -> dense) on three tokens: n Var of the output channel's NTK at every
+    pair of tokens, with K, Theta, V and G1, against 3000 sampled transformers at widths 32, 64 and 128;
+    the same samples reject the maps with the attention weights held at their infinite-width value."""
+    net = arch.serial(arch.dense(1.0), arch.repeat(2, arch.residual(arch.layer_norm(), arch.attention(
+        heads=2, C_Q=2.0, C_K=2.0, C_V=0.8, C_O=1.2)), arch.residual(arch.layer_norm(), arch.dense(0.6),
+                                                                    arch.activation("gelu"), arch.dense(1.6))))
+    x = np.random.default_rng(1).standard_normal((1, 3, 4))
+    estimates = sample_kernel_estimates(net, WIDTHS, samples=SAMPLES, seed=3, inputs=x, ntk=True)
+    check = compare_finite_width(arch_finite_width_tensor(net, x), estimates,
+                                 quantities=("K", "Theta", "V", "G1", "Theta_var"))
+    assert check.passed, check.worst
+    rows = [r for r in check.rows if r["quantity"] == "Theta_var"]
+    assert len(rows) == 6 and not any(r["weak"] for r in rows)
+    state, jacobians = tensor_ntk.attention_state, tensor_ntk.BranchJacobians.attention
+    monkeypatch.setattr(tensor, "attention_state", lambda *a: state(*a[:9], lambda X: 0 * a[9](X), *a[10:]))
+    monkeypatch.setattr(tensor_ntk.BranchJacobians, "attention",
+                        lambda self, *a: jacobians(self, *a[:6], 0 * a[6], 0 * a[7]))
+    wrong = compare_finite_width(arch_finite_width_tensor(net, x), estimates, quantities=("Theta_var",))
+    assert not wrong.passed, wrong.worst
 
 
 @pytest.mark.slow
@@ -648,10 +681,10 @@ def _fitted(per_width: list, widths) -> dict:
     return fits
 
 
-def _worst_z(fits: dict, result) -> dict:
+def _worst_z(fits: dict, result, quantities: str = "ABDF") -> dict:
     """The largest |z| of each of A, B, D, F at the output of a tensor-form result against the fits."""
     return {q: max(abs(fit - result.values[q][-1][idx]) / err for (p, idx), (fit, err) in fits.items() if p == q)
-            for q in "ABDF"}
+            for q in quantities}
 
 
 @pytest.mark.slow
@@ -669,16 +702,16 @@ def test_sampled_residual_ntk_statistics_over_two_inputs_one_by_one(monkeypatch)
     _rejects_residual_changes(net, x, fits, monkeypatch)
 
 
-def _agrees_one_by_one(net, x, forward, shapes) -> dict:
+def _agrees_one_by_one(net, x, forward, shapes, quantities: str = "ABDF") -> dict:
     """Fits of every entry of A, B, D, F from networks written out in the test (3000 at widths 32, 64,
-    128; :func:`_fitted`), checked: each derived entry within 5 standard errors, each diagonal entry's
-    error under a fifth of its value (the samples' power)."""
+    128; :func:`_fitted`), checked: each derived entry of ``quantities`` within 5 standard errors, each
+    diagonal entry's error under a fifth of its value (the samples' power)."""
     widths = (32, 64, 128)
     fits = _fitted([_site_pair_statistics(*_network_samples(x, n, 3000, n, forward, shapes(n))) for n in widths],
                    widths)
     theory = arch_finite_width_tensor(net, x)
-    assert max(_worst_z(fits, theory).values()) < 5, _worst_z(fits, theory)
-    for q in "ABDF":
+    assert max(_worst_z(fits, theory, quantities).values()) < 5, _worst_z(fits, theory, quantities)
+    for q in quantities:
         value, stderr = theory.values[q][-1][0, 0, 0, 0], fits[q, (0, 0, 0, 0)][1]
         assert stderr < 0.2 * abs(value), (q, value, stderr)
     return fits
@@ -714,6 +747,83 @@ def test_sampled_residual_conv_ntk_statistics_over_positions_one_by_one(monkeypa
         off = _worst_z(fits, arch_finite_width_tensor(net, x))
         assert all(off[q] > 5 for q in "ABDF"), ("pooling skipped", off)
     _rejects_residual_changes(net, x, fits, monkeypatch)
+
+
+def _attention_forward(x, blocks: int, xi: float, gamma: float, heads: int = 2):
+    """dense(1) -> blocks x [xi z + gamma attention(z)], tied attention over the tokens of x (1, T, d)
+    with heads of n/H channels, logits 2 q.q / (n/H) (C_Q = C_K = 2), C_V = 0.8, C_O = 1.2, C_b = 0.1 and
+    the query weights' NTK factor 1/n as the sampler's: (forward, shapes) for :func:`_network_samples`."""
+    import jax
+    import jax.numpy as jnp
+
+    d = x.shape[-1]
+
+    def flat(h):
+        return h.reshape(-1, h.shape[-1])
+
+    def forward(eps, p, n):
+        z = _shifted(eps, 0, x @ p[0].T / np.sqrt(d))
+        G = [flat(x) @ flat(x).T / d]
+        per = n // heads
+        for k in range(blocks):
+            WQ, WV, WO, b = p[4 * k + 1: 4 * k + 5]
+            u = _shifted(eps, 3 * k + 1, z @ WQ.T / np.sqrt(n)).reshape(z.shape[:2] + (heads, per))
+            v = _shifted(eps, 3 * k + 2, np.sqrt(0.8 / n) * z @ WV.T).reshape(z.shape[:2] + (heads, per))
+            A = jax.nn.softmax(2.0 * jnp.einsum("ashc,athc->ahst", u, u) / per, axis=-1)
+            y = jnp.einsum("ahst,athc->ashc", A, v).reshape(z.shape)
+            out = _shifted(eps, 3 * k + 3, np.sqrt(1.2 / n) * y @ WO.T + np.sqrt(0.1) * b)
+            G += [flat(z) @ flat(z).T / n, 0.8 / n * flat(z) @ flat(z).T, 1.2 / n * flat(y) @ flat(y).T + 0.1]
+            z = xi * z + gamma * out
+        return z, G
+
+    return forward, lambda n: [(n, d)] + [(n, n), (n, n), (n, n), (n,)] * blocks
+
+
+@pytest.mark.slow
+def test_sampled_attention_blocks_ntk_statistics_one_by_one(monkeypatch):
+    """A, B and D over three tokens after two blocks z' = 0.8 z + 0.6 attention(z) (tied, two heads,
+    logits scaled by C_Q C_K = 4): every entry against its own estimate from networks written out in this
+    test (3000 at widths 32, 64, 128, fitted in 1/n), within 5 standard errors. Rejected by the same
+    samples: the attention weights held at their infinite-width value in the layer's maps and in the
+    branch's Jacobians. F is not derived after attention (None); the same samples show why: the two
+    weighted steps' F alone misses the fit by more than 5 standard errors."""
+    blocks, xi, gamma = 2, 0.8, 0.6
+    net = arch.serial(arch.dense(1.0), arch.repeat(blocks, arch.residual(arch.attention(
+        heads=2, C_Q=2.0, C_K=2.0, C_V=0.8, C_O=1.2, C_b=0.1), xi=xi, gamma=gamma)))
+    x = np.random.default_rng(1).standard_normal((1, 3, 4))
+    fits = _agrees_one_by_one(net, x, *_attention_forward(x, blocks, xi, gamma), quantities="ABD")
+    assert arch_finite_width_tensor(net, x).values["F"][-1] is None
+    state, jacobians = tensor_ntk.attention_state, tensor_ntk.BranchJacobians.attention
+
+    def fixed_weights(st, Es, CPP, CNP, CNN, run, L, weights, JS, JU, r=1.0):
+        return state(st, Es, CPP, CNP, CNN, run, L, weights, JS, lambda X: 0 * JU(X), r)
+
+    def fixed_in_branch(self, Theta, JP, run, L, weights, JS, JG, JT):
+        return jacobians(self, Theta, JP, run, L, weights, JS, 0 * JG, 0 * JT)
+
+    for where, change in (("layer", fixed_weights), ("branch", fixed_in_branch)):
+        with monkeypatch.context() as m:
+            if where == "layer":
+                m.setattr(tensor, "attention_state", change)
+            else:
+                m.setattr(tensor_ntk.BranchJacobians, "attention", change)
+            off = _worst_z(fits, arch_finite_width_tensor(net, x), "ABD")
+            assert max(off.values()) > 5, (where, off)
+
+    def steps_only(st, Es, CPP, CNP, CNN, run, L, weights, JS, JU, r=1.0):  # the F the steps would give
+        out = state(st, Es, CPP, CNP, CNN, run, L, weights, JS, JU, r)
+        M1 = int(round(np.sqrt(L.shape[0])))
+        values = tensor_ntk._assemble(st, Es, CPP, CNP, CNN, run, L, (0.0, weights["lambda_V"], weights["C_V"]),
+                                      weights["C_V"], r).mapped(JS)
+        Ky = (JS @ (weights["C_V"] * (L @ Es.reshape(-1)))).reshape(M1, M1)
+        y = tensor_ntk.weighted_state(values, Ky, np.zeros((M1,) * 4), Ky, np.eye(M1 * M1), np.zeros((M1**2,) * 2),
+                                      tensor_ntk.identity_tables(Ky), np.eye(M1 * M1),
+                                      (weights["lambda_b"], weights["lambda_O"], weights["C_O"]), weights["C_O"], r)
+        out.F = y.F
+        return out
+
+    monkeypatch.setattr(tensor, "attention_state", steps_only)
+    assert _worst_z(fits, arch_finite_width_tensor(net, x), "F")["F"] > 5
 
 
 def _layernorm_forward(x):

@@ -257,5 +257,4 @@ def _arch_finite_width_tensor(net, title: str, inputs: Optional[Path], width: Op
         table.add_row(*row)
     console.print(table)
     console.print("'-': the output of an activation or pooling of one is not a Gaussian point, or the NTK's "
-                  "fluctuations are not derived there (after attention inside a residual branch; "
-                  "--format json gives each output's reason)")
+                  "fluctuations are not derived there (--format json gives each output's reason)")

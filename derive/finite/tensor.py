@@ -55,9 +55,9 @@ tests check, as they check a batch through a dense network against ``iterate_bat
 fluctuations A, B, D, F are carried beside (:mod:`derive.finite.tensor_ntk`) through dense, conv,
 activation and pooling layers, LayerNorm followed by a weighted layer, and residual blocks (a branch
 carries the Jacobians of its infinite-width maps in the skip's kernel and NTK,
-:class:`~derive.finite.tensor_ntk.BranchJacobians`), and tied attention outside a residual branch
-(:func:`~derive.finite.tensor_ntk.attention_state`); after attention inside a branch the point holds
-the reason they are not. Identical sites (duplicate inputs, positions whose receptive fields are all padding) are
+:class:`~derive.finite.tensor_ntk.BranchJacobians`), and tied attention
+(:func:`~derive.finite.tensor_ntk.attention_state`); where a layer's NTK map is not derived the point
+holds the reason. Identical sites (duplicate inputs, positions whose receptive fields are all padding) are
 one random variable: an activation's expectations are taken over the distinct sites and expanded
 (:class:`~derive.finite.tensor_ntk.Sites`), where a kink's K-derivatives would diverge between the
 copies. Not derived here: an activation after LayerNorm (its channel statistics inside
@@ -589,9 +589,11 @@ class _Walker:
             return None, p.ntk_reason, None
         _, op, expr = _statement(layer)
         if op == "attend":
-            if p.branch is not None:
-                return None, _NO_NTK["attention"], None
-            return self.attention_ntk(p, layer, means), "", None
+            try:
+                state, branch = self.attention_ntk(p, layer, means)
+            except DeriveError as e:
+                return None, str(e), None
+            return state, "", branch
         try:
             constants = ntk_constants(layer, op)
         except DeriveError as e:
@@ -618,8 +620,9 @@ class _Walker:
         return state, "", branch
 
 
-    def attention_ntk(self, p: _Point, layer: Layer, means: _Means) -> NTKState:
-        """The NTK's statistics after attention (:func:`~derive.finite.tensor_ntk.attention_state`)."""
+    def attention_ntk(self, p: _Point, layer: Layer, means: _Means) -> tuple:
+        """The NTK's statistics after attention (:func:`~derive.finite.tensor_ntk.attention_state`), and
+        inside a residual branch its :class:`BranchJacobians` (:meth:`BranchJacobians.attention`)."""
         weights = {s.name: float(v) for s, v in layer.values().items()}
         t0, t1, t2 = ntk_constants(layer, "attend")
         C_O, C_V, lO, lV = (weights[k] for k in ("C_O", "C_V", "lambda_O", "lambda_V"))
@@ -629,7 +632,7 @@ class _Walker:
                               "attend(Theta12) + (lambda_O*C_V + C_O*lambda_V)*attend(K12)")
         if p.layernorm is not None:
             tables = layernorm_tables(p.K, float(p.layernorm.value("eps")))
-            Es, run = tables.X, tables.run
+            Es, run, JP = tables.X, tables.run, tables.JX
             CPP, CNP, CNN = layernorm_covariances(p.ntk, p.K, p.V, tables, self.r)
         else:
             if p.activation is None:
@@ -642,21 +645,23 @@ class _Walker:
         L = _linear_map(tuple(p.after), self.N, p.spatial)
         spatial = _spatial_after(p.after, self.N, p.spatial)
         M1 = int(round(math.sqrt(L.shape[0])))
-        U0 = jnp.asarray((L @ Es.reshape(-1)).reshape(M1, M1))
+        Min = (L @ Es.reshape(-1)).reshape(M1, M1)
+        U0 = jnp.asarray(Min)
         dU, dS, _ = _attention_derivatives(layer, self.N, spatial)
         JS = np.asarray(dS(U0, C_V * U0)).reshape(M1 * M1, -1)
 
         def JU(X):
             return np.asarray(dU(U0, jnp.asarray(X))).reshape(M1 * M1, -1)
 
-        return attention_state(p.ntk, Es, CPP, CNP, CNN, run, L, weights, JS, JU, self.r)
+        state = attention_state(p.ntk, Es, CPP, CNP, CNN, run, L, weights, JS, JU, self.r)
+        if p.branch is None:
+            return state, None
+        theta_v = (L @ (lV * Es.reshape(-1) + C_V * p.ntk.Theta.reshape(-1) * run.Ed.reshape(-1))).reshape(M1, M1)
+        branch = p.branch.attention(p.ntk.Theta, JP, run, L, weights, JS, JU(C_O * C_V * Min),
+                                    JU(lO * C_V * Min + C_O * theta_v))
+        return state, branch
 
 
-#: Why the tensor form has no NTK fluctuations after a layer.
-_NO_NTK = {
-    "attention": "the NTK's fluctuations are not derived through attention inside a residual branch (the "
-                 "branch's Jacobians through the attention weights)",
-}
 
 
 def _residual_vertex(a2: float, c2: float, V: np.ndarray, X: np.ndarray, Vb: np.ndarray) -> np.ndarray:
@@ -714,7 +719,7 @@ def arch_finite_width_tensor(net: Serial, inputs, *, tol: float = 1e-11, ntk: bo
 def _check_finite(p: _Point, here: str) -> None:
     """A clear error where the walk met a divergent derivative (instead of NaN in the results)."""
     state = [p.K, p.V, p.G] + ([] if p.ntk is None else [p.ntk.Theta, p.ntk.A, p.ntk.B, p.ntk.D, p.ntk.F])
-    if not all(np.all(np.isfinite(v)) for v in state):
+    if not all(v is None or np.all(np.isfinite(v)) for v in state):
         raise DeriveError(f"{here}: the finite-width maps are not finite here: two sites (inputs or positions) "
                           "with correlation +-1 that are not the same (antiparallel, or parallel with different "
                           "variances) meet a kink of the activation, where the K-derivatives of its Gaussian "

@@ -47,8 +47,8 @@ skip's statistics with its branch's through the branch's Jacobian (:func:`residu
 weighted layer after LayerNorm reads the normalised products and LayerNorm's Jacobian
 (:func:`layernorm_state`). Tied self-attention is, given its logits, a weighted layer of the values,
 a linear map of the positions and a weighted layer of the output weights, and its logits' own
-fluctuations add to A and D (:func:`attention_state`). Not derived here: attention inside a residual
-branch (the branch's Jacobians through the attention weights).
+fluctuations add to A and D (:func:`attention_state`); in a residual branch its Jacobians also read
+the attention weights (:meth:`BranchJacobians.attention`).
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ class NTKState:
     A: np.ndarray
     B: np.ndarray
     D: np.ndarray
-    F: np.ndarray
+    F: np.ndarray | None  # None where not derived: after attention (attention_state)
 
     def mapped(self, L: np.ndarray) -> NTKState:
         """Every index pair through the linear map L (M'^2, M^2) of a pooling."""
@@ -88,7 +88,7 @@ class NTKState:
             return (L @ X.reshape(M * M, M * M) @ L.T).reshape((M2,) * 4)
 
         return NTKState((L @ self.Theta.reshape(-1)).reshape(M2, M2), four(self.A), four(self.B), four(self.D),
-                        four(self.F))
+                        None if self.F is None else four(self.F))
 
 
 def ntk_variance(A: np.ndarray, B: np.ndarray) -> np.ndarray:
@@ -342,8 +342,8 @@ def _assemble(state: NTKState, Es, CPP, CNP, CNN, run: RunTables, L: np.ndarray,
     inner_D = C_W * (t1 * CPP + t2 * CNP)
     YB = (np.einsum("abcd,ac,bd->abcd", run.D4, state.Theta, state.Theta)
           + r * np.einsum("ab,cd,abcd->abcd", run.Ed, run.Ed, state.B))
-    YF = (np.einsum("acbd,ac->abcd", run.X4, state.Theta)
-          + r * np.einsum("abp,cdq,apcq->abcd", run.g, run.g, state.F))
+    YF = None if state.F is None else (np.einsum("acbd,ac->abcd", run.X4, state.Theta)
+                                       + r * np.einsum("abp,cdq,apcq->abcd", run.g, run.g, state.F))
     M1 = int(round(np.sqrt(L.shape[0])))
 
     def four(X):
@@ -351,7 +351,7 @@ def _assemble(state: NTKState, Es, CPP, CNP, CNN, run: RunTables, L: np.ndarray,
 
     theta = t0 + t1 * (L @ Es.reshape(-1)) + t2 * (L @ (Th * Ed))
     return NTKState(theta.reshape(M1, M1), four(inner_A), four(C_W * C_W * YB), four(inner_D),
-                    four(C_W * C_W * YF))
+                    None if YF is None else four(C_W * C_W * YF))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -460,8 +460,11 @@ def attention_state(state: NTKState, Es: np.ndarray, CPP: np.ndarray, CNP: np.nd
         D' += JU_T (C_PP + W) JU_G^T + C_O C_V JU_T C_PP JS^T + JS C_UT^T JU_G^T,
 
     C_UT = lambda_O n Cov(U, S) + C_O n Cov(U, N_v): the delta method on G and T as functions of (U, S,
-    N_v), the first block being the y-point's. ``weights`` holds lambda_b, lambda_O, lambda_V, C_O, C_V;
-    ``JU(X)`` returns df/dU at X, flattened."""
+    N_v), the first block being the y-point's. F is not derived (None, and None after it): the
+    attention weights, which every channel shares, carry n E[H_ij z_i z_j] (i != j) at leading order
+    through the query weights' own gradients and the logits' path in the layer's Jacobian, which the two
+    weighted steps do not hold. ``weights`` holds lambda_b, lambda_O, lambda_V, C_O, C_V; ``JU(X)``
+    returns df/dU at X, flattened."""
     lb, lO, lV, C_O, C_V = (weights[k] for k in ("lambda_b", "lambda_O", "lambda_V", "C_O", "C_V"))
     M1 = int(round(np.sqrt(L.shape[0])))
     values = _assemble(state, Es, CPP, CNP, CNN, run, L, (0.0, lV, C_V), C_V, r)
@@ -478,7 +481,7 @@ def attention_state(state: NTKState, Es: np.ndarray, CPP: np.ndarray, CNP: np.nd
     CUT = r * (lO * C_V * CPPp + C_O * (lV * CPPp + C_V * CNPp.T))
     A = out.A.reshape(My * My, -1) + JT @ CU @ JT.T + JT @ CUT @ JS.T + JS @ CUT.T @ JT.T
     D = out.D.reshape(My * My, -1) + JT @ CU @ JG.T + r * C_O * C_V * JT @ CPPp @ JS.T + JS @ CUT.T @ JG.T
-    return NTKState(out.Theta, A.reshape((My,) * 4), out.B, D.reshape((My,) * 4), out.F)
+    return NTKState(out.Theta, A.reshape((My,) * 4), out.B, D.reshape((My,) * 4), None)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -517,8 +520,25 @@ class BranchJacobians:
         (z(c), z~(d)) has <s s>' = <s's'> dK(z, z~)_cd + w_cd dK(z~, z~)_dd with w_cd = d<s_c s_d>/dK_dd
         (c != d) and <s s''>/2 = (d<s^2>/dK - <s'^2>)/2 (c = d; also where c and d are identical sites,
         :class:`Sites`)."""
-        M = Theta.shape[0]
         _, t1, t2 = constants
+        return self._through(Theta, JP, run, C_W * L, t1 * L, t2 * L, C_W * L)
+
+    def attention(self, Theta: np.ndarray, JP: np.ndarray, run: RunTables, L: np.ndarray, weights: dict,
+                  JS: np.ndarray, JG: np.ndarray, JT: np.ndarray) -> BranchJacobians:
+        """After tied attention (:func:`attention_state`) that reads the run s pooled by L: its kernel
+        C_b + C_O f(P, C_V P) and NTK lambda_b + lambda_O f(P, C_V P) + C_O f(P, lambda_V P + C_V N) (P, N
+        pooled), so dK = (JG + C_O C_V JS) dP and dTheta = (JT + t1 JS) dP + C_O C_V JS dN with JG = JU(C_O
+        C_V M), JT = JU(X_T), t1 = lambda_O C_V + C_O lambda_V. R12 and R22 keep the cross products'
+        share only: they serve F, which is not derived after attention (:func:`attention_state`)."""
+        lO, lV, C_O, C_V = (weights[k] for k in ("lambda_O", "lambda_V", "C_O", "C_V"))
+        t2 = C_O * C_V
+        return self._through(Theta, JP, run, (JG + t2 * JS) @ L, (JT + (lO * C_V + C_O * lV) * JS) @ L,
+                             t2 * JS @ L, t2 * JS @ L)
+
+    def _through(self, Theta, JP, run: RunTables, LK, LTP, LTN, LC) -> BranchJacobians:
+        """The chain through a layer whose kernel moves by LK dP and NTK by LTP dP + LTN dN in the run's
+        means P and N, and whose one-sided kernel K_b(v, s) moves by LC through the cross products."""
+        M = Theta.shape[0]
         Ed = run.Ed.reshape(-1)
         rep = np.arange(M) if run.sites is None else run.sites.rep
         w = np.zeros((M * M, M * M))
@@ -527,12 +547,12 @@ class BranchJacobians:
             block = [a * M + b for a, b in np.ndindex(M, M) if rep[a] == rep[d] == rep[b]]
             total = JP[c * M + d, block].sum()
             w[c * M + d, d * M + d] = total if rep[c] != rep[d] else (total - Ed[c * M + d]) / 2
-        LE = L * Ed[None, :]
-        kk = C_W * L @ JP @ self.kk
-        tk = (t1 * L @ JP + t2 * (L * Theta.reshape(-1)[None, :]) @ run.JQ) @ self.kk + t2 * LE @ self.tk
-        R12 = C_W * L @ (Ed[:, None] * self.R12)
-        R22 = C_W * L @ (Ed[:, None] * self.R22 + w @ self.kk)
-        return BranchJacobians(kk, tk, t2 * LE @ self.tt, R12, R22)
+        LE = LTN * Ed[None, :]
+        kk = LK @ JP @ self.kk
+        tk = (LTP @ JP + (LTN * Theta.reshape(-1)[None, :]) @ run.JQ) @ self.kk + LE @ self.tk
+        R12 = LC @ (Ed[:, None] * self.R12)
+        R22 = LC @ (Ed[:, None] * self.R22 + w @ self.kk)
+        return BranchJacobians(kk, tk, LE @ self.tt, R12, R22)
 
 
 def residual_state(a2: float, c2: float, skip: NTKState, K: np.ndarray, V: np.ndarray, branch: NTKState,
@@ -566,10 +586,12 @@ def residual_state(a2: float, c2: float, skip: NTKState, K: np.ndarray, V: np.nd
     Y = (np.einsum("xt,yv->xytv", skip.Theta, skip.Theta) + skip.B).reshape(M2, M2)
     B1 = a2 * a2 * skip.B + c2 * c2 * branch.B + m * (jac.tt @ Y + Y @ jac.tt.T).reshape((M,) * 4)
     rho = (jac.R12 + jac.R22 + jac.R22.reshape(M2, M, M).transpose(0, 2, 1).reshape(M2, M2)).reshape((M,) * 4)
-    Z = np.einsum("xt,av->xatv", skip.Theta, K) + skip.F
-    Z2 = np.einsum("sx,au->suxa", skip.Theta, K) + skip.F
-    F1 = (a2 * a2 * skip.F + c2 * c2 * branch.F
-          + m * (np.einsum("usax,xatv->sutv", rho, Z) + np.einsum("vtax,suxa->sutv", rho, Z2)))
+    F1 = None
+    if skip.F is not None and branch.F is not None:  # F is not derived after attention (attention_state)
+        Z = np.einsum("xt,av->xatv", skip.Theta, K) + skip.F
+        Z2 = np.einsum("sx,au->suxa", skip.Theta, K) + skip.F
+        F1 = (a2 * a2 * skip.F + c2 * c2 * branch.F
+              + m * (np.einsum("usax,xatv->sutv", rho, Z) + np.einsum("vtax,suxa->sutv", rho, Z2)))
     return NTKState(a2 * skip.Theta + c2 * branch.Theta, A1.reshape((M,) * 4), B1, D1.reshape((M,) * 4), F1)
 
 
