@@ -446,7 +446,7 @@ class TensorFiniteWidth:
         positions = self.spatial[-1] if self.spatial else ()
         shape = f" x {' x '.join(map(str, positions))} positions" if positions else ""
         M = self._sites(-1) if self.labels else 0
-        ntk = ", A, B, D, F" if self.values.get("A") and self.values["A"][-1] is not None else ""
+        ntk = "".join(f", {q}" for q in "ABDF" if self.values.get(q) and self.values[q][-1] is not None)
         return (f"TensorFiniteWidth({name}{len(self.labels)} outputs, {self.N} inputs{shape}: K, G1 "
                 f"({M}, {M}) and V{ntk} ({M}, {M}, {M}, {M}) at the output)")
 
