@@ -448,10 +448,9 @@ def attention_state(state: NTKState, Es: np.ndarray, CPP: np.ndarray, CNP: np.nd
     own Wishart fluctuation, n Cov = W = M (x) M + M (x) M, M = L<P>, the same for any number of heads)
     and f(U, S) = A(U) S A(U)^T, the layer is, given U, a weighted layer of the values v = W_V h (no
     bias; C_V, lambda_V), the linear map JS = df/dS of every head's channels y = A v, and a weighted
-    layer of the output weights on y (C_O, C_b; lambda_O, lambda_b): its B', F' and the y-point's share
-    of A', D' are those steps' (:func:`weighted_state` on the identity run). The query and key weights'
-    own gradients enter the NTK's mean at order 1/n only and its fluctuations beyond it, and leave no
-    term here. What U adds: with T the output's NTK and G its covariance, dT/dU = JU(X_T), dG/dU =
+    layer of the output weights on y (C_O, C_b; lambda_O, lambda_b): its B' and the y-point's share of
+    A', D' are those steps' (:func:`weighted_state` on the identity run). The query and key weights'
+    own gradients enter the NTK's mean at order 1/n, and leave no term in A, B, D. What U adds: with T the output's NTK and G its covariance, dT/dU = JU(X_T), dG/dU =
     JU(X_G) (JU(X) = df/dU at (U, X), X_T = lambda_O K_v + C_O Theta_v, X_G = C_O K_v, K_v = C_V M, Theta_v
     the values' NTK), and n Cov(U, S) = C_V C_PP, n Cov(U, N_v) = lambda_V C_PP + C_V C_NP^T (S and N_v
     the values' channel means, pooled C's), to order 1/n
