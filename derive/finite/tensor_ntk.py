@@ -462,7 +462,8 @@ def attention_state(state: NTKState, Es: np.ndarray, CPP: np.ndarray, CNP: np.nd
     N_v), the first block being the y-point's. F is not derived (None, and None after it): the
     attention weights, which every channel shares, carry n E[H_ij z_i z_j] (i != j) at leading order
     through the logits' path in the layer's Jacobian, which the two weighted steps do not hold (the
-    query weights' own gradients do not enter it; tests/test_tensor_ntk.py). ``weights`` holds lambda_b, lambda_O, lambda_V, C_O, C_V; ``JU(X)``
+    query weights' own gradients do not enter it: without them, the fit of F to the networks the tests
+    write out moves by under one standard error). ``weights`` holds lambda_b, lambda_O, lambda_V, C_O, C_V; ``JU(X)``
     returns df/dU at X, flattened."""
     lb, lO, lV, C_O, C_V = (weights[k] for k in ("lambda_b", "lambda_O", "lambda_V", "C_O", "C_V"))
     M1 = int(round(np.sqrt(L.shape[0])))
