@@ -662,8 +662,6 @@ class _Walker:
         return state, branch
 
 
-
-
 def _residual_vertex(a2: float, c2: float, V: np.ndarray, X: np.ndarray, Vb: np.ndarray) -> np.ndarray:
     """V' = xi^4 V + xi^2 gamma^2 (X + X^T) + gamma^4 V_b (module docstring), a2 = xi^2, c2 = gamma^2."""
     return a2 * a2 * V + a2 * c2 * (X + X.transpose(2, 3, 0, 1)) + c2 * c2 * Vb
