@@ -158,9 +158,13 @@ class _Moments:
     powers: dict
 
 
+#: The power patterns of a four-point function on three and four distinct inputs.
+_PATTERNS = {3: ((2, 1, 1), (1, 2, 1), (1, 1, 2)), 4: ((1, 1, 1, 1),)}
+
+
 @lru_cache(maxsize=None)
 def _moments(n: int) -> _Moments:
-    powers = {3: np.array([(2, 1, 1), (1, 2, 1), (1, 1, 2)]), 4: np.array([(1, 1, 1, 1)])}
+    powers = {d: np.array(p) for d, p in _PATTERNS.items()}
     sets = {d: np.array(list(combinations(range(n), d)), dtype=np.int64).reshape(-1, d) for d in (3, 4)}
     offset = {3: n + 3 * n * n}
     offset[4] = offset[3] + len(sets[3]) * len(powers[3])
@@ -229,10 +233,6 @@ def _distinct_moments(sigma: Callable, smoothed: Callable | None, rule: MomentRu
 
     per_batch = max(1, MAX_GRID_ELEMENTS // (_grid_size(rule, sets.shape[1]) * len(patterns)))
     return lax.map(moments, jnp.asarray(sets), batch_size=min(per_batch, len(sets))).ravel()
-
-
-#: The power patterns of a four-point function on three and four distinct inputs (as :func:`_moments`).
-_PATTERNS = {3: ((2, 1, 1), (1, 2, 1), (1, 1, 2)), 4: ((1, 1, 1, 1),)}
 
 
 @lru_cache(maxsize=32)
