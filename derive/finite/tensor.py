@@ -609,16 +609,19 @@ class _Walker:
             branch = None if p.branch is None else p.branch.weighted(p.ntk.Theta, tables.JX, tables.run, L,
                                                                      constants, c1)
             return state, "", branch
-        if p.activation is None:
-            run, Es, JP = identity_tables(p.K), p.K, np.eye(p.K.size)
-        else:
-            run = activation_tables(p.activation, p.K, self.tol, p.sites)
-            Es, JP = means.value.reshape(p.K.shape), means.jacobian_in_K
+        run, Es, JP = self.run_tables(p, means)
         L = J / c1
         state = weighted_state(p.ntk, p.K, p.V, Es, JP, means.cov, run, L, constants, c1, self.r)
         branch = None if p.branch is None else p.branch.weighted(p.ntk.Theta, JP, run, L, constants, c1)
         return state, "", branch
 
+
+    def run_tables(self, p: _Point, means: _Means) -> tuple:
+        """The run's NTK tables, its <ss> and d<ss>/dK at a point read through an activation or none."""
+        if p.activation is None:
+            return identity_tables(p.K), p.K, np.eye(p.K.size)
+        return (activation_tables(p.activation, p.K, self.tol, p.sites), means.value.reshape(p.K.shape),
+                means.jacobian_in_K)
 
     def attention_ntk(self, p: _Point, layer: Layer, means: _Means) -> tuple:
         """The NTK's statistics after attention (:func:`~derive.finite.tensor_ntk.attention_state`), and
@@ -635,11 +638,7 @@ class _Walker:
             Es, run, JP = tables.X, tables.run, tables.JX
             CPP, CNP, CNN = layernorm_covariances(p.ntk, p.K, p.V, tables, self.r)
         else:
-            if p.activation is None:
-                run, Es, JP = identity_tables(p.K), p.K, np.eye(p.K.size)
-            else:
-                run = activation_tables(p.activation, p.K, self.tol, p.sites)
-                Es, JP = means.value.reshape(p.K.shape), means.jacobian_in_K
+            run, Es, JP = self.run_tables(p, means)
             CPP = means.cov
             CNP, CNN = run_covariances(p.ntk, p.K, p.V, Es, JP, run, self.r)
         L = _linear_map(tuple(p.after), self.N, p.spatial)
